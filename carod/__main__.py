@@ -1,0 +1,5 @@
+import sys
+
+from carod.cli import main
+
+sys.exit(main())

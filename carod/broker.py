@@ -1,0 +1,231 @@
+"""The AMQP edge: connection, queue topology, consuming, confirmed publishing.
+
+All aio-pika/aiormq exceptions are converted here into carod's own errors:
+:class:`~carod.errors.BrokerError` (try again later) and
+:class:`ReplyUndeliverable` (the reply address does not exist; retrying
+cannot help).
+
+Topology (docs/protocol.md):
+
+* ``<queue>``: durable, ``x-queue-type`` quorum (or classic), bound to
+  ``<exchange>`` with ``<binding_key>``;
+* ``<queue>.unmatched``: durable classic queue that dead-letters back to
+  ``<queue>``; a job no local slot matches is parked here for
+  ``unmatched_delay_s`` (per-message expiration) before it is offered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+    DeliveryMode,
+)
+
+from carod.classads import Scalar
+from carod.config import BrokerConfig, redact_url
+from carod.errors import BrokerError
+from carod.message import OFFERS_HEADER, ReplyAddress
+
+log = logging.getLogger("carod.broker")
+
+_T = TypeVar("_T")
+Consumer = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+#: aio-pika/aiormq failures that mean "the broker or the channel is away".
+_TRANSIENT = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class ReplyUndeliverable(BrokerError):
+    """The reply's exchange or queue does not exist: nobody can receive it."""
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig, *, node_name: str, prefetch: int) -> None:
+        self.config = config
+        self.node_name = node_name
+        self.prefetch = prefetch
+        self.unmatched_queue_name = f"{config.queue}.unmatched"
+        self._connection: AbstractRobustConnection | None = None
+        self._consume_channel: AbstractRobustChannel | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._queue: AbstractRobustQueue | None = None
+        self._consumer_tag: str | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> None:
+        url = self.config.url
+        try:
+            self._connection = await aio_pika.connect_robust(
+                url,
+                timeout=self.config.connect_timeout_s,
+                client_properties={"connection_name": f"carod@{self.node_name}"},
+            )
+        except (*_TRANSIENT, ValueError) as exc:
+            raise BrokerError(f"cannot connect to the broker at {redact_url(url)}: {exc}") from exc
+        self._connection.reconnect_callbacks.add(self._on_reconnect)
+        try:
+            self._consume_channel = await self._connection.channel()
+            await self._consume_channel.set_qos(prefetch_count=self.prefetch)
+            self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        except _TRANSIENT as exc:
+            raise BrokerError(f"cannot open channels on the broker: {exc}") from exc
+
+    def _on_reconnect(self, *_: object) -> None:
+        log.warning("reconnected to the broker; consuming again")
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    async def declare(self) -> None:
+        """Declare the job queue, its binding and the unmatched (delay) queue."""
+        channel = self._require(self._consume_channel)
+        cfg = self.config
+        try:
+            queue = await channel.declare_queue(cfg.queue, durable=True, arguments={"x-queue-type": cfg.queue_type})
+            if cfg.exchange:
+                await queue.bind(cfg.exchange, routing_key=cfg.binding_key)
+            await channel.declare_queue(
+                self.unmatched_queue_name,
+                durable=True,
+                arguments={
+                    "x-queue-type": "classic",
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": cfg.queue,
+                },
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise BrokerError(
+                f"the queue {cfg.queue!r} already exists with other settings ({exc}); "
+                "set [broker] queue_type to match it, or delete the queue"
+            ) from exc
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise BrokerError(f"[broker] exchange: {cfg.exchange!r} does not exist on the broker ({exc})") from exc
+        except _TRANSIENT as exc:
+            raise BrokerError(f"cannot declare the job queue {cfg.queue!r}: {exc}") from exc
+        self._queue = queue
+
+    async def consume(self, consumer: Consumer) -> None:
+        queue = self._require(self._queue)
+        try:
+            self._consumer_tag = await queue.consume(consumer, no_ack=False)
+        except _TRANSIENT as exc:
+            raise BrokerError(f"cannot consume from {self.config.queue!r}: {exc}") from exc
+
+    async def stop_consuming(self) -> None:
+        """Stop new deliveries; held ones stay ours until acked or the connection closes."""
+        if self._queue is None or self._consumer_tag is None:
+            return
+        tag, self._consumer_tag = self._consumer_tag, None
+        try:
+            await self._queue.cancel(tag)
+        except _TRANSIENT as exc:
+            log.warning("could not cancel the consumer cleanly: %s", exc)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            try:
+                await self._connection.close()
+            except _TRANSIENT as exc:
+                log.warning("closing the broker connection: %s", exc)
+            self._connection = None
+
+    @staticmethod
+    def _require(value: _T | None) -> _T:
+        if value is None:
+            raise BrokerError("not connected to the broker")
+        return value
+
+    # ------------------------------------------------------------ publishing
+
+    async def publish_reply(
+        self, address: ReplyAddress, *, correlation_id: str | None, headers: Mapping[str, Scalar], body: bytes
+    ) -> None:
+        """Publish one persistent reply and wait for the broker's confirm."""
+        message = aio_pika.Message(
+            body,
+            headers=dict(headers),
+            message_id=str(uuid.uuid4()),
+            correlation_id=correlation_id,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            content_type="application/zip" if body else None,
+            timestamp=time.time(),
+        )
+        await self._publish(address.exchange, address.routing_key, message)
+
+    async def offer_later(self, message: AbstractIncomingMessage, offers: int) -> None:
+        """Park a copy of a job this node cannot run; it returns after the delay."""
+        headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")}
+        headers[OFFERS_HEADER] = offers
+        copy = aio_pika.Message(
+            message.body,
+            headers=headers,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            priority=message.priority,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            expiration=self.config.unmatched_delay_s,
+        )
+        await self._publish("", self.unmatched_queue_name, copy)
+
+    async def _publish(self, exchange_name: str, routing_key: str, message: aio_pika.Message) -> None:
+        channel = self._require(self._publish_channel)
+        where = f"{exchange_name}/{routing_key}" if exchange_name else routing_key
+        try:
+            exchange = (
+                channel.default_exchange
+                if not exchange_name
+                else await channel.get_exchange(exchange_name, ensure=False)
+            )
+            confirm = await exchange.publish(
+                message, routing_key, mandatory=True, timeout=self.config.confirm_timeout_s
+            )
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise ReplyUndeliverable(f"there is no exchange {exchange_name!r} for {where}") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise ReplyUndeliverable(f"the broker refused the message for {where}: {exc}") from exc
+        except _TRANSIENT as exc:
+            raise BrokerError(f"publishing to {where} was not confirmed: {exc!r}") from exc
+        if isinstance(confirm, aiormq.abc.DeliveredMessage):
+            raise ReplyUndeliverable(f"no queue is bound for {where} (the submitter's queue is gone)")
+
+
+async def settle(message: AbstractIncomingMessage, action: str, *, label: str) -> bool:
+    """ack / requeue / drop a delivery. False when the channel it came on is gone.
+
+    A lost ack is harmless: the broker delivers the message again, and the
+    redelivery is answered by whoever gets it.
+    """
+    try:
+        if action == "ack":
+            await message.ack()
+        elif action == "requeue":
+            await message.nack(requeue=True)
+        else:
+            await message.reject(requeue=False)
+    except _TRANSIENT as exc:
+        log.warning("job=%s %s was not delivered to the broker (%r); it will be redelivered", label, action, exc)
+        return False
+    return True

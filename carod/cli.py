@@ -1,0 +1,231 @@
+"""The ``carod`` command: a thin layer over Server, Client and the config.
+
+    carod [--config FILE]               run the daemon in the foreground
+    carod machine-ad [--config FILE]    print this node's machine ClassAd
+    carod check-config FILE             validate a config, print the effective settings
+    carod submit [options] CMD [ARG...] submit a job and follow it
+
+Exit codes are listed in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from carod import __version__, logs, machine
+from carod import config as configuration
+from carod.classads import to_classad_text
+from carod.client import Client, ClientError, JobReply
+from carod.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, ConfigError, StartupError
+from carod.server import Server
+
+DEFAULT_CONFIG = "/etc/carod/carod.conf"
+EXIT_HELD = 125
+EXIT_TIMEOUT = 124
+
+
+def _load_config(path: str | None) -> configuration.Config:
+    path = path or os.environ.get("CAROD_CONFIG")
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = DEFAULT_CONFIG
+    if path is None:
+        return configuration.parse("", source="<defaults>")
+    return configuration.load(path)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"carod: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = _load_config(args.config)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", EXIT_CONFIG)
+    logs.setup(config.node.log_level, config.node.log_format)
+    server = Server(config)
+    try:
+        asyncio.run(server.serve())
+    except StartupError as exc:
+        return _fail(str(exc), exc.exit_code)
+    return EXIT_OK
+
+
+def cmd_machine_ad(args: argparse.Namespace) -> int:
+    try:
+        config = _load_config(args.config)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", EXIT_CONFIG)
+    sys.stdout.write(to_classad_text(machine.detect(config)))
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = configuration.load(args.file)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}", EXIT_CONFIG)
+    sys.stdout.write(configuration.effective(config))
+    sys.stdout.write("\n# machine ad\n")
+    sys.stdout.write(to_classad_text(machine.detect(config)))
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    attributes: dict[str, str | int | float | bool] = {}
+    for item in args.attribute:
+        name, sep, expr = item.partition("=")
+        if not sep or not name.strip():
+            return _fail(f"-a {item!r}: expected NAME=EXPR", 2)
+        attributes[name.strip()] = expr.strip()
+    try:
+        return asyncio.run(_submit(args, attributes))
+    except ClientError as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+
+
+async def _submit(args: argparse.Namespace, attributes: dict[str, str | int | float | bool]) -> int:
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    async with Client(args.url, queue=args.queue, exchange=args.exchange, routing_key=args.routing_key) as client:
+        started = time.monotonic()
+        job = await client.submit(args.cmd, args.args, attributes=attributes, inputs=args.input)
+        _event(args, {"event": "submitted", "message_id": job.message_id}, f"submitted {job.message_id}", started)
+        try:
+            final = None
+            async for reply in job.replies(args.timeout):
+                _show(args, reply, started)
+                final = reply
+        except TimeoutError:
+            _event(args, {"event": "timeout"}, f"no final reply within {args.timeout}s", started)
+            return EXIT_TIMEOUT
+        if final is None:
+            return EXIT_SOFTWARE
+        if final.body:
+            target = out_dir or Path(f"job-{job.message_id[:8]}")
+            target.mkdir(parents=True, exist_ok=True)
+            zip_path = target.with_suffix(".zip") if target.suffix != ".zip" else target
+            zip_path.write_bytes(final.body)
+            final.unpack(target)
+            names = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+            _event(
+                args,
+                {"event": "results", "zip": str(zip_path), "directory": str(target), "files": names},
+                f"results: {zip_path} unpacked into {target}/ ({', '.join(names) or 'no files'})",
+                started,
+            )
+        return _exit_status(final)
+
+
+def _exit_status(final: JobReply) -> int:
+    if final.status != 4:
+        return EXIT_HELD
+    signal_number = final.get("ExitSignal")
+    if final.get("ExitBySignal") is True and isinstance(signal_number, int):
+        return 128 + signal_number
+    code = final.get("ExitCode")
+    return code if isinstance(code, int) else EXIT_SOFTWARE
+
+
+def _show(args: argparse.Namespace, reply: JobReply, started: float) -> None:
+    state = reply.state
+    if reply.status == 2:
+        text = f"{state} on {reply.get('RemoteHost')} (pid {reply.get('JobPid')})"
+    elif reply.status == 4:
+        how = (
+            f"signal {reply.get('ExitSignal')}"
+            if reply.get("ExitBySignal") is True
+            else f"exit code {reply.get('ExitCode')}"
+        )
+        text = (
+            f"{state} with {how} after {reply.get('JobDuration')}s "
+            f"(user {reply.get('RemoteUserCpu')}s, sys {reply.get('RemoteSysCpu')}s)"
+        )
+    elif reply.status == 5:
+        text = f"{state}: {reply.get('HoldReason')} (HoldReasonCode {reply.get('HoldReasonCode')})"
+    elif reply.status == 1:
+        text = f"{state}: {reply.get('LastVacateReason')}"
+    else:
+        text = f"{state} (JobStatus {reply.status})"
+    data = {"event": "reply", **{k: reply.get(k) for k in reply.headers}}
+    _event(args, data, text, started)
+
+
+def _event(args: argparse.Namespace, data: dict[str, object], text: str, started: float) -> None:
+    elapsed = time.monotonic() - started
+    if args.json:
+        print(json.dumps({"elapsed_s": round(elapsed, 6), **data}, default=str), flush=True)
+    else:
+        print(f"[{elapsed:8.3f}s] {text}", flush=True)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carod", description="carod: the execute-node agent of a low-latency grid")
+    parser.add_argument("--version", action="version", version=f"carod {__version__}")
+    parser.add_argument("--config", "-c", help=f"config file (default: $CAROD_CONFIG or {DEFAULT_CONFIG})")
+    parser.set_defaults(func=cmd_run)
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("run", help="run the daemon in the foreground (the default)")
+    p.add_argument("--config", "-c", default=argparse.SUPPRESS, help="config file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("machine-ad", help="print this node's machine ClassAd")
+    p.add_argument("--config", "-c", default=argparse.SUPPRESS, help="config file")
+    p.set_defaults(func=cmd_machine_ad)
+
+    p = sub.add_parser("check-config", help="validate a config file and print the effective settings")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("submit", help="submit a job and follow its replies")
+    p.add_argument("--url", default=os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    p.add_argument("--queue", default="grid", help="job queue (published on the default exchange)")
+    p.add_argument("--exchange", default="", help="publish to this exchange instead (e.g. amq.direct)")
+    p.add_argument("--routing-key", default=None, help="routing key with --exchange (e.g. grid_key)")
+    p.add_argument(
+        "-a",
+        "--attribute",
+        action="append",
+        default=[],
+        metavar="NAME=EXPR",
+        help="a job attribute as ClassAd text, e.g. -a 'Out=\"job.out\"' -a 'Requirements=TRUE'",
+    )
+    p.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file or directory to send in the input zip",
+    )
+    p.add_argument("-o", "--output-dir", help="where to unpack the results (default: job-<id>/)")
+    p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 124)")
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p.add_argument("cmd")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The submitter's side, as an async API: what MRG Grid's LL.cpp example did.
+
+    async with Client("amqp://guest:guest@127.0.0.1/") as client:
+        job = await client.submit("/bin/echo", ["Hello Grid!"], attributes={"Out": '"job.out"'})
+        async for reply in job.replies():
+            print(reply.state)
+        final = job.final          # the last reply: Exited, Held or Removed
+        final.unpack("results/")   # the result zip, unpacked
+
+Attributes are ClassAd expression text (``'"job.out"'`` is a string,
+``"TARGET.Memory > 100"`` an expression), or Python ints/floats/bools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import uuid
+import zipfile
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import aio_pika
+import aiormq
+import classad2
+from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
+
+from carod.errors import CarodError, JobHeld
+from carod.jobad import format_args_v2
+from carod.replies import JobStatus
+from carod.sandbox import MIB, Owner, unpack_input
+
+FINAL = (JobStatus.COMPLETED, JobStatus.HELD, JobStatus.REMOVED)
+
+
+class ClientError(CarodError):
+    """The client could not talk to the broker, or a reply was unreadable."""
+
+
+@dataclass(frozen=True)
+class JobReply:
+    """One reply as the submitter sees it."""
+
+    headers: Mapping[str, object]
+    body: bytes
+    message_id: str | None
+    correlation_id: str | None
+
+    @property
+    def status(self) -> int:
+        value = self.headers.get("JobStatus")
+        return value if isinstance(value, int) else 0
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def sequence(self) -> int:
+        value = self.headers.get("Sequence")
+        return value if isinstance(value, int) else 0
+
+    def get(self, name: str, default: object = None) -> object:
+        """A header as a Python value: ClassAd strings unquoted, TRUE/FALSE as bools."""
+        if name not in self.headers:
+            return default
+        return decode_header(self.headers[name])
+
+    @property
+    def state(self) -> str:
+        return str(self.get("JobState", ""))
+
+    def unpack(self, directory: str | os.PathLike[str], *, max_mib: int = 100_000) -> int:
+        """Unpack the result zip into ``directory`` (created if needed); returns bytes."""
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        if not self.body:
+            return 0
+        try:
+            return unpack_input(
+                self.body,
+                target,
+                Owner(os.getuid(), os.getgid()),
+                max_files=1_000_000,
+                max_bytes=max_mib * MIB,
+                what="result zip",
+            )
+        except JobHeld as exc:
+            raise ClientError(exc.reason) from exc
+
+
+def decode_header(value: object) -> object:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return value
+    try:
+        result = classad2.ExprTree(value).eval()
+    except classad2.ClassAdException:
+        return value
+    if isinstance(result, classad2.Value):
+        return value
+    return result
+
+
+def zip_files(paths: Iterable[str | os.PathLike[str]]) -> bytes:
+    """An input zip of files (by base name) and directories (recursively)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for raw in paths:
+            path = Path(raw)
+            if path.is_dir():
+                for child in sorted(path.rglob("*")):
+                    if child.is_file() and not child.is_symlink():
+                        archive.write(child, str(Path(path.name) / child.relative_to(path)))
+            elif path.is_file():
+                archive.write(path, path.name)
+            else:
+                raise ClientError(f"{path}: not a file or directory")
+    return buffer.getvalue()
+
+
+@dataclass
+class Submission:
+    """A job that has been published; its replies arrive on :meth:`replies`."""
+
+    message_id: str
+    _queue: asyncio.Queue[JobReply] = field(default_factory=asyncio.Queue)
+    history: list[JobReply] = field(default_factory=list)
+
+    @property
+    def final(self) -> JobReply | None:
+        return self.history[-1] if self.history and self.history[-1].final else None
+
+    async def replies(self, timeout_s: float | None = None) -> AsyncIterator[JobReply]:
+        """Every reply, in order of arrival, ending with the final one."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while self.final is None:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                reply = await asyncio.wait_for(self._queue.get(), remaining)
+            except TimeoutError:
+                raise TimeoutError(f"no final reply for job {self.message_id} within {timeout_s}s") from None
+            self.history.append(reply)
+            yield reply
+
+    async def result(self, timeout_s: float | None = None) -> JobReply:
+        async for _ in self.replies(timeout_s):
+            pass
+        final = self.final
+        if final is None:
+            raise ClientError("the reply stream ended without a final reply")
+        return final
+
+
+class Client:
+    """Publishes jobs and collects their replies on a private reply queue."""
+
+    def __init__(self, url: str, *, queue: str = "grid", exchange: str = "", routing_key: str | None = None) -> None:
+        self.url = url
+        self.exchange_name = exchange
+        self.routing_key = routing_key if routing_key is not None else queue
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._reply_queue: aio_pika.abc.AbstractQueue | None = None
+        self._jobs: dict[str, Submission] = {}
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        try:
+            self._connection = await aio_pika.connect_robust(self.url, timeout=10)
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            self._reply_queue = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
+            await self._reply_queue.consume(self._on_reply, no_ack=True)
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+            raise ClientError(f"cannot connect to the broker: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        job = self._jobs.get(message.correlation_id or "")
+        if job is None:
+            return
+        job._queue.put_nowait(
+            JobReply(dict(message.headers or {}), message.body, message.message_id, message.correlation_id)
+        )
+
+    async def submit(
+        self,
+        cmd: str,
+        arguments: Iterable[str] = (),
+        *,
+        attributes: Mapping[str, str | int | float | bool] | None = None,
+        inputs: Iterable[str | os.PathLike[str]] = (),
+        body: bytes | None = None,
+        message_id: str | None = None,
+    ) -> Submission:
+        """Publish one job; ``Cmd`` and ``Arguments`` are quoted for you."""
+        if self._channel is None or self._reply_queue is None:
+            raise ClientError("not connected")
+        headers: dict[str, str | int | float | bool] = {"Cmd": classad2.quote(cmd)}
+        args = list(arguments)
+        if args:
+            headers["Arguments"] = classad2.quote(format_args_v2(args))
+        headers.update(attributes or {})
+        payload = body if body is not None else (zip_files(inputs) if inputs else b"")
+        job = Submission(message_id or str(uuid.uuid4()))
+        self._jobs[job.message_id] = job
+        message = aio_pika.Message(
+            payload,
+            headers=headers,  # type: ignore[arg-type]
+            message_id=job.message_id,
+            reply_to=self._reply_queue.name,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        try:
+            exchange = (
+                self._channel.default_exchange
+                if not self.exchange_name
+                else await self._channel.get_exchange(self.exchange_name, ensure=False)
+            )
+            await exchange.publish(message, self.routing_key, timeout=30)
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+            del self._jobs[job.message_id]
+            raise ClientError(f"the job was not accepted by the broker: {exc}") from exc
+        return job

@@ -1,0 +1,245 @@
+"""Configuration: an INI file loaded into frozen dataclasses.
+
+Unknown sections and keys, and values of the wrong type, are refused with a
+:class:`~carod.errors.ConfigError` that names the key (``[node] slots``).
+Environment variables ``CAROD_<SECTION>_<KEY>`` (e.g. ``CAROD_BROKER_URL``)
+override the file, for containers.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import socket
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import classad2
+
+from carod.classads import ATTRIBUTE_NAME
+from carod.errors import ConfigError
+
+QUEUE_TYPES = ("quorum", "classic")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    queue: str = "grid"
+    queue_type: str = "quorum"
+    exchange: str = "amq.direct"
+    binding_key: str = "grid_key"
+    #: Messages the broker may hand this node at once; default (0) = slots.
+    prefetch: int = 0
+    #: How long to wait for the broker to confirm a reply before retrying it.
+    confirm_timeout_s: float = 30.0
+    #: A job this node does not match waits this long before it is offered again.
+    unmatched_delay_s: float = 1.0
+    #: After this many declines by any node, the job is Held as unmatched.
+    max_offers: int = 60
+    connect_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = ""
+    #: Jobs run at once; default (0) = the machine's Cpus.
+    slots: int = 0
+    job_user: str = "nobody"
+    sandbox_root: Path = Path("/var/lib/carod/sandboxes")
+    state_dir: Path = Path("/var/lib/carod")
+    #: The node's own policy a job must satisfy (MY = machine, TARGET = job).
+    start: str = "TRUE"
+    #: On SIGTERM, running jobs get this long to finish before they are stopped.
+    drain_timeout_s: float = 30.0
+    #: After KillSig, a job gets this long before SIGKILL.
+    kill_grace_s: float = 5.0
+    max_input_mib: int = 1024
+    max_input_files: int = 10_000
+    max_result_mib: int = 1024
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+    #: Extra or overriding machine-ad attributes: (name, ClassAd expression).
+    machine: tuple[tuple[str, str], ...] = ()
+    source: str = "<defaults>"
+
+    @property
+    def node_name(self) -> str:
+        return self.node.name or socket.gethostname()
+
+    def slots_for(self, cpus: int) -> int:
+        return self.node.slots or max(1, cpus)
+
+    def prefetch_for(self, slots: int) -> int:
+        return self.broker.prefetch or slots
+
+
+_SECTIONS: dict[str, type] = {"broker": BrokerConfig, "node": NodeConfig}
+
+
+def _convert(section: str, key: str, raw: str, kind: Any) -> Any:
+    where = f"[{section}] {key}"
+    raw = raw.strip()
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(raw)
+            return value
+        if kind is Path:
+            if not raw:
+                raise ValueError(raw)
+            return Path(raw)
+        if kind is bool:
+            lowered = raw.lower()
+            if lowered in ("1", "yes", "true", "on"):
+                return True
+            if lowered in ("0", "no", "false", "off"):
+                return False
+            raise ValueError(raw)
+        return raw
+    except ValueError:
+        name = {int: "a whole number", float: "a number", Path: "a path", bool: "yes or no"}[kind]
+        raise ConfigError(f"{where}: expected {name}, got {raw!r}") from None
+
+
+def _section_values(cls: type, section: str, items: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, raw in items.items():
+        if key not in known:
+            raise ConfigError(f"[{section}] {key}: unknown key (known: {', '.join(sorted(known))})")
+        values[key] = _convert(section, key, raw, hints[key])
+    for key in known:
+        env_name = f"CAROD_{section.upper()}_{key.upper()}"
+        if env_name in environ:
+            values[key] = _convert(section, key, environ[env_name], hints[key])
+    return values
+
+
+def _check(config: Config) -> None:
+    b, n = config.broker, config.node
+    if not b.url.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"[broker] url: must start with amqp:// or amqps://, got {b.url!r}")
+    if not b.queue:
+        raise ConfigError("[broker] queue: must not be empty")
+    if b.queue_type not in QUEUE_TYPES:
+        raise ConfigError(f"[broker] queue_type: must be one of {', '.join(QUEUE_TYPES)}, got {b.queue_type!r}")
+    for key in ("prefetch", "max_offers"):
+        if getattr(b, key) < 0:
+            raise ConfigError(f"[broker] {key}: must not be negative")
+    for key in ("confirm_timeout_s", "connect_timeout_s"):
+        if getattr(b, key) <= 0:
+            raise ConfigError(f"[broker] {key}: must be greater than 0")
+    if b.unmatched_delay_s < 0:
+        raise ConfigError("[broker] unmatched_delay_s: must not be negative")
+    if n.slots < 0:
+        raise ConfigError("[node] slots: must not be negative (0 means one per CPU)")
+    if n.slots and b.prefetch > n.slots:
+        raise ConfigError(
+            f"[broker] prefetch: {b.prefetch} is more than [node] slots = {n.slots}; "
+            "the node must never hold more jobs than it can run"
+        )
+    if not n.job_user:
+        raise ConfigError("[node] job_user: must not be empty")
+    if n.job_user == "root" or n.job_user == "0":
+        raise ConfigError("[node] job_user: jobs must not run as root")
+    for key in ("sandbox_root", "state_dir"):
+        if not getattr(n, key).is_absolute():
+            raise ConfigError(f"[node] {key}: must be an absolute path")
+    for key in ("drain_timeout_s", "kill_grace_s"):
+        if getattr(n, key) < 0:
+            raise ConfigError(f"[node] {key}: must not be negative")
+    for key in ("max_input_mib", "max_input_files", "max_result_mib"):
+        if getattr(n, key) <= 0:
+            raise ConfigError(f"[node] {key}: must be greater than 0")
+    if n.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"[node] log_level: must be one of {', '.join(LOG_LEVELS)}, got {n.log_level!r}")
+    if n.log_format not in LOG_FORMATS:
+        raise ConfigError(f"[node] log_format: must be one of {', '.join(LOG_FORMATS)}, got {n.log_format!r}")
+    try:
+        classad2.ExprTree(n.start)
+    except classad2.ClassAdException as exc:
+        raise ConfigError(f"[node] start: not a valid ClassAd expression: {n.start!r}") from exc
+    for name, text in config.machine:
+        try:
+            classad2.ExprTree(text)
+        except classad2.ClassAdException as exc:
+            raise ConfigError(f"[machine] {name}: not a valid ClassAd expression: {text!r}") from exc
+
+
+def parse(text: str, *, source: str = "<string>", environ: Mapping[str, str] | None = None) -> Config:
+    """Parse config text. ``environ`` defaults to ``os.environ``."""
+    env = os.environ if environ is None else environ
+    parser = configparser.ConfigParser(interpolation=None, strict=True, delimiters=("=",))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep ClassAd attribute case
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as exc:
+        raise ConfigError(f"{source}: {exc.message}") from exc
+    sections: dict[str, Any] = {}
+    for section in parser.sections():
+        if section == "machine":
+            continue
+        if section not in _SECTIONS:
+            raise ConfigError(f"[{section}]: unknown section (known: broker, node, machine)")
+    for section, cls in _SECTIONS.items():
+        items = dict(parser.items(section)) if parser.has_section(section) else {}
+        sections[section] = cls(**_section_values(cls, section, items, env))
+    machine = tuple(parser.items("machine")) if parser.has_section("machine") else ()
+    for name, _ in machine:
+        if not ATTRIBUTE_NAME.match(name):
+            raise ConfigError(f"[machine] {name}: not a ClassAd attribute name")
+    config = Config(broker=sections["broker"], node=sections["node"], machine=machine, source=source)
+    _check(config)
+    return config
+
+
+def load(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the config file is not UTF-8") from exc
+    return parse(text, source=str(path), environ=environ)
+
+
+def effective(config: Config) -> str:
+    """The effective settings, as INI text (passwords in the URL hidden)."""
+    lines = []
+    for section in _SECTIONS:
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            if section == "broker" and f.name == "url":
+                value = redact_url(str(value))
+            lines.append(f"{f.name} = {value}")
+        lines.append("")
+    lines.append("[machine]")
+    lines.extend(f"{name} = {text}" for name, text in config.machine)
+    return "\n".join(lines) + "\n"
+
+
+def redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

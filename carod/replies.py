@@ -1,0 +1,130 @@
+"""Reply messages: what the submitter sees, as header dicts. Pure, no I/O.
+
+Every reply carries ``JobStatus``, ``JobState``, ``Sequence`` (1, 2, ... per
+job and attempt), ``RemoteHost`` and ``EnteredCurrentStatus``. Values follow
+the job-header convention (see :mod:`carod.classads`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carod.classads import Scalar, format_headers
+from carod.holdcodes import HoldCode
+
+
+class JobStatus(enum.IntEnum):
+    IDLE = 1
+    RUNNING = 2
+    REMOVED = 3
+    COMPLETED = 4
+    HELD = 5
+
+
+STATE_NAMES = {
+    JobStatus.IDLE: "Idle",
+    JobStatus.RUNNING: "Running",
+    JobStatus.REMOVED: "Removed",
+    JobStatus.COMPLETED: "Exited",
+    JobStatus.HELD: "Held",
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply: its headers and, for a final reply, the result zip on disk."""
+
+    status: JobStatus
+    headers: dict[str, Scalar]
+    body_path: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def final(self) -> bool:
+        return self.status in (JobStatus.COMPLETED, JobStatus.HELD, JobStatus.REMOVED)
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How the job's process ended and what it used."""
+
+    exit_code: int | None
+    exit_signal: int | None
+    duration_s: float
+    user_cpu_s: float
+    sys_cpu_s: float
+    max_rss_kib: int
+
+    @property
+    def by_signal(self) -> bool:
+        return self.exit_signal is not None
+
+
+def _common(status: JobStatus, sequence: int, node: str, now: float, run_count: int) -> dict[str, Scalar]:
+    return {
+        "JobStatus": int(status),
+        "JobState": STATE_NAMES[status],
+        "Sequence": sequence,
+        "RemoteHost": node,
+        "EnteredCurrentStatus": int(now),
+        "JobRunCount": run_count,
+    }
+
+
+def running(*, sequence: int, node: str, now: float, start_date: float, pid: int, run_count: int = 1) -> Reply:
+    attrs = _common(JobStatus.RUNNING, sequence, node, now, run_count)
+    attrs.update({"JobStartDate": int(start_date), "JobPid": pid})
+    return Reply(JobStatus.RUNNING, format_headers(attrs))
+
+
+def _exit_attrs(info: ExitInfo) -> dict[str, Scalar]:
+    attrs: dict[str, Scalar] = {
+        "ExitBySignal": info.by_signal,
+        "JobDuration": round(info.duration_s, 6),
+        "RemoteWallClockTime": round(info.duration_s, 6),
+        "RemoteUserCpu": round(info.user_cpu_s, 6),
+        "RemoteSysCpu": round(info.sys_cpu_s, 6),
+        "ResidentSetSize": info.max_rss_kib,
+    }
+    if info.exit_signal is not None:
+        attrs["ExitSignal"] = info.exit_signal
+    if info.exit_code is not None:
+        attrs["ExitCode"] = info.exit_code
+    return attrs
+
+
+def exited(
+    *, sequence: int, node: str, now: float, info: ExitInfo, body_path: Path | None, run_count: int = 1
+) -> Reply:
+    attrs = _common(JobStatus.COMPLETED, sequence, node, now, run_count)
+    attrs.update(_exit_attrs(info))
+    attrs["CompletionDate"] = int(now)
+    return Reply(JobStatus.COMPLETED, format_headers(attrs), body_path)
+
+
+def held(
+    *,
+    sequence: int,
+    node: str,
+    now: float,
+    reason: str,
+    code: HoldCode,
+    subcode: int = 0,
+    info: ExitInfo | None = None,
+    body_path: Path | None = None,
+    run_count: int = 0,
+) -> Reply:
+    attrs = _common(JobStatus.HELD, sequence, node, now, run_count)
+    attrs.update({"HoldReason": reason, "HoldReasonCode": int(code), "HoldReasonSubCode": subcode})
+    if info is not None:
+        attrs.update(_exit_attrs(info))
+    return Reply(JobStatus.HELD, format_headers(attrs), body_path)
+
+
+def idle(*, sequence: int, node: str, now: float, reason: str, run_count: int) -> Reply:
+    """The job was evicted from this node and goes back to the queue."""
+    attrs = _common(JobStatus.IDLE, sequence, node, now, run_count)
+    attrs["LastVacateReason"] = reason
+    return Reply(JobStatus.IDLE, format_headers(attrs))

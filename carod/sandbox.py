@@ -1,0 +1,441 @@
+"""The job's working directory: create, fill from the input zip, zip the results.
+
+Every function here does blocking file work and is meant to run in a thread
+(``asyncio.to_thread``). Problems a job caused become :class:`JobHeld`.
+
+Safety rules (docs/security.md):
+
+* the sandbox root is root-owned 0711; each sandbox is 0700, owned by the job user;
+* the input zip is unpacked by carod with caps on member count and on bytes
+  actually written; absolute, ``..``, symlink, device and duplicate entries
+  are refused; files are created with O_EXCL|O_NOFOLLOW and chowned;
+* results are collected after the job's processes are gone, regular files
+  only, opened with O_NOFOLLOW|O_NONBLOCK and checked again with fstat, with
+  a byte budget counted from the files' sizes (so a sparse file counts whole).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carod.errors import JobHeld
+from carod.holdcodes import HoldCode
+from carod.jobad import JobSpec
+
+MIB = 1024 * 1024
+_CHUNK = MIB
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_ZIP_DATE_MIN = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class Owner:
+    uid: int
+    gid: int
+
+
+def prepare_root(root: Path) -> None:
+    """Create the sandbox root: owned by carod's user, mode 0711."""
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o711)  # noqa: S103 - traversable, not listable: jobs reach only their own box
+
+
+def untraversable(path: Path, owner: Owner) -> Path | None:
+    """The first directory from / down to ``path`` that the job user cannot enter."""
+    for directory in [*reversed(path.parents), path]:
+        st = os.stat(directory)
+        if st.st_uid == owner.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == owner.gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return directory
+    return None
+
+
+def create(root: Path, message_id: str, owner: Owner) -> Path:
+    """A fresh, empty directory for one job, 0700 and owned by the job user."""
+    stem = _SAFE_NAME.sub("_", message_id)[:64] or "job"
+    path = root / f"{stem}.{secrets.token_hex(4)}"
+    try:
+        os.mkdir(path, 0o700)
+        os.chown(path, owner.uid, owner.gid)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise JobHeld(
+            f"carod could not create the job's sandbox under {root}: {exc.strerror}",
+            HoldCode.IWD_ERROR,
+            exc.errno or 0,
+        ) from exc
+    return path
+
+
+def remove(path: Path) -> None:
+    """Delete a sandbox. rmtree is fd-based here and never follows a symlink."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- input zip
+
+
+def _member_parts(name: str) -> list[str]:
+    if "\0" in name or "\\" in name or name.startswith("/"):
+        raise JobHeld(f"the input zip has an entry with an unsafe name: {name!r}", HoldCode.TRANSFER_INPUT_ERROR)
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts or not parts:
+        raise JobHeld(f"the input zip has an entry with an unsafe name: {name!r}", HoldCode.TRANSFER_INPUT_ERROR)
+    return parts
+
+
+def _member_kind(info: zipfile.ZipInfo) -> str:
+    mode = info.external_attr >> 16
+    if info.is_dir():
+        return "dir"
+    # Many writers (Python's ZipFile.writestr among them) set permission bits only.
+    if stat.S_IFMT(mode) and not stat.S_ISREG(mode):
+        if stat.S_ISLNK(mode):
+            return "symlink"
+        return "special"
+    return "file"
+
+
+def unpack_input(
+    body: bytes, sandbox: Path, owner: Owner, *, max_files: int, max_bytes: int, what: str = "input zip"
+) -> int:
+    """Unpack the job's input zip into ``sandbox``. Returns bytes written.
+
+    ``what`` names the archive in error messages (the client reuses this
+    for result zips).
+    """
+    try:
+        return _unpack(body, sandbox, owner, max_files=max_files, max_bytes=max_bytes)
+    except JobHeld as exc:
+        if what == "input zip":
+            raise
+        raise JobHeld(exc.reason.replace("input zip", what), exc.code, exc.subcode) from exc
+
+
+def _unpack(body: bytes, sandbox: Path, owner: Owner, *, max_files: int, max_bytes: int) -> int:
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise JobHeld(
+            f"the message body is not a valid zip file of input files ({exc})", HoldCode.TRANSFER_INPUT_ERROR
+        ) from exc
+    with archive:
+        members = archive.infolist()
+        if len(members) > max_files:
+            raise JobHeld(
+                f"the input zip has {len(members)} entries, more than this node's limit of {max_files}",
+                HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED,
+            )
+        seen: set[str] = set()
+        plan: list[tuple[zipfile.ZipInfo, list[str], str]] = []
+        for info in members:
+            parts = _member_parts(info.filename)
+            key = "/".join(parts)
+            if key in seen:
+                raise JobHeld(f"the input zip names {key!r} twice", HoldCode.TRANSFER_INPUT_ERROR)
+            seen.add(key)
+            kind = _member_kind(info)
+            if kind == "symlink":
+                raise JobHeld(
+                    f"the input zip entry {key!r} is a symbolic link; carod accepts regular files only",
+                    HoldCode.TRANSFER_INPUT_ERROR,
+                )
+            if kind == "special":
+                raise JobHeld(
+                    f"the input zip entry {key!r} is not a regular file or directory", HoldCode.TRANSFER_INPUT_ERROR
+                )
+            plan.append((info, parts, kind))
+        written = 0
+        for info, parts, kind in plan:
+            if kind == "dir":
+                _make_dirs(sandbox, parts, owner)
+                continue
+            parent = _make_dirs(sandbox, parts[:-1], owner)
+            written += _extract_file(archive, info, parent / parts[-1], owner, max_bytes - written, max_bytes)
+    return written
+
+
+def _make_dirs(sandbox: Path, parts: list[str], owner: Owner) -> Path:
+    path = sandbox
+    for part in parts:
+        path = path / part
+        try:
+            os.mkdir(path, 0o700)
+            os.chown(path, owner.uid, owner.gid)
+        except FileExistsError:
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode):
+                raise JobHeld(
+                    f"the input zip uses {part!r} as both a file and a directory", HoldCode.TRANSFER_INPUT_ERROR
+                ) from None
+    return path
+
+
+def _extract_file(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, owner: Owner, budget: int, limit: int
+) -> int:
+    mode = (info.external_attr >> 16) & 0o777
+    file_mode = 0o700 if mode & 0o111 else 0o600
+    try:
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode)
+    except FileExistsError:
+        raise JobHeld(f"the input zip names {info.filename!r} twice", HoldCode.TRANSFER_INPUT_ERROR) from None
+    written = 0
+    try:
+        os.fchown(fd, owner.uid, owner.gid)
+        with archive.open(info) as src:
+            while chunk := src.read(_CHUNK):
+                written += len(chunk)
+                if written > budget:
+                    raise JobHeld(
+                        f"the input zip unpacks to more than this node's limit of {_mib(limit)}",
+                        HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED,
+                    )
+                os.write(fd, chunk)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, EOFError, ValueError) as exc:
+        raise JobHeld(
+            f"the input zip entry {info.filename!r} cannot be read: {exc}", HoldCode.TRANSFER_INPUT_ERROR
+        ) from exc
+    except OSError as exc:
+        raise JobHeld(
+            f"carod could not write the input file {info.filename!r}: {exc.strerror}",
+            HoldCode.TRANSFER_INPUT_ERROR,
+            exc.errno or 0,
+        ) from exc
+    finally:
+        os.close(fd)
+    return written
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.0f} MiB" if n >= MIB else f"{n} bytes"
+
+
+# ---------------------------------------------------------------- stdio
+
+
+@dataclass
+class Stdio:
+    """Open descriptors for the job's stdin/stdout/stderr (closed by :meth:`close`)."""
+
+    stdin: int
+    stdout: int
+    stderr: int
+    _fds: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+def open_stdio(spec: JobSpec, sandbox: Path, owner: Owner) -> Stdio:
+    """Open In/Out/Err inside the sandbox (O_NOFOLLOW), owned by the job user."""
+    fds: list[int] = []
+
+    def remember(fd: int) -> int:
+        fds.append(fd)
+        return fd
+
+    try:
+        stdin = remember(_open_in(spec.stdin, sandbox))
+        stdout = remember(_open_out("Out", spec.stdout, sandbox, owner))
+        if spec.stderr is not None and spec.stderr == spec.stdout:
+            stderr = stdout
+        else:
+            stderr = remember(_open_out("Err", spec.stderr, sandbox, owner))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return Stdio(stdin, stdout, stderr, fds)
+
+
+def _open_in(path: str | None, sandbox: Path) -> int:
+    if path is None:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(sandbox / path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise JobHeld(
+            f"the job's input file In = {path!r} cannot be opened: {exc.strerror}",
+            HoldCode.UNABLE_TO_OPEN_INPUT,
+            exc.errno or 0,
+        ) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise JobHeld(f"the job's input file In = {path!r} is not a regular file", HoldCode.UNABLE_TO_OPEN_INPUT)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _open_out(attribute: str, path: str | None, sandbox: Path, owner: Owner) -> int:
+    if path is None:
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    parts = path.split("/")
+    try:
+        parent = _make_dirs(sandbox, parts[:-1], owner)
+        fd = os.open(parent / parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        os.fchown(fd, owner.uid, owner.gid)
+    except JobHeld as exc:
+        raise JobHeld(
+            f"the job's {attribute} = {path!r} cannot be created: {exc.reason}", HoldCode.UNABLE_TO_OPEN_OUTPUT
+        ) from exc
+    except OSError as exc:
+        raise JobHeld(
+            f"the job's {attribute} = {path!r} cannot be opened: {exc.strerror}",
+            HoldCode.UNABLE_TO_OPEN_OUTPUT,
+            exc.errno or 0,
+        ) from exc
+    return fd
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Results:
+    files: int
+    bytes: int
+    skipped: tuple[str, ...]
+
+
+def collect_results(spec: JobSpec, sandbox: Path, dest: Path, *, max_bytes: int) -> Results:
+    """Zip the job's outputs (stored, not compressed, like MRG Grid) into ``dest``.
+
+    With ``TransferOutput`` only those names (files or directories) plus the
+    Out/Err files; otherwise the whole sandbox. Names listed in TransferOutput
+    that do not exist hold the job (HTCondor does the same).
+    """
+    if spec.transfer_output is None:
+        roots = [""]
+    else:
+        wanted = list(spec.transfer_output)
+        for std in (spec.stdout, spec.stderr):
+            if std is not None and std not in wanted:
+                wanted.append(std)
+        missing = [
+            name
+            for name in spec.transfer_output
+            if not (_real_parents(sandbox, name) and os.path.lexists(sandbox / name))
+        ]
+        if missing:
+            raise JobHeld(
+                "the job did not create the output named in TransferOutput: " + ", ".join(missing),
+                HoldCode.TRANSFER_OUTPUT_ERROR,
+                errno.ENOENT,
+            )
+        roots = wanted
+    found: dict[str, Path] = {}
+    skipped: list[str] = []
+    for root in roots:
+        _walk(sandbox, root, found, skipped)
+    entries = sorted(found.items())
+    total = 0
+    files = 0
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for arcname, path in entries:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                skipped.append(arcname)
+                continue
+            with os.fdopen(fd, "rb") as src:
+                st = os.fstat(src.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    skipped.append(arcname)
+                    continue
+                total += st.st_size
+                if total > max_bytes:
+                    raise JobHeld(
+                        f"the job's output is larger than this node's result limit of {_mib(max_bytes)}",
+                        HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED,
+                    )
+                info = zipfile.ZipInfo(arcname, date_time=_zip_time(st.st_mtime))
+                info.external_attr = (stat.S_IFREG | (st.st_mode & 0o777)) << 16
+                info.file_size = st.st_size
+                with archive.open(info, "w", force_zip64=st.st_size > 0x7FFFFFFF) as out:
+                    remaining = st.st_size
+                    while remaining > 0 and (chunk := src.read(min(_CHUNK, remaining))):
+                        out.write(chunk)
+                        remaining -= len(chunk)
+                files += 1
+    return Results(files=files, bytes=total, skipped=tuple(skipped))
+
+
+def _real_parents(sandbox: Path, rel: str) -> bool:
+    """True when every directory between ``sandbox`` and ``rel`` is a real directory, not a link."""
+    path = sandbox
+    for part in rel.split("/")[:-1]:
+        path = path / part
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _walk(sandbox: Path, root: str, entries: dict[str, Path], skipped: list[str]) -> None:
+    if root and not _real_parents(sandbox, root):
+        skipped.append(root)
+        return
+    start = sandbox / root if root else sandbox
+    try:
+        st = os.lstat(start)
+    except OSError:
+        return
+    if root and not stat.S_ISDIR(st.st_mode):
+        _add(root, start, st, entries, skipped)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        return
+    stack = [(root, start)]
+    while stack:
+        rel, path = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except OSError:
+            skipped.append(rel or ".")
+            continue
+        for entry in reversed(children):
+            child_rel = f"{rel}/{entry.name}" if rel else entry.name
+            child_st = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(child_st.st_mode):
+                stack.append((child_rel, Path(entry.path)))
+            else:
+                _add(child_rel, Path(entry.path), child_st, entries, skipped)
+
+
+def _add(rel: str, path: Path, st: os.stat_result, entries: dict[str, Path], skipped: list[str]) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        skipped.append(rel)
+        return
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        skipped.append(rel.encode("utf-8", "replace").decode("utf-8"))
+        return
+    entries[rel] = path
+
+
+def _zip_time(mtime: float) -> tuple[int, int, int, int, int, int]:
+    t = time.localtime(mtime)
+    stamp = (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+    return max(stamp, _ZIP_DATE_MIN)

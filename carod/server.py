@@ -1,0 +1,159 @@
+"""The daemon's lifecycle in one place: start up, serve, shut down.
+
+Driven by one flag, as uvicorn's Server: SIGTERM or SIGINT sets
+``should_exit``; the server then stops consuming, lets running jobs finish
+for up to ``drain_timeout_s`` while the broker connection stays up, stops
+the rest with their KillSig (they are answered Idle and requeued), and
+exits 0. A second SIGINT sets ``force_exit``: running jobs are killed at
+once and their messages go back to the queue when the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+from pathlib import Path
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from carod import __version__, machine
+from carod.broker import Broker, settle
+from carod.config import Config, redact_url
+from carod.errors import EXIT_CANTCREAT, EXIT_UNAVAILABLE, BrokerError, StartupError
+from carod.message import parse_envelope
+from carod.node import Node
+from carod.runner import JobUser, resolve_user
+from carod.sandbox import prepare_root, untraversable
+
+log = logging.getLogger("carod.server")
+
+
+class Server:
+    def __init__(self, config: Config, *, handle_signals: bool = True) -> None:
+        self.config = config
+        self.handle_signals = handle_signals
+        self.should_exit = False
+        self.force_exit = False
+        self._wakeup = asyncio.Event()
+        self.started = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.broker: Broker | None = None
+        self.node: Node | None = None
+
+    # ------------------------------------------------------------ public
+
+    async def serve(self) -> None:
+        """Run until asked to stop. Raises StartupError if it cannot start."""
+        loop = asyncio.get_running_loop()
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.handle_exit, sig)
+        try:
+            await self.startup()
+            self.started.set()
+            await self._wakeup.wait()
+            await self.shutdown()
+        finally:
+            if self.broker is not None:
+                await self.broker.close()
+            if self.handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    def handle_exit(self, sig: int = signal.SIGTERM) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            log.warning("second interrupt: stopping now; running jobs are killed and requeued")
+            for task in list(self.tasks):
+                task.cancel()
+        self.should_exit = True
+        self._wakeup.set()
+
+    # ------------------------------------------------------------ phases
+
+    async def startup(self) -> None:
+        config = self.config
+        user = resolve_user(config.node.job_user)
+        _prepare_dirs(config, user)
+        machine_ad = machine.detect(config)
+        slots = config.slots_for(machine.cpus())
+        prefetch = config.prefetch_for(slots)
+        self.broker = Broker(config.broker, node_name=config.node_name, prefetch=prefetch)
+        try:
+            await self.broker.connect()
+            await self.broker.declare()
+            self.node = Node(config, machine_ad, self.broker, user)
+            await self.broker.consume(self._on_message)
+        except BrokerError as exc:
+            raise StartupError(str(exc), EXIT_UNAVAILABLE) from exc
+        log.info(
+            "carod %s ready: node=%s broker=%s queue=%s (%s) slots=%d prefetch=%d job_user=%s",
+            __version__,
+            config.node_name,
+            redact_url(config.broker.url),
+            config.broker.queue,
+            config.broker.queue_type,
+            slots,
+            prefetch,
+            user.name,
+        )
+
+    async def shutdown(self) -> None:
+        if self.broker is None or self.node is None:
+            return
+        log.info("shutting down: no new jobs; %d running", len(self.tasks))
+        await self.broker.stop_consuming()
+        drain_s = self.config.node.drain_timeout_s
+        if self.tasks and not self.force_exit:
+            _done, pending = await asyncio.wait(self.tasks, timeout=drain_s)
+            if pending and not self.force_exit:
+                log.warning("%d job(s) still running after %.0fs: stopping them and requeueing", len(pending), drain_s)
+                await self.node.evict_all(f"carod on {self.config.node_name} is shutting down")
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        log.info("stopped")
+
+    # ------------------------------------------------------------ deliveries
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self.should_exit or self.node is None:
+            # Arrived after we stopped consuming: hand it straight back.
+            label = parse_envelope(message.message_id, None, {}).label
+            await settle(message, "requeue", label=label)
+            return
+        task = asyncio.create_task(self.node.handle(message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+def _prepare_dirs(config: Config, user: JobUser) -> None:
+    node = config.node
+    for path, mode in ((node.state_dir, 0o700), (node.state_dir / "results", 0o700)):
+        _make_dir(path, mode, key="state_dir")
+    try:
+        prepare_root(node.sandbox_root)
+    except OSError as exc:
+        raise StartupError(
+            f"[node] sandbox_root: cannot use {node.sandbox_root}: {exc.strerror}", EXIT_CANTCREAT
+        ) from exc
+    for key, path in (("state_dir", node.state_dir), ("sandbox_root", node.sandbox_root)):
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise StartupError(f"[node] {key}: {path} is not writable by carod", EXIT_CANTCREAT)
+    blocked = untraversable(node.sandbox_root, user.owner)
+    if blocked is not None:
+        raise StartupError(
+            f"[node] sandbox_root: the job user {user.name!r} cannot enter {blocked} "
+            f"(mode {stat.S_IMODE(os.stat(blocked).st_mode):04o}); every directory above the sandboxes needs o+x",
+            EXIT_CANTCREAT,
+        )
+
+
+def _make_dir(path: Path, mode: int, *, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, mode)
+    except OSError as exc:
+        raise StartupError(f"[node] {key}: cannot use {path}: {exc.strerror}", EXIT_CANTCREAT) from exc

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from tests.helpers import BROKER_URL, RunningNode, Submitter, delete_queues, start_node, unique
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _broker_answers() -> None:
+    """Fail loudly (never skip) when there is no broker: the suite needs a real one."""
+    import asyncio
+
+    async def probe() -> None:
+        connection = await aio_pika.connect(BROKER_URL, timeout=5)
+        await connection.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:
+        pytest.fail(f"no RabbitMQ answers at {BROKER_URL} ({exc!r}); run scripts/ensure-broker", pytrace=False)
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A scratch directory the job user can traverse (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="carod-test-", dir="/tmp"))
+    os.chmod(path, 0o711)  # noqa: S103 - the job user must traverse it
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def queue() -> AsyncIterator[str]:
+    name = unique("grid")
+    yield name
+    await delete_queues(name, f"{name}.unmatched")
+
+
+@pytest.fixture
+async def node(queue: str, base: Path) -> AsyncIterator[RunningNode]:
+    running = await start_node(queue, base)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def submitter(queue: str) -> AsyncIterator[Submitter]:
+    sub = await Submitter.open(queue)
+    yield sub
+    await sub.close()

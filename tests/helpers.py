@@ -1,0 +1,189 @@
+"""Test helpers: a raw AMQP submitter and an in-process carod node.
+
+The submitter talks to the broker with aio-pika directly, not through
+carod.client, so tests see exactly what a third-party client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import uuid
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from carod import config as configuration
+from carod.server import Server
+
+BROKER_URL = os.environ.get(
+    "CAROD_TEST_BROKER_URL", os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+)
+FINAL_STATUSES = (3, 4, 5)
+
+
+def unique(prefix: str) -> str:
+    return f"test-{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def q(text: str) -> str:
+    """A ClassAd string literal, as MRG Grid clients put it in a header."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@dataclass
+class Reply:
+    headers: dict[str, Any]
+    body: bytes
+    correlation_id: str | None
+    message_id: str | None
+
+    @property
+    def status(self) -> int:
+        return int(self.headers["JobStatus"])
+
+    def zip_names(self) -> list[str]:
+        with zipfile.ZipFile(io.BytesIO(self.body)) as z:
+            return sorted(z.namelist())
+
+    def zip_read(self, name: str) -> bytes:
+        with zipfile.ZipFile(io.BytesIO(self.body)) as z:
+            return z.read(name)
+
+
+@dataclass
+class Submitter:
+    """Publishes job messages and collects replies on its own exclusive queue."""
+
+    connection: aio_pika.abc.AbstractConnection
+    channel: aio_pika.abc.AbstractChannel
+    reply_queue: aio_pika.abc.AbstractQueue
+    job_queue: str
+    replies: dict[str | None, list[Reply]] = field(default_factory=lambda: defaultdict(list))
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @classmethod
+    async def open(cls, job_queue: str) -> Submitter:
+        connection = await aio_pika.connect(BROKER_URL)
+        channel = await connection.channel(publisher_confirms=True)
+        reply_queue = await channel.declare_queue(unique("replies"), exclusive=True, auto_delete=True)
+        self = cls(connection, channel, reply_queue, job_queue)
+        await reply_queue.consume(self._on_reply, no_ack=True)
+        return self
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        self.replies[message.correlation_id].append(
+            Reply(dict(message.headers or {}), message.body, message.correlation_id, message.message_id)
+        )
+        self.arrived.set()
+
+    async def send(
+        self,
+        headers: dict[str, Any],
+        *,
+        body: bytes = b"",
+        message_id: str | None = "auto",
+        reply_to: str | None = "auto",
+        routing_key: str | None = None,
+        exchange: str = "",
+    ) -> str | None:
+        mid = str(uuid.uuid4()) if message_id == "auto" else message_id
+        rt = self.reply_queue.name if reply_to == "auto" else reply_to
+        message = aio_pika.Message(
+            body, headers=headers, message_id=mid, reply_to=rt, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        ex = self.channel.default_exchange if not exchange else await self.channel.get_exchange(exchange)
+        await ex.publish(message, routing_key or self.job_queue)
+        return mid
+
+    async def wait_final(self, message_id: str | None, timeout_s: float = 20.0) -> list[Reply]:
+        """All replies for a job, ending with its final one."""
+
+        async def final() -> list[Reply]:
+            while True:
+                got = self.replies.get(message_id, [])
+                if got and got[-1].status in FINAL_STATUSES:
+                    return list(got)
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        return await asyncio.wait_for(final(), timeout_s)
+
+    async def run(self, headers: dict[str, Any], *, body: bytes = b"", timeout_s: float = 20.0) -> list[Reply]:
+        mid = await self.send(headers, body=body)
+        return await self.wait_final(mid, timeout_s)
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+def config_text(
+    queue: str,
+    base: Path,
+    *,
+    node: dict[str, Any] | None = None,
+    broker: dict[str, Any] | None = None,
+    machine: dict[str, str] | None = None,
+) -> str:
+    b = {"url": BROKER_URL, "queue": queue, "binding_key": f"{queue}-key", "unmatched_delay_s": 0.05}
+    b.update(broker or {})
+    n = {
+        "name": f"node-{uuid.uuid4().hex[:6]}",
+        "slots": 2,
+        "sandbox_root": base / "sandboxes",
+        "state_dir": base / "state",
+        "drain_timeout_s": 10,
+        "kill_grace_s": 2,
+    }
+    n.update(node or {})
+    lines = ["[broker]", *(f"{k} = {v}" for k, v in b.items()), "[node]", *(f"{k} = {v}" for k, v in n.items())]
+    if machine:
+        lines += ["[machine]", *(f"{k} = {v}" for k, v in machine.items())]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class RunningNode:
+    server: Server
+    task: asyncio.Task[None]
+    name: str
+    base: Path
+
+    async def stop(self) -> None:
+        if not self.task.done():
+            self.server.handle_exit()
+        await self.task
+
+
+async def start_node(queue: str, base: Path, **kwargs: Any) -> RunningNode:
+    config = configuration.parse(config_text(queue, base, **kwargs), source="test", environ={})
+    server = Server(config, handle_signals=False)
+    task = asyncio.create_task(server.serve())
+    started = asyncio.create_task(server.started.wait())
+    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        task.result()  # raises the start-up error
+    return RunningNode(server, task, config.node_name, base)
+
+
+async def delete_queues(*names: str) -> None:
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+
+
+async def queue_depth(name: str) -> int:
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        return queue.declaration_result.message_count or 0

@@ -1,0 +1,317 @@
+"""carod.config: the INI file, its checks and the environment overrides.
+
+Every call passes ``environ`` explicitly so the host's CAROD_* variables
+cannot change the outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from carod import config
+from carod.config import BrokerConfig, Config, NodeConfig
+from carod.errors import ConfigError
+
+NO_ENV: Mapping[str, str] = {}
+
+
+def parse(text: str, environ: Mapping[str, str] = NO_ENV) -> Config:
+    return config.parse(text, source="test.ini", environ=environ)
+
+
+def refused(text: str, environ: Mapping[str, str] = NO_ENV) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse(text, environ)
+    return str(info.value)
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="carod-config-") as path:
+        yield Path(path)
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def test_empty_text_gives_the_defaults() -> None:
+    cfg = parse("")
+    assert cfg.broker == BrokerConfig()
+    assert cfg.node == NodeConfig()
+    assert cfg.machine == ()
+    assert cfg.source == "test.ini"
+    assert cfg.broker.url == "amqp://guest:guest@127.0.0.1:5672/"
+    assert cfg.broker.queue_type == "quorum"
+    assert cfg.node.job_user == "nobody"
+    assert cfg.node.start == "TRUE"
+
+
+def test_values_are_converted_to_their_types() -> None:
+    cfg = parse(
+        "[broker]\nqueue = jobs\nprefetch = 2\nconfirm_timeout_s = 2.5\n"
+        '[node]\nslots = 4\nsandbox_root = /srv/boxes\nname = n1\nstart = TARGET.Owner == "alice"\n'
+    )
+    assert cfg.broker.queue == "jobs"
+    assert cfg.broker.prefetch == 2
+    assert cfg.broker.confirm_timeout_s == 2.5
+    assert cfg.node.slots == 4
+    assert cfg.node.sandbox_root == Path("/srv/boxes")
+    assert cfg.node_name == "n1"
+    assert cfg.node.start == 'TARGET.Owner == "alice"'
+
+
+def test_slots_and_prefetch_defaults_follow_the_machine() -> None:
+    cfg = parse("")
+    assert cfg.slots_for(8) == 8
+    assert cfg.slots_for(0) == 1
+    assert cfg.prefetch_for(3) == 3
+    cfg = parse("[node]\nslots = 4\n[broker]\nprefetch = 2\n")
+    assert cfg.slots_for(8) == 4
+    assert cfg.prefetch_for(4) == 2
+
+
+# ---------------------------------------------------------------- unknown names
+
+
+def test_unknown_section_is_refused() -> None:
+    message = refused("[nodes]\nslots = 2\n")
+    assert "[nodes]" in message
+    assert "unknown section" in message
+
+
+def test_unknown_key_is_refused_naming_it() -> None:
+    message = refused("[node]\nslotz = 2\n")
+    assert "[node] slotz" in message
+    assert "unknown key" in message
+
+
+def test_unknown_broker_key_is_refused_naming_it() -> None:
+    assert "[broker] uri" in refused("[broker]\nuri = amqp://x/\n")
+
+
+def test_keys_are_case_sensitive() -> None:
+    assert "[node] Slots" in refused("[node]\nSlots = 2\n")
+
+
+def test_syntax_error_names_the_source() -> None:
+    assert "test.ini" in refused("slots = 2\n")
+    assert "test.ini" in refused("[node]\nslots = 2\nslots = 3\n")
+
+
+# ---------------------------------------------------------------- types
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[node]\nslots = many\n", "[node] slots"),
+        ("[node]\nslots = 2.5\n", "[node] slots"),
+        ("[broker]\nprefetch = \n", "[broker] prefetch"),
+        ("[broker]\nconfirm_timeout_s = soon\n", "[broker] confirm_timeout_s"),
+        ("[broker]\nconfirm_timeout_s = nan\n", "[broker] confirm_timeout_s"),
+        ("[node]\nkill_grace_s = inf\n", "[node] kill_grace_s"),
+        ("[node]\nsandbox_root =\n", "[node] sandbox_root"),
+    ],
+)
+def test_wrong_type_is_refused_naming_the_key(text: str, key: str) -> None:
+    message = refused(text)
+    assert key in message
+    assert "expected" in message
+
+
+def test_wrong_type_message_shows_the_value() -> None:
+    assert "'many'" in refused("[node]\nslots = many\n")
+
+
+# ---------------------------------------------------------------- checks
+
+
+def test_prefetch_above_slots_is_refused() -> None:
+    message = refused("[node]\nslots = 2\n[broker]\nprefetch = 3\n")
+    assert "[broker] prefetch" in message
+    assert "[node] slots" in message
+
+
+def test_prefetch_equal_to_slots_is_fine() -> None:
+    assert parse("[node]\nslots = 2\n[broker]\nprefetch = 2\n").broker.prefetch == 2
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_queue_types_accepted(queue_type: str) -> None:
+    assert parse(f"[broker]\nqueue_type = {queue_type}\n").broker.queue_type == queue_type
+
+
+@pytest.mark.parametrize("queue_type", ["stream", "lazy", "Quorum", ""])
+def test_other_queue_types_refused(queue_type: str) -> None:
+    assert "[broker] queue_type" in refused(f"[broker]\nqueue_type = {queue_type}\n")
+
+
+@pytest.mark.parametrize("user", ["root", "0", ""])
+def test_job_user_root_or_empty_is_refused(user: str) -> None:
+    assert "[node] job_user" in refused(f"[node]\njob_user = {user}\n")
+
+
+@pytest.mark.parametrize("key", ["sandbox_root", "state_dir"])
+def test_relative_directories_are_refused(key: str) -> None:
+    message = refused(f"[node]\n{key} = var/lib/carod\n")
+    assert f"[node] {key}" in message
+    assert "absolute" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[broker]\nurl = http://example.org/\n", "[broker] url"),
+        ("[broker]\nqueue =\n", "[broker] queue"),
+        ("[broker]\nprefetch = -1\n", "[broker] prefetch"),
+        ("[broker]\nmax_offers = -1\n", "[broker] max_offers"),
+        ("[broker]\nconfirm_timeout_s = 0\n", "[broker] confirm_timeout_s"),
+        ("[broker]\nconnect_timeout_s = -1\n", "[broker] connect_timeout_s"),
+        ("[broker]\nunmatched_delay_s = -0.5\n", "[broker] unmatched_delay_s"),
+        ("[node]\nslots = -1\n", "[node] slots"),
+        ("[node]\ndrain_timeout_s = -1\n", "[node] drain_timeout_s"),
+        ("[node]\nkill_grace_s = -1\n", "[node] kill_grace_s"),
+        ("[node]\nmax_input_mib = 0\n", "[node] max_input_mib"),
+        ("[node]\nmax_input_files = 0\n", "[node] max_input_files"),
+        ("[node]\nmax_result_mib = -5\n", "[node] max_result_mib"),
+        ("[node]\nlog_level = LOUD\n", "[node] log_level"),
+        ("[node]\nlog_format = xml\n", "[node] log_format"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_key(text: str, key: str) -> None:
+    assert key in refused(text)
+
+
+@pytest.mark.parametrize("start", ["TARGET.Owner ==", "(", "&& TRUE"])
+def test_bad_start_expression_is_refused(start: str) -> None:
+    message = refused(f"[node]\nstart = {start}\n")
+    assert "[node] start" in message
+    assert "ClassAd expression" in message
+
+
+def test_bad_machine_expression_is_refused_naming_the_key() -> None:
+    message = refused('[machine]\nHasGpu = TRUE\nPool = "blue" &&\n')
+    assert "[machine] Pool" in message
+    assert "HasGpu" not in message
+
+
+def test_bad_machine_attribute_name_is_refused() -> None:
+    assert "[machine] has-gpu" in refused("[machine]\nhas-gpu = TRUE\n")
+
+
+def test_machine_keys_keep_their_case_and_order() -> None:
+    cfg = parse('[machine]\nHasGPU = TRUE\nPoolName = "blue"\nmemory = 4096\n')
+    assert cfg.machine == (("HasGPU", "TRUE"), ("PoolName", '"blue"'), ("memory", "4096"))
+
+
+# ---------------------------------------------------------------- environment
+
+
+def test_environment_overrides_the_file() -> None:
+    env = {"CAROD_BROKER_URL": "amqps://u:p@broker.example:5671/vh", "CAROD_NODE_SLOTS": "3"}
+    cfg = parse("[broker]\nurl = amqp://guest:guest@localhost/\n[node]\nslots = 8\n", env)
+    assert cfg.broker.url == "amqps://u:p@broker.example:5671/vh"
+    assert cfg.node.slots == 3
+
+
+def test_environment_applies_without_a_file() -> None:
+    cfg = parse("", {"CAROD_BROKER_QUEUE": "other"})
+    assert cfg.broker.queue == "other"
+
+
+def test_unrelated_environment_is_ignored() -> None:
+    cfg = parse("", {"CAROD_NODE_BOGUS": "1", "BROKER_URL": "http://nope/", "carod_broker_url": "http://nope/"})
+    assert cfg == parse("")
+
+
+def test_bad_environment_value_names_the_key() -> None:
+    assert "[node] slots" in refused("", {"CAROD_NODE_SLOTS": "lots"})
+    assert "[broker] url" in refused("", {"CAROD_BROKER_URL": "http://example.org/"})
+
+
+def test_empty_environ_means_no_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("CAROD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("CAROD_BROKER_QUEUE", "from-os-environ")
+    assert parse("").broker.queue == "grid"
+    # Without environ, os.environ is read.
+    assert config.parse("", source="x").broker.queue == "from-os-environ"
+
+
+# ---------------------------------------------------------------- effective
+
+
+def test_effective_hides_the_password() -> None:
+    cfg = parse("[broker]\nurl = amqp://carod:s3cr3t@broker.example:5672/grid\n")
+    text = config.effective(cfg)
+    assert "s3cr3t" not in text
+    assert "url = amqp://carod:***@broker.example:5672/grid" in text
+
+
+def test_effective_lists_every_section() -> None:
+    cfg = parse("[node]\nslots = 2\n[machine]\nHasGpu = TRUE\n")
+    text = config.effective(cfg)
+    assert "[broker]\n" in text
+    assert "[node]\n" in text
+    assert "slots = 2\n" in text
+    assert "[machine]\nHasGpu = TRUE\n" in text
+
+
+def test_effective_is_parseable_again() -> None:
+    cfg = parse('[node]\nslots = 2\nstart = TARGET.Owner =?= "alice"\n[machine]\nHasGpu = TRUE\n')
+    again = config.parse(config.effective(cfg), source="again", environ=NO_ENV)
+    assert again.node == cfg.node
+    assert again.machine == cfg.machine
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://u:pw@h/", "amqp://u:***@h/"),
+        ("amqp://u:p@ss@h:5672/", "amqp://u:***@h:5672/"),
+        ("amqp://h:5672/", "amqp://h:5672/"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert config.redact_url(url) == expected
+
+
+# ---------------------------------------------------------------- load
+
+
+def test_load_reads_a_file(scratch: Path) -> None:
+    path = scratch / "carod.ini"
+    path.write_text("[node]\nslots = 3\n", encoding="utf-8")
+    cfg = config.load(path, environ=NO_ENV)
+    assert cfg.node.slots == 3
+    assert cfg.source == str(path)
+
+
+def test_load_missing_file_names_the_path(scratch: Path) -> None:
+    path = scratch / "missing.ini"
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ=NO_ENV)
+    assert str(path) in str(info.value)
+
+
+def test_load_non_utf8_file_names_the_path(scratch: Path) -> None:
+    path = scratch / "latin1.ini"
+    path.write_bytes(b"[node]\nname = caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ=NO_ENV)
+    assert str(path) in str(info.value)
+    assert "UTF-8" in str(info.value)
+
+
+def test_load_errors_name_the_file_and_key(scratch: Path) -> None:
+    path = scratch / "bad.ini"
+    path.write_text("[node]\nslotz = 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"\[node\] slotz"):
+        config.load(os.fspath(path), environ=NO_ENV)
