@@ -148,8 +148,8 @@ def _show(args: argparse.Namespace, reply: JobReply, started: float) -> None:
             else f"exit code {reply.get('ExitCode')}"
         )
         text = (
-            f"{state} with {how} after {reply.get('JobDuration')}s "
-            f"(user {reply.get('RemoteUserCpu')}s, sys {reply.get('RemoteSysCpu')}s)"
+            f"{state} with {how} after {_seconds(reply.get('JobDuration'))} "
+            f"(user {_seconds(reply.get('RemoteUserCpu'))}, sys {_seconds(reply.get('RemoteSysCpu'))})"
         )
     elif reply.status == 5:
         text = f"{state}: {reply.get('HoldReason')} (HoldReasonCode {reply.get('HoldReasonCode')})"
@@ -159,6 +159,10 @@ def _show(args: argparse.Namespace, reply: JobReply, started: float) -> None:
         text = f"{state} (JobStatus {reply.status})"
     data = {"event": "reply", **{k: reply.get(k) for k in reply.headers}}
     _event(args, data, text, started)
+
+
+def _seconds(value: object) -> str:
+    return f"{value:.3f}s" if isinstance(value, int | float) else "?"
 
 
 def _event(args: argparse.Namespace, data: dict[str, object], text: str, started: float) -> None:
@@ -223,7 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except BrokenPipeError:  # e.g. `carod machine-ad | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
     return result
 
 

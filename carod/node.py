@@ -118,7 +118,7 @@ class Node:
             held = JobHeld(
                 f"no execute node matched the job's Requirements after {offers} offers "
                 f"(Requirements = {classads.expr_text(ad, 'Requirements')}; last node {self.name}: {reason})",
-                HoldCode.JOB_POLICY,
+                HoldCode.UNSPECIFIED,
             )
             await self._final(job, self._held(job, held))
             return

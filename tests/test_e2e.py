@@ -239,3 +239,9 @@ async def test_sandbox_removed_after_final_reply(node: RunningNode, submitter: S
         await asyncio.sleep(0.02)
     assert list((node.base / "sandboxes").iterdir()) == []
     assert list((node.base / "state" / "results").iterdir()) == []
+
+
+async def test_job_inherits_only_stdio(node: RunningNode, submitter: Submitter) -> None:
+    # `ls` opens /proc/self/fd itself (fd 3); anything else was inherited from carod
+    replies = await submitter.run({"Cmd": q("/bin/ls"), "Arguments": q("/proc/self/fd"), "Out": q("fds")})
+    assert replies[-1].zip_read("fds").split() == [b"0", b"1", b"2", b"3"]
