@@ -114,7 +114,7 @@ async def _submit(args: argparse.Namespace, attributes: dict[str, str | int | fl
         if final.body:
             target = out_dir or Path(f"job-{job.message_id[:8]}")
             target.mkdir(parents=True, exist_ok=True)
-            zip_path = target.with_suffix(".zip") if target.suffix != ".zip" else target
+            zip_path = target.parent / f"{target.name}.zip"
             zip_path.write_bytes(final.body)
             final.unpack(target)
             names = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())

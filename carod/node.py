@@ -245,20 +245,23 @@ class Node:
         )
 
     async def _final(self, job: Job, reply: replies.Reply) -> None:
-        """Send the final reply, then ack. Shielded: a cancel must not split the two."""
-        await asyncio.shield(self._send_and_ack(job, reply))
+        """Send the final reply, then ack. Shielded: a cancel must not split the two.
 
-    async def _send_and_ack(self, job: Job, reply: replies.Reply) -> None:
-        if job.envelope.reply_to is not None:
-            await self._send(job, reply)
+        The result zip is read before the shield, so a cancelled caller may
+        clean up its files while the shielded send still runs.
+        """
+        body = await asyncio.to_thread(reply.body_path.read_bytes) if reply.body_path else b""
+        await asyncio.shield(self._send_and_ack(job, reply, body))
+
+    async def _send_and_ack(self, job: Job, reply: replies.Reply, body: bytes) -> None:
+        await self._send(job, reply, body)
         await settle(job.message, "ack", label=job.envelope.label)
 
-    async def _send(self, job: Job, reply: replies.Reply) -> None:
+    async def _send(self, job: Job, reply: replies.Reply, body: bytes = b"") -> None:
         """Publish a reply until the broker confirms it (or says nobody can get it)."""
         env = job.envelope
         if env.reply_to is None:
             return
-        body = await asyncio.to_thread(reply.body_path.read_bytes) if reply.body_path else b""
         attempt = 0
         while True:
             try:

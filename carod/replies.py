@@ -8,7 +8,7 @@ the job-header convention (see :mod:`carod.classads`).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from carod.classads import Scalar, format_headers
@@ -39,7 +39,6 @@ class Reply:
     status: JobStatus
     headers: dict[str, Scalar]
     body_path: Path | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def final(self) -> bool:

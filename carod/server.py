@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from carod import __version__, machine
 from carod.broker import Broker, settle
 from carod.config import Config, redact_url
-from carod.errors import EXIT_CANTCREAT, EXIT_UNAVAILABLE, BrokerError, StartupError
+from carod.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE, BrokerError, StartupError
 from carod.message import parse_envelope
 from carod.node import Node
 from carod.runner import JobUser, resolve_user
@@ -81,6 +81,12 @@ class Server:
         machine_ad = machine.detect(config)
         slots = config.slots_for(machine.cpus())
         prefetch = config.prefetch_for(slots)
+        if prefetch > slots:
+            raise StartupError(
+                f"[broker] prefetch: {prefetch} is more than the node's {slots} slots; "
+                "the node must never hold more jobs than it can run",
+                EXIT_CONFIG,
+            )
         self.broker = Broker(config.broker, node_name=config.node_name, prefetch=prefetch)
         try:
             await self.broker.connect()

@@ -237,3 +237,9 @@ async def test_second_sigint_forces_exit_and_job_is_not_lost(base: Path, queue: 
         assert await queue_depth(queue) == 1
     finally:
         await sub.close()
+
+
+def test_prefetch_above_detected_slots_is_refused(base: Path, queue: str) -> None:
+    result = run("--config", str(write_config(base, queue, node={"slots": 0}, broker={"prefetch": 4096})))
+    assert result.returncode == 78
+    assert "[broker] prefetch" in result.stderr
