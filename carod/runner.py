@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import pwd
 import signal
@@ -37,6 +38,10 @@ from carod.replies import ExitInfo
 from carod.sandbox import Owner, Stdio
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: How long to wait for a SIGKILLed job's processes to actually die.
+GROUP_DEATH_TIMEOUT_S = 5.0
+
+log = logging.getLogger("carod.runner")
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,9 @@ class JobProcess:
         # its process group id cannot be reused while we sweep the group.
         _kill_group(self.pid, signal.SIGKILL)
         _, status, usage = os.wait4(self.pid, 0)  # noqa: ASYNC222 - it has exited: this does not block
+        if _group_exists(self.pid):
+            # SIGKILL is asynchronous: the job is over only when its processes are.
+            await asyncio.to_thread(_wait_group_dead, self.pid, GROUP_DEATH_TIMEOUT_S)
         self._popen.returncode = os.waitstatus_to_exitcode(status)
         code: int | None = None
         sig: int | None = None
@@ -190,6 +198,44 @@ class JobProcess:
         except TimeoutError:
             self.signal_group(signal.SIGKILL)
             return await self.wait()
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _live_members(pgid: int) -> list[int]:
+    """PIDs in process group ``pgid`` that are not yet zombies."""
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ... ; comm may contain spaces and parentheses
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(name))
+    return members
+
+
+def _wait_group_dead(pgid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _live_members(pgid):
+        if time.monotonic() > deadline:
+            log.warning("processes of job group %d still alive %.1fs after SIGKILL", pgid, timeout_s)
+            return
+        _kill_group(pgid, signal.SIGKILL)
+        time.sleep(0.002)
 
 
 def _kill_group(pgid: int, sig: int) -> None:
