@@ -63,6 +63,10 @@ class NodeConfig:
     max_input_mib: int = 1024
     max_input_files: int = 10_000
     max_result_mib: int = 1024
+    #: Runs started on this node (incl. ones interrupted by a crash) before the job is Held.
+    max_attempts: int = 3
+    #: How long the journal remembers finished jobs (to recognise redeliveries).
+    journal_retention_s: float = 86400.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -165,7 +169,7 @@ def _check(config: Config) -> None:
     for key in ("drain_timeout_s", "kill_grace_s"):
         if getattr(n, key) < 0:
             raise ConfigError(f"[node] {key}: must not be negative")
-    for key in ("max_input_mib", "max_input_files", "max_result_mib"):
+    for key in ("max_input_mib", "max_input_files", "max_result_mib", "max_attempts", "journal_retention_s"):
         if getattr(n, key) <= 0:
             raise ConfigError(f"[node] {key}: must be greater than 0")
     if n.log_level.upper() not in LOG_LEVELS:

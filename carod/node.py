@@ -1,30 +1,42 @@
 """One job's path through the node: message -> job ad -> match -> sandbox -> run -> reply.
 
 :meth:`Node.handle` owns a delivery from the moment it arrives until it is
-settled. The delivery is acknowledged only after the job's final reply
-(Completed or Held) is confirmed by the broker; until then a crash of carod
-or of the connection makes the broker deliver the job again.
+settled. Every step is written to the journal first (docs/reliability.md):
+
+* a reply is recorded in the journal's outbox, then published, then marked
+  confirmed when the broker confirms it;
+* a final reply (Completed or Held) is published only while the job has a
+  live delivery, and the delivery is acknowledged right after the confirm;
+* a redelivered ``message_id`` is recognised: still running here -> the new
+  delivery is adopted; answered -> acknowledged; finished but not yet
+  answered -> the stored final reply is sent; interrupted -> run again as a
+  new attempt (``JobRunCount``), up to ``max_attempts``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiormq
 import classad2
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod import classads, jobad, machine, replies, sandbox
 from carod.broker import Broker, ReplyUndeliverable, settle
+from carod.classads import Scalar
 from carod.config import Config
 from carod.errors import BrokerError, JobHeld
 from carod.holdcodes import HoldCode
+from carod.journal import FINISHED, REPLIED, RUNNING, JobRecord, Journal, JournalError, OutboxEntry
 from carod.message import Envelope, parse_envelope
-from carod.runner import JobProcess, JobUser
+from carod.runner import JobProcess, JobUser, kill_leftover, process_start_time
 
 log = logging.getLogger("carod.job")
 
@@ -34,15 +46,21 @@ _RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 @dataclass
 class Job:
-    """The node's view of one delivery while it is being handled."""
+    """The node's view of one job while it is handled here."""
 
     envelope: Envelope
     message: AbstractIncomingMessage
     received: float = field(default_factory=time.monotonic)
     sequence: int = 0
+    run_count: int = 0
     process: JobProcess | None = None
     kill_sig: int = signal.SIGTERM
     evicted: str | None = None
+    redelivered: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def message_id(self) -> str:
+        return self.envelope.message_id or ""
 
     def next_sequence(self) -> int:
         self.sequence += 1
@@ -51,35 +69,102 @@ class Job:
     def elapsed_s(self) -> float:
         return time.monotonic() - self.received
 
+    def adopt(self, message: AbstractIncomingMessage) -> None:
+        """A new delivery of this job arrived (its old channel died): it is ours now."""
+        self.message = message
+        self.redelivered.set()
+
+    def delivery_live(self) -> bool:
+        try:
+            self.message.channel  # noqa: B018 - raises when the delivery's channel is gone
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return False
+        return True
+
+    async def wait_live(self) -> None:
+        while not self.delivery_live():
+            self.redelivered.clear()
+            await self.redelivered.wait()
+
 
 class Node:
     """Runs jobs. Concurrency is bounded by the broker's prefetch (one place)."""
 
-    def __init__(self, config: Config, machine_ad: classad2.ClassAd, broker: Broker, user: JobUser) -> None:
+    def __init__(
+        self, config: Config, machine_ad: classad2.ClassAd, broker: Broker, user: JobUser, journal: Journal
+    ) -> None:
         self.config = config
         self.machine_ad = machine_ad
         self.broker = broker
         self.user = user
+        self.journal = journal
         self.name = config.node_name
         self.results_dir = config.node.state_dir / "results"
         self.jobs: dict[int, Job] = {}
+        self.running: dict[str, Job] = {}
+
+    # ------------------------------------------------------------ start-up
+
+    async def recover(self) -> None:
+        """Before consuming: clean up after a crash, as the journal tells it."""
+        interrupted = await self.journal.interrupted()
+        for record in interrupted:
+            await self._clean_interrupted(record)
+        root = self.config.node.sandbox_root
+        stale = await asyncio.to_thread(lambda: [p for p in root.iterdir()] if root.exists() else [])
+        for path in stale:  # nothing runs yet: every sandbox left is an orphan
+            await asyncio.to_thread(sandbox.remove, path)
+        await self.expire()
+        keep = await self.journal.pending_files()
+        orphans = await asyncio.to_thread(lambda: [p for p in self.results_dir.iterdir() if str(p) not in keep])
+        for path in orphans:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        pending = await self.journal.pending_count()
+        if interrupted or stale or pending:
+            log.warning(
+                "recovered: %d interrupted job(s) cleaned up (they run again when redelivered), "
+                "%d leftover sandbox(es) removed, %d reply(ies) waiting for their job's redelivery",
+                len(interrupted),
+                len(stale),
+                pending,
+            )
+
+    async def expire(self) -> None:
+        for path in await self.journal.expire(self.config.node.journal_retention_s):
+            await asyncio.to_thread(Path(path).unlink, missing_ok=True)
 
     # ------------------------------------------------------------ entry point
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         envelope = parse_envelope(message.message_id, message.reply_to, message.headers or {})
+        mid = envelope.message_id
+        if mid is not None and (live := self.running.get(mid)) is not None:
+            live.adopt(message)
+            log.info("job=%s state=adopted: redelivered while it runs here; the new delivery replaces the old", mid)
+            return
         job = Job(envelope, message)
         key = id(job)
         self.jobs[key] = job
+        if mid is not None:
+            self.running[mid] = job
         try:
             await self._handle(job)
+        except JournalError as exc:
+            log.error("job=%s cannot be journaled (%s); offered to other nodes", envelope.label, exc)
+            await self._pass_on(job)
         except Exception:
-            # A bug in carod, not a problem with the job: do not answer for the
-            # job and do not ack; the broker will deliver it again.
+            # A bug in carod, not a problem with the job: do not answer for it
+            # and do not ack; count it so that a job that always hits the bug
+            # is eventually Held instead of looping.
             log.exception("job=%s internal error; the message goes back to the queue", envelope.label)
-            await settle(message, "requeue", label=envelope.label)
+            if mid is not None:
+                with contextlib.suppress(JournalError):
+                    await self.journal.count_failure(mid)
+            await settle(job.message, "requeue", label=envelope.label)
         finally:
             del self.jobs[key]
+            if mid is not None and self.running.get(mid) is job:
+                del self.running[mid]
 
     async def _handle(self, job: Job) -> None:
         env = job.envelope
@@ -89,9 +174,13 @@ class Node:
             await settle(job.message, "ack", label=env.label)
             return
         if env.message_id is None:
-            await self._final(
-                job, self._held(job, JobHeld("the job message has no message_id; carod needs one to identify the job"))
-            )
+            held = JobHeld("the job message has no message_id; carod needs one to identify the job")
+            reply = self._held(job, held)
+            await self._publish(job, reply.headers, b"", final=True)
+            await settle(job.message, "ack", label=env.label)
+            return
+        record, new = await self.journal.receive(env.message_id)
+        if not new and await self._known(job, record):
             return
         try:
             ad = classads.ad_from_headers(job.message.headers or {})
@@ -107,6 +196,52 @@ class Node:
             await self._decline(job, ad, result.reason)
             return
         await self._run(job, spec)
+
+    async def _known(self, job: Job, record: JobRecord) -> bool:
+        """A redelivery of a job the journal knows. True when it is fully handled."""
+        env = job.envelope
+        job.sequence = record.sequence
+        job.run_count = record.attempts
+        if record.state == REPLIED:
+            _log_state(env, "duplicate", job, note="already answered; acknowledged")
+            await settle(job.message, "ack", label=env.label)
+            return True
+        if record.state == FINISHED:
+            entry = await self.journal.pending_final(record.message_id)
+            if entry is not None:
+                _log_state(env, "resend", job, note="finished here before; sending its stored final reply")
+                await self._resend_final(job, entry)
+            else:
+                await settle(job.message, "ack", label=env.label)
+            return True
+        if record.state == RUNNING:
+            await self._clean_interrupted(record)
+            _log_state(env, "interrupted", job, attempts=record.attempts)
+        limit = self.config.node.max_attempts
+        if record.attempts >= limit:
+            held = JobHeld(
+                f"the job was started {record.attempts} times on node {self.name} and never finished "
+                f"(the node or carod stopped while it ran); giving up after [node] max_attempts = {limit}",
+                HoldCode.UNSPECIFIED,
+            )
+            await self._final(job, self._held(job, held))
+            return True
+        return False
+
+    async def _clean_interrupted(self, record: JobRecord) -> None:
+        if record.pid is not None and await asyncio.to_thread(kill_leftover, record.pid, record.pid_start):
+            log.warning("job=%s killed the processes left from its interrupted run", record.message_id)
+        if record.sandbox:
+            await asyncio.to_thread(sandbox.remove, Path(record.sandbox))
+
+    async def _pass_on(self, job: Job) -> None:
+        """Give a job this node cannot handle to another node (bounded by max_offers)."""
+        try:
+            await self.broker.offer_later(job.message, job.envelope.offers + 1)
+        except BrokerError:
+            await settle(job.message, "requeue", label=job.envelope.label)
+            return
+        await settle(job.message, "ack", label=job.envelope.label)
 
     # ------------------------------------------------------------ declining
 
@@ -128,6 +263,7 @@ class Node:
             log.warning("job=%s could not be parked for another node (%s); requeued", env.label, exc)
             await settle(job.message, "requeue", label=env.label)
             return
+        await self.journal.forget(job.message_id)
         _log_state(env, "declined", job, reason=reason, offers=offers)
         await settle(job.message, "ack", label=env.label)
 
@@ -137,9 +273,9 @@ class Node:
         env = job.envelope
         node = self.config.node
         box: Path | None = None
-        result_zip: Path | None = None
         try:
-            box = await asyncio.to_thread(sandbox.create, node.sandbox_root, env.message_id or "", self.user.owner)
+            box = await asyncio.to_thread(sandbox.create, node.sandbox_root, job.message_id, self.user.owner)
+            job.run_count = await self.journal.start_attempt(job.message_id, str(box))
             try:
                 if job.message.body:
                     await asyncio.to_thread(
@@ -159,56 +295,24 @@ class Node:
                 await self._final(job, self._held(job, held))
                 return
             process = job.process
-            _log_state(env, "running", job, pid=process.pid, start_latency_s=round(job.elapsed_s(), 6))
-            await self._send(
-                job,
-                replies.running(
-                    sequence=job.next_sequence(),
-                    node=self.name,
-                    now=time.time(),
-                    start_date=process.start_time,
-                    pid=process.pid,
-                ),
+            await self.journal.set_pid(job.message_id, process.pid, process_start_time(process.pid))
+            _log_state(
+                env, "running", job, pid=process.pid, run=job.run_count, start_latency_s=round(job.elapsed_s(), 6)
             )
+            running = replies.running(
+                sequence=job.next_sequence(),
+                node=self.name,
+                now=time.time(),
+                start_date=process.start_time,
+                pid=process.pid,
+                run_count=job.run_count,
+            )
+            await self._send(job, running)
             info = await process.wait()
             if job.evicted is not None:
                 await self._evicted(job)
                 return
-            result_zip = self.results_dir / f"{box.name}.zip"
-            try:
-                results = await asyncio.to_thread(
-                    sandbox.collect_results, spec, box, result_zip, max_bytes=node.max_result_mib * sandbox.MIB
-                )
-            except JobHeld as held:
-                await self._final(job, self._held(job, held, info=info, run_count=1))
-                return
-            except OSError as exc:
-                write_error = JobHeld(
-                    f"carod could not write the job's results: {exc.strerror}",
-                    HoldCode.TRANSFER_OUTPUT_ERROR,
-                    exc.errno or 0,
-                )
-                await self._final(job, self._held(job, write_error, info=info, run_count=1))
-                return
-            if results.skipped:
-                log.info(
-                    "job=%s result zip skipped non-regular or unreadable entries: %s",
-                    env.label,
-                    ", ".join(results.skipped[:20]),
-                )
-            reply = replies.exited(
-                sequence=job.next_sequence(), node=self.name, now=time.time(), info=info, body_path=result_zip
-            )
-            _log_state(
-                env,
-                "exited",
-                job,
-                exit_code=info.exit_code,
-                exit_signal=info.exit_signal,
-                duration_s=round(info.duration_s, 6),
-                result_bytes=results.bytes,
-            )
-            await self._final(job, reply)
+            await self._finish(job, spec, box, info)
         finally:
             if job.process is not None:
                 # Only reached with a live process when the task was cancelled
@@ -217,21 +321,66 @@ class Node:
                 await job.process.wait()
             if box is not None:
                 await asyncio.to_thread(sandbox.remove, box)
-            if result_zip is not None:
-                result_zip.unlink(missing_ok=True)
+
+    async def _finish(self, job: Job, spec: jobad.JobSpec, box: Path, info: replies.ExitInfo) -> None:
+        node = self.config.node
+        result_zip = self.results_dir / f"{box.name}.zip"
+        try:
+            results = await asyncio.to_thread(
+                sandbox.collect_results, spec, box, result_zip, max_bytes=node.max_result_mib * sandbox.MIB
+            )
+        except JobHeld as held:
+            result_zip.unlink(missing_ok=True)
+            await self._final(job, self._held(job, held, info=info))
+            return
+        except OSError as exc:
+            result_zip.unlink(missing_ok=True)
+            write_error = JobHeld(
+                f"carod could not write the job's results: {exc.strerror}",
+                HoldCode.TRANSFER_OUTPUT_ERROR,
+                exc.errno or 0,
+            )
+            await self._final(job, self._held(job, write_error, info=info))
+            return
+        if results.skipped:
+            log.info(
+                "job=%s result zip skipped non-regular or unreadable entries: %s",
+                job.envelope.label,
+                ", ".join(results.skipped[:20]),
+            )
+        reply = replies.exited(
+            sequence=job.next_sequence(),
+            node=self.name,
+            now=time.time(),
+            info=info,
+            body_path=result_zip,
+            run_count=job.run_count,
+        )
+        _log_state(
+            job.envelope,
+            "exited",
+            job,
+            exit_code=info.exit_code,
+            exit_signal=info.exit_signal,
+            duration_s=round(info.duration_s, 6),
+            result_bytes=results.bytes,
+        )
+        await self._final(job, reply)
 
     async def _evicted(self, job: Job) -> None:
         reason = job.evicted or "evicted"
-        reply = replies.idle(sequence=job.next_sequence(), node=self.name, now=time.time(), reason=reason, run_count=1)
+        reply = replies.idle(
+            sequence=job.next_sequence(), node=self.name, now=time.time(), reason=reason, run_count=job.run_count
+        )
         _log_state(job.envelope, "evicted", job, reason=reason)
         await self._send(job, reply)
+        # Not an interruption: the next delivery runs it afresh.
+        await self.journal.set_state(job.message_id, "received")
         await settle(job.message, "requeue", label=job.envelope.label)
 
     # ------------------------------------------------------------ replies
 
-    def _held(
-        self, job: Job, held: JobHeld, *, info: replies.ExitInfo | None = None, run_count: int = 0
-    ) -> replies.Reply:
+    def _held(self, job: Job, held: JobHeld, *, info: replies.ExitInfo | None = None) -> replies.Reply:
         _log_state(job.envelope, "held", job, code=int(held.code), reason=held.reason)
         return replies.held(
             sequence=job.next_sequence(),
@@ -241,43 +390,77 @@ class Node:
             code=held.code,
             subcode=held.subcode,
             info=info,
-            run_count=run_count,
+            run_count=job.run_count,
         )
 
     async def _final(self, job: Job, reply: replies.Reply) -> None:
-        """Send the final reply, then ack. Shielded: a cancel must not split the two.
+        """Journal the final reply, then send it and ack. A cancel must not split these."""
+        address = job.envelope.reply_to
+        entry_id = await self.journal.add_reply(
+            job.message_id,
+            address.exchange if address else "",
+            address.routing_key if address else "",
+            dict(reply.headers),
+            str(reply.body_path) if reply.body_path else None,
+            final=True,
+        )
+        entry = OutboxEntry(
+            entry_id,
+            job.message_id,
+            address.exchange if address else "",
+            address.routing_key if address else "",
+            dict(reply.headers),
+            str(reply.body_path) if reply.body_path else None,
+            True,
+        )
+        await self._resend_final(job, entry)
 
-        The result zip is read before the shield, so a cancelled caller may
-        clean up its files while the shielded send still runs.
-        """
-        body = await asyncio.to_thread(reply.body_path.read_bytes) if reply.body_path else b""
-        await asyncio.shield(self._send_and_ack(job, reply, body))
+    async def _resend_final(self, job: Job, entry: OutboxEntry) -> None:
+        body = await asyncio.to_thread(Path(entry.body_path).read_bytes) if entry.body_path else b""
+        await asyncio.shield(self._send_final_and_ack(job, entry, body))
 
-    async def _send_and_ack(self, job: Job, reply: replies.Reply, body: bytes) -> None:
-        await self._send(job, reply, body)
+    async def _send_final_and_ack(self, job: Job, entry: OutboxEntry, body: bytes) -> None:
+        await self._publish(job, entry.headers, body, final=True)
+        await self.journal.confirmed(entry.id, entry.message_id, final=True)
+        if entry.body_path:
+            await asyncio.to_thread(Path(entry.body_path).unlink, missing_ok=True)
         await settle(job.message, "ack", label=job.envelope.label)
 
-    async def _send(self, job: Job, reply: replies.Reply, body: bytes = b"") -> None:
-        """Publish a reply until the broker confirms it (or says nobody can get it)."""
+    async def _send(self, job: Job, reply: replies.Reply) -> None:
+        """A non-final reply: journaled, published until confirmed."""
+        address = job.envelope.reply_to
+        if address is None:
+            return
+        entry_id = await self.journal.add_reply(
+            job.message_id, address.exchange, address.routing_key, dict(reply.headers), None, final=False
+        )
+        await self._publish(job, reply.headers, b"", final=False)
+        await self.journal.confirmed(entry_id, job.message_id, final=False)
+
+    async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes, *, final: bool) -> None:
+        """Publish until the broker confirms (or says nobody can receive it).
+
+        A final reply goes out only while the job has a live delivery to
+        acknowledge right after: if the delivery died with its channel, the
+        reply waits for the broker to deliver the job again (to this node).
+        """
         env = job.envelope
         if env.reply_to is None:
             return
         attempt = 0
         while True:
+            if final:
+                await job.wait_live()
             try:
-                await self.broker.publish_reply(
-                    env.reply_to, correlation_id=env.message_id, headers=reply.headers, body=body
-                )
+                await self.broker.publish_reply(env.reply_to, correlation_id=env.message_id, headers=headers, body=body)
                 return
             except ReplyUndeliverable as exc:
-                log.warning("job=%s reply %s cannot be delivered: %s", env.label, reply.status.name, exc)
+                log.warning("job=%s reply cannot be delivered: %s", env.label, exc)
                 return
             except BrokerError as exc:
                 delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
                 attempt += 1
-                log.warning(
-                    "job=%s reply %s not confirmed (%s); retrying in %.1fs", env.label, reply.status.name, exc, delay
-                )
+                log.warning("job=%s reply not confirmed (%s); retrying in %.1fs", env.label, exc, delay)
                 await asyncio.sleep(delay)
 
     # ------------------------------------------------------------ draining

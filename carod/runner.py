@@ -263,3 +263,27 @@ async def _exited(pid: int) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), to tell it from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+def kill_leftover(pid: int, start_time: str | None) -> bool:
+    """Kill the process group of a job carod lost track of (it died while the job ran).
+
+    Only when ``pid`` is still the same process (same start time). Blocking:
+    call it in a thread. Returns True when something was killed.
+    """
+    if start_time is None or process_start_time(pid) != start_time:
+        return False
+    _kill_group(pid, signal.SIGKILL)
+    _wait_group_dead(pid, GROUP_DEATH_TIMEOUT_S)
+    return True

@@ -23,6 +23,7 @@ from carod import __version__, machine
 from carod.broker import Broker, settle
 from carod.config import Config, redact_url
 from carod.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE, BrokerError, StartupError
+from carod.journal import Journal, JournalError
 from carod.message import parse_envelope
 from carod.node import Node
 from carod.runner import JobUser, resolve_user
@@ -42,6 +43,8 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         self.broker: Broker | None = None
         self.node: Node | None = None
+        self.journal: Journal | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ public
 
@@ -57,8 +60,12 @@ class Server:
             await self._wakeup.wait()
             await self.shutdown()
         finally:
+            if self._housekeeping is not None:
+                self._housekeeping.cancel()
             if self.broker is not None:
                 await self.broker.close()
+            if self.journal is not None:
+                await self.journal.close()
             if self.handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
@@ -87,11 +94,17 @@ class Server:
                 "the node must never hold more jobs than it can run",
                 EXIT_CONFIG,
             )
+        self.journal = Journal(config.node.state_dir / "journal.sqlite3")
+        try:
+            await self.journal.open()
+        except JournalError as exc:
+            raise StartupError(f"[node] state_dir: {exc}", EXIT_CANTCREAT) from exc
         self.broker = Broker(config.broker, node_name=config.node_name, prefetch=prefetch)
+        self.node = Node(config, machine_ad, self.broker, user, self.journal)
+        await self.node.recover()
         try:
             await self.broker.connect()
             await self.broker.declare()
-            self.node = Node(config, machine_ad, self.broker, user)
             await self.broker.consume(self._on_message)
         except BrokerError as exc:
             raise StartupError(str(exc), EXIT_UNAVAILABLE) from exc
@@ -106,6 +119,7 @@ class Server:
             prefetch,
             user.name,
         )
+        self._housekeeping = asyncio.create_task(self._expire_periodically())
 
     async def shutdown(self) -> None:
         if self.broker is None or self.node is None:
@@ -119,8 +133,21 @@ class Server:
                 log.warning("%d job(s) still running after %.0fs: stopping them and requeueing", len(pending), drain_s)
                 await self.node.evict_all(f"carod on {self.config.node_name} is shutting down")
         if self.tasks:
+            # Final replies whose delivery died wait for a redelivery that will
+            # not come now; they stay in the journal and are sent on the next
+            # delivery after a restart.
+            flush_s = self.config.node.kill_grace_s + self.config.broker.confirm_timeout_s
+            _done, pending = await asyncio.wait(self.tasks, timeout=flush_s)
+            for task in pending:
+                task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
         log.info("stopped")
+
+    async def _expire_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(min(3600.0, self.config.node.journal_retention_s))
+            if self.node is not None:
+                await self.node.expire()
 
     # ------------------------------------------------------------ deliveries
 
