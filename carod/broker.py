@@ -17,10 +17,12 @@ Topology (docs/protocol.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import aio_pika
@@ -77,13 +79,15 @@ class Broker:
             self._connection = await aio_pika.connect_robust(
                 url,
                 timeout=self.config.connect_timeout_s,
+                reconnect_interval=self.config.reconnect_interval_s,
                 client_properties={"connection_name": f"carod@{self.node_name}"},
             )
         except (*_TRANSIENT, ValueError) as exc:
             raise BrokerError(f"cannot connect to the broker at {redact_url(url)}: {exc}") from exc
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         try:
-            self._consume_channel = await self._connection.channel()
+            # no confirms here: deliveries are settled in transactions on this channel
+            self._consume_channel = await self._connection.channel(publisher_confirms=False)
             await self._consume_channel.set_qos(prefetch_count=self.prefetch)
             self._publish_channel = await self._connection.channel(publisher_confirms=True)
         except _TRANSIENT as exc:
@@ -161,16 +165,7 @@ class Broker:
         self, address: ReplyAddress, *, correlation_id: str | None, headers: Mapping[str, Scalar], body: bytes
     ) -> None:
         """Publish one persistent reply and wait for the broker's confirm."""
-        message = aio_pika.Message(
-            body,
-            headers=dict(headers),
-            message_id=str(uuid.uuid4()),
-            correlation_id=correlation_id,
-            delivery_mode=DeliveryMode.PERSISTENT,
-            content_type="application/zip" if body else None,
-            timestamp=time.time(),
-        )
-        await self._publish(address.exchange, address.routing_key, message)
+        await self._publish(address.exchange, address.routing_key, _reply_message(correlation_id, headers, body))
 
     async def offer_later(self, message: AbstractIncomingMessage, offers: int) -> None:
         """Park a copy of a job this node cannot run; it returns after the delay."""
@@ -212,20 +207,89 @@ class Broker:
             raise ReplyUndeliverable(f"no queue is bound for {where} (the submitter's queue is gone)")
 
 
+# Deliveries are settled inside AMQP transactions on the channel they came on,
+# so that a final reply and the ack of its job commit together or not at all
+# (a connection lost between the two can neither lose the reply nor let the
+# job run again elsewhere after it was answered). One lock per channel: a
+# commit covers everything pending on the channel.
+_tx_locks: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, asyncio.Lock] = weakref.WeakKeyDictionary()
+_tx_selected: weakref.WeakSet[aiormq.abc.AbstractChannel] = weakref.WeakSet()
+
+
+@contextlib.asynccontextmanager
+async def _transaction(message: AbstractIncomingMessage) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    channel = message.channel  # raises ChannelInvalidStateError when the delivery's channel is gone
+    lock = _tx_locks.setdefault(channel, asyncio.Lock())
+    async with lock:
+        if channel not in _tx_selected:
+            await channel.tx_select()
+            _tx_selected.add(channel)
+        yield channel
+        await channel.tx_commit()
+
+
 async def settle(message: AbstractIncomingMessage, action: str, *, label: str) -> bool:
     """ack / requeue / drop a delivery. False when the channel it came on is gone.
 
     A lost ack is harmless: the broker delivers the message again, and the
-    redelivery is answered by whoever gets it.
+    redelivery is recognised by its message_id.
     """
+    tag = message.delivery_tag
+    if tag is None:
+        return False
     try:
-        if action == "ack":
-            await message.ack()
-        elif action == "requeue":
-            await message.nack(requeue=True)
-        else:
-            await message.reject(requeue=False)
+        async with _transaction(message) as channel:
+            if action == "ack":
+                await channel.basic_ack(tag)
+            elif action == "requeue":
+                await channel.basic_nack(tag, requeue=True)
+            else:
+                await channel.basic_reject(tag, requeue=False)
     except _TRANSIENT as exc:
         log.warning("job=%s %s was not delivered to the broker (%r); it will be redelivered", label, action, exc)
         return False
     return True
+
+
+async def reply_and_ack(
+    message: AbstractIncomingMessage,
+    address: ReplyAddress,
+    *,
+    correlation_id: str | None,
+    headers: Mapping[str, Scalar],
+    body: bytes,
+    timeout_s: float,
+) -> None:
+    """Publish the job's final reply and ack its delivery in one transaction.
+
+    Raises ReplyUndeliverable when the reply's exchange does not exist (the
+    transaction, and the delivery's channel, are lost: the job is redelivered
+    and must then be acked alone), BrokerError when the delivery's channel or
+    connection is gone (nothing happened; the job will be redelivered).
+    """
+    tag = message.delivery_tag
+    if tag is None:
+        raise BrokerError("the delivery has no tag")
+    reply = _reply_message(correlation_id, headers, body)
+    try:
+        async with asyncio.timeout(timeout_s), _transaction(message) as channel:
+            await channel.basic_publish(
+                body, exchange=address.exchange, routing_key=address.routing_key, properties=reply.properties
+            )
+            await channel.basic_ack(tag)
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        raise ReplyUndeliverable(f"there is no exchange {address.exchange!r} for {address}") from exc
+    except _TRANSIENT as exc:
+        raise BrokerError(f"the final reply and ack for {address} were not committed: {exc!r}") from exc
+
+
+def _reply_message(correlation_id: str | None, headers: Mapping[str, Scalar], body: bytes) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        headers=dict(headers),
+        message_id=str(uuid.uuid4()),
+        correlation_id=correlation_id,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        content_type="application/zip" if body else None,
+        timestamp=time.time(),
+    )

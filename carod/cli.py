@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(f"config error: {exc}", EXIT_CONFIG)
     logs.setup(config.node.log_level, config.node.log_format)
-    server = Server(config)
+    server = Server(config, config_path=None if config.source == "<defaults>" else Path(config.source))
     try:
         asyncio.run(server.serve())
     except StartupError as exc:

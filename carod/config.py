@@ -44,6 +44,8 @@ class BrokerConfig:
     #: After this many declines by any node, the job is Held as unmatched.
     max_offers: int = 60
     connect_timeout_s: float = 10.0
+    #: After losing the broker, try again this often (running jobs go on meanwhile).
+    reconnect_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def _check(config: Config) -> None:
     for key in ("prefetch", "max_offers"):
         if getattr(b, key) < 0:
             raise ConfigError(f"[broker] {key}: must not be negative")
-    for key in ("confirm_timeout_s", "connect_timeout_s"):
+    for key in ("confirm_timeout_s", "connect_timeout_s", "reconnect_interval_s"):
         if getattr(b, key) <= 0:
             raise ConfigError(f"[broker] {key}: must be greater than 0")
     if b.unmatched_delay_s < 0:

@@ -29,7 +29,7 @@ import classad2
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod import classads, jobad, machine, replies, sandbox
-from carod.broker import Broker, ReplyUndeliverable, settle
+from carod.broker import Broker, ReplyUndeliverable, reply_and_ack, settle
 from carod.classads import Scalar
 from carod.config import Config
 from carod.errors import BrokerError, JobHeld
@@ -175,9 +175,7 @@ class Node:
             return
         if env.message_id is None:
             held = JobHeld("the job message has no message_id; carod needs one to identify the job")
-            reply = self._held(job, held)
-            await self._publish(job, reply.headers, b"", final=True)
-            await settle(job.message, "ack", label=env.label)
+            await self._commit_final(job, self._held(job, held).headers, b"")
             return
         record, new = await self.journal.receive(env.message_id)
         if not new and await self._known(job, record):
@@ -420,11 +418,56 @@ class Node:
         await asyncio.shield(self._send_final_and_ack(job, entry, body))
 
     async def _send_final_and_ack(self, job: Job, entry: OutboxEntry, body: bytes) -> None:
-        await self._publish(job, entry.headers, body, final=True)
+        committed_on = await self._commit_final(job, entry.headers, body)
         await self.journal.confirmed(entry.id, entry.message_id, final=True)
+        # From here on a redelivery is answered from the journal (acked), not adopted.
+        if self.running.get(entry.message_id) is job:
+            del self.running[entry.message_id]
+        if job.message is not committed_on:
+            await settle(job.message, "ack", label=job.envelope.label)
         if entry.body_path:
             await asyncio.to_thread(Path(entry.body_path).unlink, missing_ok=True)
-        await settle(job.message, "ack", label=job.envelope.label)
+
+    async def _commit_final(
+        self, job: Job, headers: Mapping[str, Scalar], body: bytes
+    ) -> AbstractIncomingMessage | None:
+        """Publish the final reply and ack the job in one transaction, retrying until it commits.
+
+        Only on a live delivery: if the delivery died with its channel, this
+        waits for the broker to deliver the job again (to this node); if it
+        went to another node instead, that node answers and this reply stays
+        unsent, so the submitter never gets two final replies. Returns the
+        delivery that was acked with the reply (None when the reply could not
+        be delivered).
+        """
+        env = job.envelope
+        address = env.reply_to
+        if address is None:
+            await settle(job.message, "ack", label=env.label)
+            return job.message
+        attempt = 0
+        while True:
+            await job.wait_live()
+            delivery = job.message
+            try:
+                await reply_and_ack(
+                    delivery,
+                    address,
+                    correlation_id=env.message_id,
+                    headers=headers,
+                    body=body,
+                    timeout_s=self.config.broker.confirm_timeout_s,
+                )
+                break
+            except ReplyUndeliverable as exc:
+                log.warning("job=%s final reply cannot be delivered: %s", env.label, exc)
+                return None
+            except BrokerError as exc:
+                delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
+                attempt += 1
+                log.warning("job=%s final reply not committed (%s); retrying in %.1fs", env.label, exc, delay)
+                await asyncio.sleep(delay)
+        return delivery
 
     async def _send(self, job: Job, reply: replies.Reply) -> None:
         """A non-final reply: journaled, published until confirmed."""
@@ -434,23 +477,16 @@ class Node:
         entry_id = await self.journal.add_reply(
             job.message_id, address.exchange, address.routing_key, dict(reply.headers), None, final=False
         )
-        await self._publish(job, reply.headers, b"", final=False)
+        await self._publish(job, reply.headers, b"")
         await self.journal.confirmed(entry_id, job.message_id, final=False)
 
-    async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes, *, final: bool) -> None:
-        """Publish until the broker confirms (or says nobody can receive it).
-
-        A final reply goes out only while the job has a live delivery to
-        acknowledge right after: if the delivery died with its channel, the
-        reply waits for the broker to deliver the job again (to this node).
-        """
+    async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> None:
+        """Publish a non-final reply until the broker confirms it (or says nobody can receive it)."""
         env = job.envelope
         if env.reply_to is None:
             return
         attempt = 0
         while True:
-            if final:
-                await job.wait_live()
             try:
                 await self.broker.publish_reply(env.reply_to, correlation_id=env.message_id, headers=headers, body=body)
                 return

@@ -11,6 +11,7 @@ once and their messages go back to the queue when the connection closes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -19,10 +20,11 @@ from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import __version__, machine
+from carod import __version__, logs, machine
+from carod import config as configuration
 from carod.broker import Broker, settle
 from carod.config import Config, redact_url
-from carod.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE, BrokerError, StartupError
+from carod.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE, BrokerError, ConfigError, StartupError
 from carod.journal import Journal, JournalError
 from carod.message import parse_envelope
 from carod.node import Node
@@ -31,10 +33,14 @@ from carod.sandbox import prepare_root, untraversable
 
 log = logging.getLogger("carod.server")
 
+#: What SIGHUP re-reads; everything else needs a restart.
+_RELOADABLE = ("start", "log_level")
+
 
 class Server:
-    def __init__(self, config: Config, *, handle_signals: bool = True) -> None:
+    def __init__(self, config: Config, *, handle_signals: bool = True, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
         self.handle_signals = handle_signals
         self.should_exit = False
         self.force_exit = False
@@ -54,6 +60,7 @@ class Server:
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.handle_exit, sig)
+            loop.add_signal_handler(signal.SIGHUP, self.handle_reload)
         try:
             await self.startup()
             self.started.set()
@@ -67,7 +74,7 @@ class Server:
             if self.journal is not None:
                 await self.journal.close()
             if self.handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
 
     def handle_exit(self, sig: int = signal.SIGTERM) -> None:
@@ -78,6 +85,39 @@ class Server:
                 task.cancel()
         self.should_exit = True
         self._wakeup.set()
+
+    def handle_reload(self) -> None:
+        task = asyncio.create_task(self.reload())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read ``[machine]``, ``start`` and the log settings. Running jobs are untouched."""
+        if self.config_path is None:
+            log.warning("SIGHUP: carod was started without a config file; nothing to reload")
+            return
+        try:
+            new = await asyncio.to_thread(configuration.load, self.config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded, the old one stays in force: %s", exc)
+            return
+        old = self.config
+        kept = [
+            f"[{section}] {f.name}"
+            for section in ("broker", "node")
+            for f in dataclasses.fields(getattr(old, section))
+            if f.name not in _RELOADABLE
+            and getattr(getattr(old, section), f.name) != getattr(getattr(new, section), f.name)
+        ]
+        node_settings = {name: getattr(new.node, name) for name in _RELOADABLE}
+        self.config = dataclasses.replace(old, machine=new.machine, node=dataclasses.replace(old.node, **node_settings))
+        logs.set_level(self.config.node.log_level)
+        if self.node is not None:
+            self.node.config = self.config
+            self.node.machine_ad = machine.detect(self.config)
+        log.info("SIGHUP: reloaded [machine], start and log level from %s", self.config_path)
+        if kept:
+            log.warning("SIGHUP: these changes need a restart and were not applied: %s", ", ".join(kept))
 
     # ------------------------------------------------------------ phases
 

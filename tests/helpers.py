@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import signal
+import subprocess
+import sys
 import uuid
 import zipfile
 from collections import defaultdict
@@ -26,6 +29,7 @@ BROKER_URL = os.environ.get(
     "CAROD_TEST_BROKER_URL", os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 )
 FINAL_STATUSES = (3, 4, 5)
+CAROD = [sys.executable, "-m", "carod"]
 
 
 def unique(prefix: str) -> str:
@@ -68,14 +72,41 @@ class Submitter:
     replies: dict[str | None, list[Reply]] = field(default_factory=lambda: defaultdict(list))
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
+    durable: bool = False
+
     @classmethod
-    async def open(cls, job_queue: str) -> Submitter:
-        connection = await aio_pika.connect(BROKER_URL)
+    async def open(cls, job_queue: str, *, durable: bool = False) -> Submitter:
+        """``durable``: a robust connection and a durable reply queue that survive broker faults."""
+        if durable:
+            connection: aio_pika.abc.AbstractConnection = await aio_pika.connect_robust(
+                BROKER_URL, reconnect_interval=0.5
+            )
+        else:
+            connection = await aio_pika.connect(BROKER_URL)
         channel = await connection.channel(publisher_confirms=True)
-        reply_queue = await channel.declare_queue(unique("replies"), exclusive=True, auto_delete=True)
-        self = cls(connection, channel, reply_queue, job_queue)
+        reply_queue = await channel.declare_queue(
+            unique("replies"), durable=durable, exclusive=not durable, auto_delete=not durable
+        )
+        self = cls(connection, channel, reply_queue, job_queue, durable=durable)
         await reply_queue.consume(self._on_reply, no_ack=True)
         return self
+
+    async def sync(self, timeout_s: float = 20.0) -> None:
+        """Return once every reply published to our queue before now has been received."""
+        token = f"sync-{uuid.uuid4().hex}"
+        await self.channel.default_exchange.publish(
+            aio_pika.Message(b"", headers={"JobStatus": 0}, correlation_id=token), self.reply_queue.name
+        )
+
+        async def arrived() -> None:
+            while token not in self.replies:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        await asyncio.wait_for(arrived(), timeout_s)
+
+    def finals(self, message_id: str | None) -> list[Reply]:
+        return [r for r in self.replies.get(message_id, []) if r.status in FINAL_STATUSES]
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         self.replies[message.correlation_id].append(
@@ -120,6 +151,8 @@ class Submitter:
         return await self.wait_final(mid, timeout_s)
 
     async def close(self) -> None:
+        if self.durable:
+            await self.channel.queue_delete(self.reply_queue.name)
         await self.connection.close()
 
 
@@ -187,3 +220,45 @@ async def queue_depth(name: str) -> int:
         channel = await connection.channel()
         queue = await channel.declare_queue(name, passive=True)
         return queue.declaration_result.message_count or 0
+
+
+def write_config(base: Path, queue: str, **kwargs: object) -> Path:
+    path = base / "carod.conf"
+    path.write_text(config_text(queue, base, **kwargs))  # type: ignore[arg-type]
+    return path
+
+
+class Daemon:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.log: list[str] = []
+
+    async def wait_for_line(self, needle: str, timeout_s: float = 15) -> str:
+        async def read() -> str:
+            assert self.proc.stderr is not None
+            while True:
+                raw = await self.proc.stderr.readline()
+                if not raw:
+                    raise AssertionError(f"carod exited before logging {needle!r}:\n" + "".join(self.log))
+                line = raw.decode()
+                self.log.append(line)
+                if needle in line:
+                    return line
+
+        return await asyncio.wait_for(read(), timeout_s)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        rest = await asyncio.wait_for(self.proc.stderr.read(), timeout_s)  # type: ignore[union-attr]
+        self.log.append(rest.decode())
+        return await self.proc.wait()
+
+
+async def start_daemon(config: Path) -> Daemon:
+    proc = await asyncio.create_subprocess_exec(
+        *CAROD, "--config", str(config), stderr=subprocess.PIPE, env={**os.environ, "CAROD_BROKER_URL": BROKER_URL}
+    )
+    daemon = Daemon(proc)
+    await daemon.wait_for_line("ready")
+    return daemon

@@ -6,57 +6,12 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import BROKER_URL, Submitter, config_text, q, queue_depth
-
-CAROD = [sys.executable, "-m", "carod"]
-
-
-def write_config(base: Path, queue: str, **kwargs: object) -> Path:
-    path = base / "carod.conf"
-    path.write_text(config_text(queue, base, **kwargs))  # type: ignore[arg-type]
-    return path
-
-
-class Daemon:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.log: list[str] = []
-
-    async def wait_for_line(self, needle: str, timeout_s: float = 15) -> str:
-        async def read() -> str:
-            assert self.proc.stderr is not None
-            while True:
-                raw = await self.proc.stderr.readline()
-                if not raw:
-                    raise AssertionError(f"carod exited before logging {needle!r}:\n" + "".join(self.log))
-                line = raw.decode()
-                self.log.append(line)
-                if needle in line:
-                    return line
-
-        return await asyncio.wait_for(read(), timeout_s)
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        rest = await asyncio.wait_for(self.proc.stderr.read(), timeout_s)  # type: ignore[union-attr]
-        self.log.append(rest.decode())
-        return await self.proc.wait()
-
-
-async def start_daemon(config: Path) -> Daemon:
-    proc = await asyncio.create_subprocess_exec(
-        *CAROD, "--config", str(config), stderr=subprocess.PIPE, env={**os.environ, "CAROD_BROKER_URL": BROKER_URL}
-    )
-    daemon = Daemon(proc)
-    await daemon.wait_for_line("ready")
-    return daemon
+from tests.helpers import BROKER_URL, CAROD, Daemon, Submitter, q, queue_depth, start_daemon, write_config
 
 
 @pytest.fixture
@@ -243,3 +198,27 @@ def test_prefetch_above_detected_slots_is_refused(base: Path, queue: str) -> Non
     result = run("--config", str(write_config(base, queue, node={"slots": 0}, broker={"prefetch": 4096})))
     assert result.returncode == 78
     assert "[broker] prefetch" in result.stderr
+
+
+async def test_sighup_reloads_machine_ad_and_start_without_touching_running_jobs(base: Path, queue: str) -> None:
+    config = write_config(base, queue, machine={"HasFoo": "FALSE"}, broker={"max_offers": 10000})
+    daemon = await start_daemon(config)
+    sub = await Submitter.open(queue)
+    try:
+        long_job = await sub.send({"Cmd": q("/bin/sleep"), "Arguments": q("2")})
+        await daemon.wait_for_line("state=running")
+        foo_job = await sub.send({"Cmd": q("/bin/true"), "Requirements": "HasFoo"})
+        await daemon.wait_for_line("state=declined")
+        config.write_text(config.read_text().replace("HasFoo = FALSE", "HasFoo = TRUE"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        await daemon.wait_for_line("SIGHUP: reloaded")
+        assert [r.status for r in await sub.wait_final(foo_job)] == [2, 4]
+        assert [r.status for r in await sub.wait_final(long_job)] == [2, 4]
+        config.write_text(config.read_text().replace("[node]", "[node]\nslotz = 3"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        line = await daemon.wait_for_line("config not reloaded")
+        assert "[node] slotz" in line
+        assert (await sub.run({"Cmd": q("/bin/true"), "Requirements": "HasFoo"}))[-1].status == 4
+        assert await daemon.stop() == 0
+    finally:
+        await sub.close()
