@@ -67,6 +67,8 @@ class NodeConfig:
     max_result_mib: int = 1024
     #: Runs started on this node (incl. ones interrupted by a crash) before the job is Held.
     max_attempts: int = 3
+    #: A finished job whose delivery died waits this long for it to be redelivered here.
+    redelivery_wait_s: float = 600.0
     #: How long the journal remembers finished jobs (to recognise redeliveries).
     journal_retention_s: float = 86400.0
     log_level: str = "INFO"
@@ -168,7 +170,7 @@ def _check(config: Config) -> None:
     for key in ("sandbox_root", "state_dir"):
         if not getattr(n, key).is_absolute():
             raise ConfigError(f"[node] {key}: must be an absolute path")
-    for key in ("drain_timeout_s", "kill_grace_s"):
+    for key in ("drain_timeout_s", "kill_grace_s", "redelivery_wait_s"):
         if getattr(n, key) < 0:
             raise ConfigError(f"[node] {key}: must not be negative")
     for key in ("max_input_mib", "max_input_files", "max_result_mib", "max_attempts", "journal_retention_s"):

@@ -1,10 +1,11 @@
-"""The local journal: what happened to every job, and the replies not yet confirmed.
+r"""The local journal: what happened to every job, and the replies not yet confirmed.
 
 SQLite in WAL mode at ``<state_dir>/journal.sqlite3``. All access goes
 through one worker thread (so SQLite never blocks the event loop and never
 sees two threads). One row per job ``message_id``:
 
     received -> running -> finished -> replied
+                       \-> interrupted (carod stopped while it ran) -> running ...
 
 ``attempts`` counts runs started (it is the replies' ``JobRunCount``);
 ``sequence`` is the last reply ``Sequence`` used. The ``outbox`` holds every
@@ -33,6 +34,8 @@ _T = TypeVar("_T")
 RECEIVED = "received"
 RUNNING = "running"
 FINISHED = "finished"
+#: was running when carod stopped; its leftovers are cleaned up; it runs again when redelivered
+INTERRUPTED = "interrupted"
 REPLIED = "replied"
 
 _SCHEMA = """
@@ -298,7 +301,7 @@ class Journal:
         return await self._call(lambda: int(self._run("SELECT count(*) FROM outbox WHERE confirmed = 0").fetchone()[0]))
 
     async def expire(self, retention_s: float) -> list[str]:
-        """Forget jobs finished longer ago than ``retention_s``; returns their leftover result files."""
+        """Forget jobs not touched for ``retention_s`` (all but running ones); returns their leftover result files."""
 
         def expire() -> list[str]:
             cutoff = time.time() - retention_s
@@ -306,7 +309,7 @@ class Journal:
                 old = [
                     row[0]
                     for row in self._run(
-                        "SELECT message_id FROM jobs WHERE state IN (?, ?) AND updated < ?", (FINISHED, REPLIED, cutoff)
+                        "SELECT message_id FROM jobs WHERE state != ? AND updated < ?", (RUNNING, cutoff)
                     )
                 ]
                 paths: list[str] = []

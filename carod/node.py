@@ -34,7 +34,7 @@ from carod.classads import Scalar
 from carod.config import Config
 from carod.errors import BrokerError, JobHeld
 from carod.holdcodes import HoldCode
-from carod.journal import FINISHED, REPLIED, RUNNING, JobRecord, Journal, JournalError, OutboxEntry
+from carod.journal import FINISHED, INTERRUPTED, REPLIED, RUNNING, JobRecord, Journal, JournalError, OutboxEntry
 from carod.message import Envelope, parse_envelope
 from carod.runner import JobProcess, JobUser, kill_leftover, process_start_time
 
@@ -57,6 +57,8 @@ class Job:
     kill_sig: int = signal.SIGTERM
     evicted: str | None = None
     redelivered: asyncio.Event = field(default_factory=asyncio.Event)
+    #: finished, waiting for a live delivery to answer on
+    waiting: bool = False
 
     @property
     def message_id(self) -> str:
@@ -81,10 +83,29 @@ class Job:
             return False
         return True
 
-    async def wait_live(self) -> None:
-        while not self.delivery_live():
-            self.redelivered.clear()
-            await self.redelivered.wait()
+    async def wait_live(self, timeout_s: float, stopping: asyncio.Event) -> None:
+        """Until the job has a delivery on an open channel.
+
+        TimeoutError after ``timeout_s``, or at once when the node is stopping
+        (the broker will not give the job back to a node that is leaving).
+        """
+        if self.delivery_live():
+            return
+        self.waiting = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self.delivery_live():
+                    if stopping.is_set():
+                        raise TimeoutError
+                    self.redelivered.clear()
+                    waits = {asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self.redelivered.wait())}
+                    try:
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for waiter in waits:
+                            waiter.cancel()
+        finally:
+            self.waiting = False
 
 
 class Node:
@@ -102,6 +123,8 @@ class Node:
         self.results_dir = config.node.state_dir / "results"
         self.jobs: dict[int, Job] = {}
         self.running: dict[str, Job] = {}
+        #: set when the node shuts down: answers waiting for a redelivery stay in the journal
+        self.stopping = asyncio.Event()
 
     # ------------------------------------------------------------ start-up
 
@@ -110,6 +133,7 @@ class Node:
         interrupted = await self.journal.interrupted()
         for record in interrupted:
             await self._clean_interrupted(record)
+            await self.journal.set_state(record.message_id, INTERRUPTED)
         root = self.config.node.sandbox_root
         stale = await asyncio.to_thread(lambda: [p for p in root.iterdir()] if root.exists() else [])
         for path in stale:  # nothing runs yet: every sandbox left is an orphan
@@ -139,6 +163,12 @@ class Node:
         envelope = parse_envelope(message.message_id, message.reply_to, message.headers or {})
         mid = envelope.message_id
         if mid is not None and (live := self.running.get(mid)) is not None:
+            if live.delivery_live():
+                # A second message with the same message_id while the first is
+                # still held: a duplicate submission, answered by the first.
+                log.warning("job=%s state=duplicate: the same message_id is already running here; acknowledged", mid)
+                await settle(message, "ack", label=mid)
+                return
             live.adopt(message)
             log.info("job=%s state=adopted: redelivered while it runs here; the new delivery replaces the old", mid)
             return
@@ -212,7 +242,7 @@ class Node:
             else:
                 await settle(job.message, "ack", label=env.label)
             return True
-        if record.state == RUNNING:
+        if record.state in (RUNNING, INTERRUPTED):
             await self._clean_interrupted(record)
             _log_state(env, "interrupted", job, attempts=record.attempts)
         limit = self.config.node.max_attempts
@@ -418,7 +448,20 @@ class Node:
         await asyncio.shield(self._send_final_and_ack(job, entry, body))
 
     async def _send_final_and_ack(self, job: Job, entry: OutboxEntry, body: bytes) -> None:
-        committed_on = await self._commit_final(job, entry.headers, body)
+        try:
+            committed_on = await self._commit_final(job, entry.headers, body)
+        except TimeoutError:
+            # Its delivery died and the broker has not given it back: another
+            # node probably took it. The answer stays in the journal; a later
+            # redelivery here is answered from it.
+            log.warning(
+                "job=%s finished, but no live delivery to answer it on for %.0fs; its reply waits in the journal",
+                job.envelope.label,
+                self.config.node.redelivery_wait_s,
+            )
+            if self.running.get(entry.message_id) is job:
+                del self.running[entry.message_id]
+            return
         await self.journal.confirmed(entry.id, entry.message_id, final=True)
         # From here on a redelivery is answered from the journal (acked), not adopted.
         if self.running.get(entry.message_id) is job:
@@ -447,7 +490,7 @@ class Node:
             return job.message
         attempt = 0
         while True:
-            await job.wait_live()
+            await job.wait_live(self.config.node.redelivery_wait_s, self.stopping)
             delivery = job.message
             try:
                 await reply_and_ack(
@@ -500,6 +543,12 @@ class Node:
                 await asyncio.sleep(delay)
 
     # ------------------------------------------------------------ draining
+
+    def counts(self) -> tuple[int, int]:
+        """(jobs with a running process, finished jobs waiting for a delivery to answer on)."""
+        waiting = sum(1 for job in self.jobs.values() if job.waiting)
+        running = sum(1 for job in self.jobs.values() if job.process is not None and not job.waiting)
+        return running, waiting
 
     async def evict_all(self, reason: str) -> None:
         """Stop every running job with its KillSig; their messages go back to the queue."""

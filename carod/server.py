@@ -164,7 +164,9 @@ class Server:
     async def shutdown(self) -> None:
         if self.broker is None or self.node is None:
             return
-        log.info("shutting down: no new jobs; %d running", len(self.tasks))
+        running, waiting = self.node.counts()
+        log.info("shutting down: no new jobs; %d running, %d answer(s) left in the journal", running, waiting)
+        self.node.stopping.set()
         await self.broker.stop_consuming()
         drain_s = self.config.node.drain_timeout_s
         if self.tasks and not self.force_exit:

@@ -222,3 +222,11 @@ async def test_sighup_reloads_machine_ad_and_start_without_touching_running_jobs
         assert await daemon.stop() == 0
     finally:
         await sub.close()
+
+
+def test_unusable_state_dir_exits_73(base: Path, queue: str) -> None:
+    blocker = base / "file"
+    blocker.write_text("not a directory")
+    result = run("--config", str(write_config(base, queue, node={"state_dir": blocker / "state"})))
+    assert result.returncode == 73
+    assert "[node] state_dir" in result.stderr

@@ -258,3 +258,16 @@ async def test_job_inherits_only_stdio(node: RunningNode, submitter: Submitter) 
     # `ls` opens /proc/self/fd itself (fd 3); anything else was inherited from carod
     replies = await submitter.run({"Cmd": q("/bin/ls"), "Arguments": q("/proc/self/fd"), "Out": q("fds")})
     assert replies[-1].zip_read("fds").split() == [b"0", b"1", b"2", b"3"]
+
+
+async def test_duplicate_message_id_while_running_is_answered_once(
+    node: RunningNode, submitter: Submitter, queue: str
+) -> None:
+    job = {"Cmd": q("/bin/sleep"), "Arguments": q("1")}
+    mid = await submitter.send(job)
+    await submitter.send(job, message_id=mid)
+    await submitter.wait_final(mid)
+    await node.stop()  # everything it would send is confirmed before it exits
+    await submitter.sync()
+    assert [r.status for r in submitter.replies[mid]] == [2, 4]
+    assert await queue_depth(queue) == 0

@@ -174,3 +174,51 @@ async def test_sigterm_requeued_job_runs_again_with_next_run_count(
     assert statuses == [2, 1, 2, 4]
     assert durable_sub.finals(mid)[0].headers["JobRunCount"] == 2
     assert starts(runs, marker) == 2
+
+
+def consumer_timeout_ms() -> str:
+    """The broker's current consumer_timeout, as Erlang prints it ({ok,N} or undefined)."""
+    assert RABBITMQCTL is not None
+    out = subprocess.run(
+        [RABBITMQCTL, "eval", "application:get_env(rabbit, consumer_timeout)."],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    return out
+
+
+def restore_consumer_timeout(original: str) -> None:
+    if original.startswith("{ok,"):
+        value = original[len("{ok,") : -1]
+        rabbitmqctl("eval", f"application:set_env(rabbit, consumer_timeout, {value}).")
+    else:
+        rabbitmqctl("eval", "application:unset_env(rabbit, consumer_timeout).")
+
+
+@needs_ctl
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+async def test_consumer_timeout_costs_only_a_redelivery(
+    base: Path, queue: str, runs: Path, durable_sub: Submitter
+) -> None:
+    """RabbitMQ closes the consuming channel of a delivery unacked past consumer_timeout
+    (checked once a minute on 3.10). The job goes on; its redelivery is adopted and it
+    is answered once. The broker setting is restored afterwards."""
+    original = await asyncio.to_thread(consumer_timeout_ms)
+    await asyncio.to_thread(rabbitmqctl, "eval", "application:set_env(rabbit, consumer_timeout, 2000).")
+    try:
+        daemon = await start_daemon(write_config(base, queue, node={"slots": 1}))
+        jobs = await submit_counting(durable_sub, runs, 75, 1)
+        await daemon.wait_for_line("state=running")
+        await daemon.wait_for_line("state=adopted", timeout_s=150)
+        await finish(daemon, durable_sub, jobs, timeout_s=200)
+    finally:
+        await asyncio.to_thread(restore_consumer_timeout, original)
+    assert await asyncio.to_thread(consumer_timeout_ms) == original
+    ((mid, marker),) = jobs.items()
+    finals = durable_sub.finals(mid)
+    assert len(finals) == 1
+    assert finals[0].status == 4 and finals[0].headers["JobRunCount"] == 1
+    assert starts(runs, marker) == 1
