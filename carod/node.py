@@ -181,7 +181,7 @@ class Node:
             await self._handle(job)
         except JournalError as exc:
             log.error("job=%s cannot be journaled (%s); offered to other nodes", envelope.label, exc)
-            await self._pass_on(job)
+            await self._pass_on(job, exc)
         except Exception:
             # A bug in carod, not a problem with the job: do not answer for it
             # and do not ack; count it so that a job that always hits the bug
@@ -262,10 +262,16 @@ class Node:
         if record.sandbox:
             await asyncio.to_thread(sandbox.remove, Path(record.sandbox))
 
-    async def _pass_on(self, job: Job) -> None:
-        """Give a job this node cannot handle to another node (bounded by max_offers)."""
+    async def _pass_on(self, job: Job, error: JournalError) -> None:
+        """Give a job this node cannot record to another node; Held after max_offers."""
+        offers = job.envelope.offers + 1
+        limit = self.config.broker.max_offers
+        if limit and offers >= limit:
+            held = JobHeld(f"no node could record the job after {offers} offers (last, {self.name}: {error})")
+            await self._commit_final(job, self._held(job, held).headers, b"")
+            return
         try:
-            await self.broker.offer_later(job.message, job.envelope.offers + 1)
+            await self.broker.offer_later(job.message, offers)
         except BrokerError:
             await settle(job.message, "requeue", label=job.envelope.label)
             return

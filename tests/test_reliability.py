@@ -222,3 +222,26 @@ async def test_consumer_timeout_costs_only_a_redelivery(
     assert len(finals) == 1
     assert finals[0].status == 4 and finals[0].headers["JobRunCount"] == 1
     assert starts(runs, marker) == 1
+
+
+async def test_journal_failure_passes_job_on_then_holds(queue: str, base: Path, submitter: Submitter) -> None:
+    """A node whose journal cannot be written (e.g. its disk filled up after start)
+    hands jobs to other nodes; when none can take it, the job is Held, not looped."""
+    from carod.journal import JournalError
+    from tests.helpers import start_node
+
+    node = await start_node(queue, base, broker={"max_offers": 3, "unmatched_delay_s": 0.05})
+    try:
+        assert node.server.node is not None
+
+        async def broken(message_id: str) -> object:
+            raise JournalError("journal write failed: database or disk is full")
+
+        node.server.node.journal.receive = broken  # type: ignore[method-assign]
+        replies = await submitter.run({"Cmd": q("/bin/true")})
+        assert [r.status for r in replies] == [5]
+        reason = replies[0].headers["HoldReason"]
+        assert "no node could record the job after 3 offers" in reason
+        assert "disk is full" in reason
+    finally:
+        await node.stop()
