@@ -70,6 +70,7 @@ class Broker:
         self._publish_channel: AbstractRobustChannel | None = None
         self._queue: AbstractRobustQueue | None = None
         self._consumer_tag: str | None = None
+        self._known_exchanges: set[str] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -140,8 +141,10 @@ class Broker:
         if self._queue is None or self._consumer_tag is None:
             return
         tag, self._consumer_tag = self._consumer_tag, None
+        if not self.connected:
+            return  # nothing is delivered on a dead connection; do not wait for it to return
         try:
-            await self._queue.cancel(tag)
+            await asyncio.wait_for(self._queue.cancel(tag), self.config.confirm_timeout_s)
         except _TRANSIENT as exc:
             log.warning("could not cancel the consumer cleanly: %s", exc)
 
@@ -166,6 +169,27 @@ class Broker:
     ) -> None:
         """Publish one persistent reply and wait for the broker's confirm."""
         await self._publish(address.exchange, address.routing_key, _reply_message(correlation_id, headers, body))
+
+    async def check_exchange(self, name: str) -> None:
+        """ReplyUndeliverable when exchange ``name`` does not exist ("" always does)."""
+        if not name or name in self._known_exchanges:
+            return
+        if self._connection is None:
+            raise BrokerError("not connected to the broker")
+        try:
+            channel = await self._connection.channel(publisher_confirms=False)
+        except _TRANSIENT as exc:
+            raise BrokerError(f"cannot check exchange {name!r}: {exc!r}") from exc
+        try:
+            await channel.declare_exchange(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise ReplyUndeliverable(f"there is no exchange {name!r}") from exc
+        except _TRANSIENT as exc:
+            raise BrokerError(f"cannot check exchange {name!r}: {exc!r}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        self._known_exchanges.add(name)
 
     async def offer_later(self, message: AbstractIncomingMessage, offers: int) -> None:
         """Park a copy of a job this node cannot run; it returns after the delay."""
@@ -224,8 +248,16 @@ async def _transaction(message: AbstractIncomingMessage) -> AsyncIterator[aiormq
         if channel not in _tx_selected:
             await channel.tx_select()
             _tx_selected.add(channel)
-        yield channel
-        await channel.tx_commit()
+        try:
+            yield channel
+            await channel.tx_commit()
+        except BaseException:
+            # Never leave half a transaction (e.g. a publish whose frames are
+            # still queued) for the next commit on this channel to pick up:
+            # close it. Its deliveries are requeued and recognised when redelivered.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(channel.close())
+            raise
 
 
 async def settle(message: AbstractIncomingMessage, action: str, *, label: str) -> bool:
@@ -252,6 +284,7 @@ async def settle(message: AbstractIncomingMessage, action: str, *, label: str) -
 
 
 async def reply_and_ack(
+    broker: Broker,
     message: AbstractIncomingMessage,
     address: ReplyAddress,
     *,
@@ -270,6 +303,9 @@ async def reply_and_ack(
     tag = message.delivery_tag
     if tag is None:
         raise BrokerError("the delivery has no tag")
+    # A missing exchange would close the delivery's channel (and requeue every
+    # delivery on it) inside the transaction: find out first, on another channel.
+    await broker.check_exchange(address.exchange)
     reply = _reply_message(correlation_id, headers, body)
     try:
         async with asyncio.timeout(timeout_s), _transaction(message) as channel:

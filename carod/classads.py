@@ -127,7 +127,11 @@ def evaluate_in_match(my: classad2.ClassAd, target: classad2.ClassAd, attribute:
     expr = my.lookup(attribute)
     scope = classad2.ClassAd()
     scope.update(my)
-    for ref in my.externalRefs(expr):
+    try:
+        refs = my.externalRefs(expr)
+    except (ValueError, classad2.ClassAdException):
+        return ERROR  # e.g. a cyclic definition (Requirements = Requirements)
+    for ref in refs:
         if "." not in ref and ref in target and ref not in my:
             # Evaluated where it is defined (MY = target), as the negotiator does.
             value = target.lookup(ref).eval(target, my)

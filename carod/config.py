@@ -64,7 +64,8 @@ class NodeConfig:
     kill_grace_s: float = 5.0
     max_input_mib: int = 1024
     max_input_files: int = 10_000
-    max_result_mib: int = 1024
+    #: Below the broker's max_message_size (16 MiB on RabbitMQ 4.x, 128 MiB on 3.13).
+    max_result_mib: int = 15
     #: Runs started on this node (incl. ones interrupted by a crash) before the job is Held.
     max_attempts: int = 3
     #: A finished job whose delivery died waits this long for it to be redelivered here.

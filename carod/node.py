@@ -6,7 +6,7 @@ settled. Every step is written to the journal first (docs/reliability.md):
 * a reply is recorded in the journal's outbox, then published, then marked
   confirmed when the broker confirms it;
 * a final reply (Completed or Held) is published only while the job has a
-  live delivery, and the delivery is acknowledged right after the confirm;
+  live delivery, in one AMQP transaction with that delivery's ack;
 * a redelivered ``message_id`` is recognised: still running here -> the new
   delivery is adopted; answered -> acknowledged; finished but not yet
   answered -> the stored final reply is sent; interrupted -> run again as a
@@ -34,7 +34,17 @@ from carod.classads import Scalar
 from carod.config import Config
 from carod.errors import BrokerError, JobHeld
 from carod.holdcodes import HoldCode
-from carod.journal import FINISHED, INTERRUPTED, REPLIED, RUNNING, JobRecord, Journal, JournalError, OutboxEntry
+from carod.journal import (
+    FINISHED,
+    INTERRUPTED,
+    RECEIVED,
+    REPLIED,
+    RUNNING,
+    JobRecord,
+    Journal,
+    JournalError,
+    OutboxEntry,
+)
 from carod.message import Envelope, parse_envelope
 from carod.runner import JobProcess, JobUser, kill_leftover, process_start_time
 
@@ -308,7 +318,11 @@ class Node:
         node = self.config.node
         box: Path | None = None
         try:
-            box = await asyncio.to_thread(sandbox.create, node.sandbox_root, job.message_id, self.user.owner)
+            try:
+                box = await asyncio.to_thread(sandbox.create, node.sandbox_root, job.message_id, self.user.owner)
+            except JobHeld as held:
+                await self._final(job, self._held(job, held))
+                return
             job.run_count = await self.journal.start_attempt(job.message_id, str(box))
             try:
                 if job.message.body:
@@ -409,7 +423,7 @@ class Node:
         _log_state(job.envelope, "evicted", job, reason=reason)
         await self._send(job, reply)
         # Not an interruption: the next delivery runs it afresh.
-        await self.journal.set_state(job.message_id, "received")
+        await self.journal.set_state(job.message_id, RECEIVED)
         await settle(job.message, "requeue", label=job.envelope.label)
 
     # ------------------------------------------------------------ replies
@@ -500,6 +514,7 @@ class Node:
             delivery = job.message
             try:
                 await reply_and_ack(
+                    self.broker,
                     delivery,
                     address,
                     correlation_id=env.message_id,
@@ -509,8 +524,10 @@ class Node:
                 )
                 break
             except ReplyUndeliverable as exc:
+                # Checked before the transaction: the delivery is intact, ack it alone.
                 log.warning("job=%s final reply cannot be delivered: %s", env.label, exc)
-                return None
+                await settle(delivery, "ack", label=env.label)
+                return delivery
             except BrokerError as exc:
                 delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
                 attempt += 1

@@ -36,6 +36,7 @@ MIB = 1024 * 1024
 _CHUNK = MIB
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _ZIP_DATE_MIN = (1980, 1, 1, 0, 0, 0)
+_ZIP_DATE_MAX = (2107, 12, 31, 23, 59, 58)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,13 @@ def _make_dirs(sandbox: Path, parts: list[str], owner: Owner) -> Path:
         try:
             os.mkdir(path, 0o700)
             os.chown(path, owner.uid, owner.gid)
-        except FileExistsError:
+        except OSError as exc:
+            if not isinstance(exc, FileExistsError):
+                raise JobHeld(
+                    f"cannot create the directory {part!r}: {exc.strerror}",
+                    HoldCode.TRANSFER_INPUT_ERROR,
+                    exc.errno or 0,
+                ) from exc
             st = os.lstat(path)
             if not stat.S_ISDIR(st.st_mode):
                 raise JobHeld(
@@ -195,6 +202,12 @@ def _extract_file(
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode)
     except FileExistsError:
         raise JobHeld(f"the input zip names {info.filename!r} twice", HoldCode.TRANSFER_INPUT_ERROR) from None
+    except OSError as exc:
+        raise JobHeld(
+            f"carod could not create the input file {info.filename!r}: {exc.strerror}",
+            HoldCode.TRANSFER_INPUT_ERROR,
+            exc.errno or 0,
+        ) from exc
     written = 0
     try:
         os.fchown(fd, owner.uid, owner.gid)
@@ -438,4 +451,4 @@ def _add(rel: str, path: Path, st: os.stat_result, entries: dict[str, Path], ski
 def _zip_time(mtime: float) -> tuple[int, int, int, int, int, int]:
     t = time.localtime(mtime)
     stamp = (t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
-    return max(stamp, _ZIP_DATE_MIN)
+    return min(max(stamp, _ZIP_DATE_MIN), _ZIP_DATE_MAX)

@@ -317,3 +317,9 @@ def test_unscoped_reference_to_a_derived_machine_attribute() -> None:
     assert match(make_ad(Requirements="TARGET.BigMem"), machine).ok
     assert match(make_ad(Requirements="BigMem"), machine).ok
     assert match(make_ad(Requirements="Memory >= 1024"), machine).ok
+
+
+def test_cyclic_requirements_is_no_match_not_a_crash() -> None:
+    job = classad2.ClassAd()
+    job["Requirements"] = classad2.ExprTree("Requirements")
+    assert not match(job, classad2.ClassAd({"Memory": 1})).ok

@@ -628,3 +628,13 @@ def test_remove_does_not_follow_symlinks(dirs: Dirs) -> None:
     sandbox.remove(dirs.box)
     assert not dirs.box.exists()
     assert (keep / "precious").read_bytes() == b"p"
+
+
+def test_unpack_entry_name_too_long_is_held(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("x" * 300, b"data")
+    with pytest.raises(JobHeld) as info:
+        sandbox.unpack_input(buf.getvalue(), tmp_path, OWNER, max_files=10, max_bytes=1000)
+    assert info.value.code == HoldCode.TRANSFER_INPUT_ERROR
+    assert "File name too long" in info.value.reason
