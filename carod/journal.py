@@ -254,10 +254,10 @@ class Journal:
         body_path: str | None,
         *,
         final: bool,
-    ) -> int:
+    ) -> OutboxEntry:
         """Record a reply before it is published; a final reply finishes the job."""
 
-        def add() -> int:
+        def add() -> OutboxEntry:
             with self._transaction():
                 cur = self._run(
                     "INSERT INTO outbox (message_id, exchange, routing_key, headers, body_path, final, created)"
@@ -268,7 +268,8 @@ class Journal:
                 if final:
                     fields["state"] = FINISHED
                 self._set(message_id, **fields)
-                return int(cur.lastrowid or 0)
+                entry_id = int(cur.lastrowid or 0)
+            return OutboxEntry(entry_id, message_id, exchange, routing_key, headers, body_path, final)
 
         return await self._call(add)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import classad2
 
 from carod import __version__
-from carod.classads import ad_from_expressions, to_classad_text
+from carod.classads import ad_from_expressions
 from carod.config import Config
 
 _OS_NAMES = {
@@ -112,7 +112,3 @@ def refresh(ad: classad2.ClassAd, config: Config) -> None:
     for name, text in config.machine:
         if name == "Disk":
             ad["Disk"] = classad2.ExprTree(text)
-
-
-def describe(ad: classad2.ClassAd) -> str:
-    return to_classad_text(ad)

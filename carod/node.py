@@ -444,22 +444,13 @@ class Node:
     async def _final(self, job: Job, reply: replies.Reply) -> None:
         """Journal the final reply, then send it and ack. A cancel must not split these."""
         address = job.envelope.reply_to
-        entry_id = await self.journal.add_reply(
+        entry = await self.journal.add_reply(
             job.message_id,
             address.exchange if address else "",
             address.routing_key if address else "",
             dict(reply.headers),
             str(reply.body_path) if reply.body_path else None,
             final=True,
-        )
-        entry = OutboxEntry(
-            entry_id,
-            job.message_id,
-            address.exchange if address else "",
-            address.routing_key if address else "",
-            dict(reply.headers),
-            str(reply.body_path) if reply.body_path else None,
-            True,
         )
         await self._resend_final(job, entry)
 
@@ -540,11 +531,11 @@ class Node:
         address = job.envelope.reply_to
         if address is None:
             return
-        entry_id = await self.journal.add_reply(
+        entry = await self.journal.add_reply(
             job.message_id, address.exchange, address.routing_key, dict(reply.headers), None, final=False
         )
         await self._publish(job, reply.headers, b"")
-        await self.journal.confirmed(entry_id, job.message_id, final=False)
+        await self.journal.confirmed(entry.id, job.message_id, final=False)
 
     async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> None:
         """Publish a non-final reply until the broker confirms it (or says nobody can receive it)."""

@@ -28,9 +28,9 @@ async def test_job_lifecycle_and_outbox(tmp_path: Path) -> None:
     assert [(r.message_id, r.state, r.pid, r.pid_start, r.sandbox) for r in running] == [
         ("m1", RUNNING, 1234, "99", "/box")
     ]
-    first = await journal.add_reply("m1", "", "q", {"JobStatus": 2, "Sequence": 1}, None, final=False)
+    first = (await journal.add_reply("m1", "", "q", {"JobStatus": 2, "Sequence": 1}, None, final=False)).id
     await journal.confirmed(first, "m1", final=False)
-    final = await journal.add_reply("m1", "ex", "key", {"JobStatus": 4, "Sequence": 2}, "/r.zip", final=True)
+    final = (await journal.add_reply("m1", "ex", "key", {"JobStatus": 4, "Sequence": 2}, "/r.zip", final=True)).id
     record = await journal.get("m1")
     assert record is not None and record.state == FINISHED and record.sequence == 2
     pending = await journal.pending_final("m1")
