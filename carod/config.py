@@ -26,6 +26,8 @@ from carod.errors import ConfigError
 QUEUE_TYPES = ("quorum", "classic")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+ISOLATIONS = ("auto", "bwrap", "none")
+CGROUP_MODES = ("auto", "v2", "v1", "none")
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,34 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class SandboxConfig:
+    """How jobs are isolated and limited (docs/security.md)."""
+
+    #: auto = bubblewrap when it is installed and works; bwrap = required; none = off.
+    isolation: str = "auto"
+    #: auto = cgroup v2 with memory+pids controllers, else v1, else v2 without limits, else none.
+    cgroups: str = "auto"
+    #: Let jobs use the network (otherwise, with bubblewrap, they get only loopback).
+    network: bool = False
+    #: Size of the job's private /tmp and /dev/shm (each), with bubblewrap.
+    tmp_mib: int = 256
+    #: One user per slot, so concurrent jobs cannot touch each other; empty = [node] job_user for all.
+    slot_users: tuple[str, ...] = ()
+    #: Memory limit of a job without RequestMemory; 0 = the machine's Memory.
+    default_memory_mib: int = 0
+    #: Processes and threads a job may have at once (cgroup pids.max).
+    max_job_pids: int = 4096
+    #: Longest a job may run (seconds) whatever it asks for; 0 = no node limit.
+    max_job_duration_s: float = 0.0
+    #: How often a running job's disk and memory usage is checked.
+    check_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     #: Extra or overriding machine-ad attributes: (name, ClassAd expression).
     machine: tuple[tuple[str, str], ...] = ()
     source: str = "<defaults>"
@@ -95,7 +122,8 @@ class Config:
         return self.broker.prefetch or slots
 
 
-_SECTIONS: dict[str, type] = {"broker": BrokerConfig, "node": NodeConfig}
+_SECTIONS: dict[str, type] = {"broker": BrokerConfig, "node": NodeConfig, "sandbox": SandboxConfig}
+_STRINGS = tuple[str, ...]
 
 
 def _convert(section: str, key: str, raw: str, kind: Any) -> Any:
@@ -113,6 +141,8 @@ def _convert(section: str, key: str, raw: str, kind: Any) -> Any:
             if not raw:
                 raise ValueError(raw)
             return Path(raw)
+        if kind == _STRINGS:
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
         if kind is bool:
             lowered = raw.lower()
             if lowered in ("1", "yes", "true", "on"):
@@ -122,7 +152,7 @@ def _convert(section: str, key: str, raw: str, kind: Any) -> Any:
             raise ValueError(raw)
         return raw
     except ValueError:
-        name = {int: "a whole number", float: "a number", Path: "a path", bool: "yes or no"}[kind]
+        name = {int: "a whole number", float: "a number", Path: "a path", bool: "yes or no"}.get(kind, "a value")
         raise ConfigError(f"{where}: expected {name}, got {raw!r}") from None
 
 
@@ -181,6 +211,7 @@ def _check(config: Config) -> None:
         raise ConfigError(f"[node] log_level: must be one of {', '.join(LOG_LEVELS)}, got {n.log_level!r}")
     if n.log_format not in LOG_FORMATS:
         raise ConfigError(f"[node] log_format: must be one of {', '.join(LOG_FORMATS)}, got {n.log_format!r}")
+    _check_sandbox(config.sandbox, n)
     try:
         classad2.ExprTree(n.start)
     except classad2.ClassAdException as exc:
@@ -190,6 +221,29 @@ def _check(config: Config) -> None:
             classad2.ExprTree(text)
         except classad2.ClassAdException as exc:
             raise ConfigError(f"[machine] {name}: not a valid ClassAd expression: {text!r}") from exc
+
+
+def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
+    if s.isolation not in ISOLATIONS:
+        raise ConfigError(f"[sandbox] isolation: must be one of {', '.join(ISOLATIONS)}, got {s.isolation!r}")
+    if s.cgroups not in CGROUP_MODES:
+        raise ConfigError(f"[sandbox] cgroups: must be one of {', '.join(CGROUP_MODES)}, got {s.cgroups!r}")
+    for key in ("tmp_mib", "max_job_pids", "check_interval_s"):
+        if getattr(s, key) <= 0:
+            raise ConfigError(f"[sandbox] {key}: must be greater than 0")
+    for key in ("default_memory_mib", "max_job_duration_s"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"[sandbox] {key}: must not be negative (0 means no limit of its own)")
+    for user in s.slot_users:
+        if user in ("root", "0"):
+            raise ConfigError("[sandbox] slot_users: jobs must not run as root")
+    if len(set(s.slot_users)) != len(s.slot_users):
+        raise ConfigError("[sandbox] slot_users: a user is listed twice")
+    if s.slot_users and n.slots > len(s.slot_users):
+        raise ConfigError(
+            f"[sandbox] slot_users: {len(s.slot_users)} users for [node] slots = {n.slots}; "
+            "each slot needs a user of its own"
+        )
 
 
 def parse(text: str, *, source: str = "<string>", environ: Mapping[str, str] | None = None) -> Config:
@@ -206,7 +260,7 @@ def parse(text: str, *, source: str = "<string>", environ: Mapping[str, str] | N
         if section == "machine":
             continue
         if section not in _SECTIONS:
-            raise ConfigError(f"[{section}]: unknown section (known: broker, node, machine)")
+            raise ConfigError(f"[{section}]: unknown section (known: {', '.join(_SECTIONS)}, machine)")
     for section, cls in _SECTIONS.items():
         items = dict(parser.items(section)) if parser.has_section(section) else {}
         sections[section] = cls(**_section_values(cls, section, items, env))
@@ -214,7 +268,9 @@ def parse(text: str, *, source: str = "<string>", environ: Mapping[str, str] | N
     for name, _ in machine:
         if not ATTRIBUTE_NAME.match(name):
             raise ConfigError(f"[machine] {name}: not a ClassAd attribute name")
-    config = Config(broker=sections["broker"], node=sections["node"], machine=machine, source=source)
+    config = Config(
+        broker=sections["broker"], node=sections["node"], sandbox=sections["sandbox"], machine=machine, source=source
+    )
     _check(config)
     return config
 
@@ -238,6 +294,8 @@ def effective(config: Config) -> str:
             value = getattr(getattr(config, section), f.name)
             if section == "broker" and f.name == "url":
                 value = redact_url(str(value))
+            elif isinstance(value, tuple):
+                value = ", ".join(value)
             lines.append(f"{f.name} = {value}")
         lines.append("")
     lines.append("[machine]")

@@ -12,6 +12,8 @@ Pure functions, no I/O. HTCondor's attribute names and syntaxes:
   ``/dev/null`` means /dev/null.
 * ``TransferOutput``: comma-separated names to return; unset = everything.
 * ``KillSig``: signal name (``SIGTERM``, ``TERM``) or number; default SIGTERM.
+* ``RequestCpus`` (default 1), ``RequestMemory`` (MiB), ``RequestDisk`` (KiB),
+  ``AllowedExecuteDuration`` (seconds): numbers, enforced as limits.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class JobSpec:
     stderr: str | None
     transfer_output: tuple[str, ...] | None
     kill_sig: int
+    request_cpus: float = 1.0
+    request_memory_mib: float | None = None
+    request_disk_kib: float | None = None
+    allowed_execute_duration_s: float | None = None
 
 
 def apply_defaults(ad: classad2.ClassAd) -> None:
@@ -88,7 +94,24 @@ def job_spec(ad: classad2.ClassAd) -> JobSpec:
         stderr=_stdio_path(ad, "Err"),
         transfer_output=_transfer_output(ad),
         kill_sig=_kill_sig(ad),
+        request_cpus=_number(ad, "RequestCpus", positive=True) or 1.0,
+        request_memory_mib=_number(ad, "RequestMemory", positive=True),
+        request_disk_kib=_number(ad, "RequestDisk", positive=True),
+        allowed_execute_duration_s=_number(ad, "AllowedExecuteDuration", positive=True),
     )
+
+
+def _number(ad: classad2.ClassAd, name: str, *, positive: bool) -> float | None:
+    """A numeric attribute (an expression is evaluated in the job's scope); None when unset."""
+    if name not in ad:
+        return None
+    value = evaluate(ad, name)
+    text = str(ad.lookup(name))
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise JobHeld(f"the job's {name} = {text} must be a number, not {value!r}")
+    if value != value or value in (float("inf"), float("-inf")) or (positive and value <= 0):
+        raise JobHeld(f"the job's {name} = {text} must be a number greater than 0")
+    return float(value)
 
 
 def _string(ad: classad2.ClassAd, name: str) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -103,6 +104,12 @@ class Journal:
 
     def open_sync(self) -> None:
         """Open (creating) the database. Called once, in the journal thread."""
+        try:
+            # Private to carod (SQLite gives its -wal and -shm files the same mode).
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            os.chmod(self.path, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot open the journal {self.path}: {exc.strerror}") from exc
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")

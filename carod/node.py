@@ -33,6 +33,7 @@ from carod.broker import Broker, ReplyUndeliverable, reply_and_ack, settle
 from carod.classads import Scalar
 from carod.config import Config
 from carod.errors import BrokerError, JobHeld
+from carod.execute import Executor, Run
 from carod.holdcodes import HoldCode
 from carod.journal import (
     FINISHED,
@@ -46,7 +47,7 @@ from carod.journal import (
     OutboxEntry,
 )
 from carod.message import Envelope, parse_envelope
-from carod.runner import JobProcess, JobUser, kill_leftover, process_start_time
+from carod.runner import JobProcess, process_start_time
 
 log = logging.getLogger("carod.job")
 
@@ -122,12 +123,12 @@ class Node:
     """Runs jobs. Concurrency is bounded by the broker's prefetch (one place)."""
 
     def __init__(
-        self, config: Config, machine_ad: classad2.ClassAd, broker: Broker, user: JobUser, journal: Journal
+        self, config: Config, machine_ad: classad2.ClassAd, broker: Broker, executor: Executor, journal: Journal
     ) -> None:
         self.config = config
         self.machine_ad = machine_ad
         self.broker = broker
-        self.user = user
+        self.executor = executor
         self.journal = journal
         self.name = config.node_name
         self.results_dir = config.node.state_dir / "results"
@@ -140,6 +141,9 @@ class Node:
 
     async def recover(self) -> None:
         """Before consuming: clean up after a crash, as the journal tells it."""
+        killed = await self.executor.clean_host()
+        if killed:
+            log.warning("killed %d process(es) left by jobs of an earlier carod", killed)
         interrupted = await self.journal.interrupted()
         for record in interrupted:
             await self._clean_interrupted(record)
@@ -267,10 +271,8 @@ class Node:
         return False
 
     async def _clean_interrupted(self, record: JobRecord) -> None:
-        if record.pid is not None and await asyncio.to_thread(kill_leftover, record.pid, record.pid_start):
+        if await self.executor.clean_interrupted(record.pid, record.pid_start, record.sandbox):
             log.warning("job=%s killed the processes left from its interrupted run", record.message_id)
-        if record.sandbox:
-            await asyncio.to_thread(sandbox.remove, Path(record.sandbox))
 
     async def _pass_on(self, job: Job, error: JournalError) -> None:
         """Give a job this node cannot record to another node; Held after max_offers."""
@@ -315,37 +317,32 @@ class Node:
 
     async def _run(self, job: Job, spec: jobad.JobSpec) -> None:
         env = job.envelope
-        node = self.config.node
-        box: Path | None = None
+        run = await self.executor.begin()
         try:
             try:
-                box = await asyncio.to_thread(sandbox.create, node.sandbox_root, job.message_id, self.user.owner)
+                box = await self.executor.create_box(run, job.message_id)
             except JobHeld as held:
                 await self._final(job, self._held(job, held))
                 return
             job.run_count = await self.journal.start_attempt(job.message_id, str(box))
+            memory_mib = classads.evaluate(self.machine_ad, "Memory")
             try:
-                if job.message.body:
-                    await asyncio.to_thread(
-                        sandbox.unpack_input,
-                        job.message.body,
-                        box,
-                        self.user.owner,
-                        max_files=node.max_input_files,
-                        max_bytes=node.max_input_mib * sandbox.MIB,
-                    )
-                stdio = await asyncio.to_thread(sandbox.open_stdio, spec, box, self.user.owner)
-                try:
-                    job.process = JobProcess.start(spec, box, self.user, stdio)
-                finally:
-                    stdio.close()
+                process = await self.executor.start(
+                    run, spec, job.message.body, memory_mib if isinstance(memory_mib, int) else 0
+                )
             except JobHeld as held:
                 await self._final(job, self._held(job, held))
                 return
-            process = job.process
+            job.process = process
             await self.journal.set_pid(job.message_id, process.pid, process_start_time(process.pid))
             _log_state(
-                env, "running", job, pid=process.pid, run=job.run_count, start_latency_s=round(job.elapsed_s(), 6)
+                env,
+                "running",
+                job,
+                pid=process.pid,
+                user=run.user.name,
+                run=job.run_count,
+                start_latency_s=round(job.elapsed_s(), 6),
             )
             running = replies.running(
                 sequence=job.next_sequence(),
@@ -356,43 +353,28 @@ class Node:
                 run_count=job.run_count,
             )
             await self._send(job, running)
-            info = await process.wait()
+            info, exceeded = await self.executor.watch(run, job.kill_sig)
             if job.evicted is not None:
                 await self._evicted(job)
                 return
-            await self._finish(job, spec, box, info)
+            if exceeded is not None:
+                await self._final(job, self._held(job, exceeded, info=info))
+                return
+            await self._finish(job, spec, run, info)
         finally:
-            if job.process is not None:
-                # Only reached with a live process when the task was cancelled
-                # (forced exit): the job dies with it and the broker requeues it.
-                job.process.signal_group(signal.SIGKILL)
-                await job.process.wait()
-            if box is not None:
-                await asyncio.to_thread(sandbox.remove, box)
+            # With a live process only when the task was cancelled (forced
+            # exit): the job dies with it and the broker requeues it.
+            await self.executor.end(run)
 
-    async def _finish(self, job: Job, spec: jobad.JobSpec, box: Path, info: replies.ExitInfo) -> None:
-        node = self.config.node
-        result_zip = self.results_dir / f"{box.name}.zip"
+    async def _finish(self, job: Job, spec: jobad.JobSpec, run: Run, info: replies.ExitInfo) -> None:
         try:
-            results = await asyncio.to_thread(
-                sandbox.collect_results, spec, box, result_zip, max_bytes=node.max_result_mib * sandbox.MIB
-            )
+            result_zip, results = await self.executor.collect(run, spec)
         except JobHeld as held:
-            result_zip.unlink(missing_ok=True)
             await self._final(job, self._held(job, held, info=info))
-            return
-        except OSError as exc:
-            result_zip.unlink(missing_ok=True)
-            write_error = JobHeld(
-                f"carod could not write the job's results: {exc.strerror}",
-                HoldCode.TRANSFER_OUTPUT_ERROR,
-                exc.errno or 0,
-            )
-            await self._final(job, self._held(job, write_error, info=info))
             return
         if results.skipped:
             log.info(
-                "job=%s result zip skipped non-regular or unreadable entries: %s",
+                "job=%s result zip skipped non-regular, foreign or undecodable entries: %s",
                 job.envelope.label,
                 ", ".join(results.skipped[:20]),
             )
@@ -403,6 +385,7 @@ class Node:
             info=info,
             body_path=result_zip,
             run_count=job.run_count,
+            skipped=results.skipped,
         )
         _log_state(
             job.envelope,

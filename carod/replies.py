@@ -54,7 +54,10 @@ class ExitInfo:
     duration_s: float
     user_cpu_s: float
     sys_cpu_s: float
+    #: Peak memory (KiB): of the whole job from its cgroup, else the largest process's.
     max_rss_kib: int
+    #: Processes of the job the kernel's OOM killer killed (cgroup memory limit).
+    oom_kills: int = 0
 
     @property
     def by_signal(self) -> bool:
@@ -86,6 +89,7 @@ def _exit_attrs(info: ExitInfo) -> dict[str, Scalar]:
         "RemoteUserCpu": round(info.user_cpu_s, 6),
         "RemoteSysCpu": round(info.sys_cpu_s, 6),
         "ResidentSetSize": info.max_rss_kib,
+        "ImageSize": info.max_rss_kib,
     }
     if info.exit_signal is not None:
         attrs["ExitSignal"] = info.exit_signal
@@ -94,12 +98,27 @@ def _exit_attrs(info: ExitInfo) -> dict[str, Scalar]:
     return attrs
 
 
+#: At most this many skipped names are listed in a reply.
+MAX_SKIPPED_LISTED = 100
+
+
 def exited(
-    *, sequence: int, node: str, now: float, info: ExitInfo, body_path: Path | None, run_count: int = 1
+    *,
+    sequence: int,
+    node: str,
+    now: float,
+    info: ExitInfo,
+    body_path: Path | None,
+    run_count: int = 1,
+    skipped: tuple[str, ...] = (),
 ) -> Reply:
     attrs = _common(JobStatus.COMPLETED, sequence, node, now, run_count)
     attrs.update(_exit_attrs(info))
     attrs["CompletionDate"] = int(now)
+    if skipped:
+        # Not in the zip: links, FIFOs, devices, files of another user, undecodable names.
+        attrs["SkippedOutputCount"] = len(skipped)
+        attrs["SkippedOutput"] = ", ".join(skipped[:MAX_SKIPPED_LISTED])
     return Reply(JobStatus.COMPLETED, format_headers(attrs), body_path)
 
 

@@ -1,20 +1,21 @@
-"""Start the job's process as the job user, wait for it, stop it.
+"""Start the job's process through the isolation chain, wait for it, stop it.
 
-The process is started with :class:`subprocess.Popen` on the default asyncio
-loop's thread, never through uvloop (which cannot drop privileges and leaks
-descriptors; see docs/security.md):
+A job is started with :class:`subprocess.Popen` on the default asyncio loop's
+thread (never through uvloop, which cannot close inherited descriptors; see
+docs/security.md) as the chain :func:`carod.isolation.command` builds:
 
-* ``user``/``group`` = the job user, ``extra_groups=[]`` (no supplementary
-  groups), ``umask`` 077;
-* ``close_fds`` (only 0, 1, 2 are inherited), ``start_new_session`` (its own
-  session and process group);
-* an environment built only from the job's ``Environment`` on top of a
-  minimal PATH/HOME/TMPDIR.
+* Popen itself runs as root with ``close_fds`` (only 0, 1, 2 are inherited),
+  ``start_new_session`` (own session and process group, no controlling terminal), ``umask`` 077 and an environment built
+  only from the job's ``Environment`` on top of a minimal PATH/HOME/TMPDIR;
+* while the gate is stopped, carod moves it into the job's cgroup and sets its
+  rlimits (core 0; file size from RequestDisk; address space from
+  RequestMemory when there is no memory cgroup), then lets it go;
+* setpriv drops to the job user, bubblewrap (when present) isolates.
 
-It is waited for with a pidfd on the event loop (no thread, no SIGCHLD
-handler); ``wait4`` then gives its exit status and resource usage. Once the
-main process has exited, the rest of its process group is killed while its
-zombie still holds the group id, so no stray process survives the job.
+It is waited for with a pidfd on the event loop; ``wait4`` gives its exit
+status and resource usage. When the main process has exited, the rest of the
+job is killed: the whole cgroup (freeze + kill, or ``cgroup.kill``); without
+one the process group, plus every process of the job's slot user.
 """
 
 from __future__ import annotations
@@ -24,58 +25,30 @@ import contextlib
 import errno
 import logging
 import os
-import pwd
+import resource
 import signal
+import stat
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from carod.errors import EXIT_NOPERM, EXIT_NOUSER, JobHeld, StartupError
+from carod import isolation
+from carod.cgroup import JobCgroup, Limits, sweep_user, uid_of
+from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
+from carod.isolation import Layers
 from carod.jobad import JobSpec
+from carod.limits import JobLimits
 from carod.replies import ExitInfo
-from carod.sandbox import Owner, Stdio
+from carod.sandbox import Stdio, untraversable
+from carod.users import JobUser
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: How long to wait for a SIGKILLed job's processes to actually die.
 GROUP_DEATH_TIMEOUT_S = 5.0
 
 log = logging.getLogger("carod.runner")
-
-
-@dataclass(frozen=True)
-class JobUser:
-    """Who jobs run as. ``switch`` is False when carod itself is that user."""
-
-    name: str
-    uid: int
-    gid: int
-    switch: bool
-
-    @property
-    def owner(self) -> Owner:
-        return Owner(self.uid, self.gid)
-
-
-def resolve_user(name: str) -> JobUser:
-    """Look up the job user and check carod may run jobs as it."""
-    try:
-        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
-    except KeyError:
-        raise StartupError(f"[node] job_user: there is no user {name!r} on this host", EXIT_NOUSER) from None
-    if entry.pw_uid == 0:
-        raise StartupError("[node] job_user: jobs must not run as root", EXIT_NOPERM)
-    me = os.geteuid()
-    if me == entry.pw_uid:
-        return JobUser(entry.pw_name, entry.pw_uid, entry.pw_gid, switch=False)
-    if me != 0:
-        raise StartupError(
-            f"[node] job_user: carod runs as uid {me} and cannot start jobs as {entry.pw_name!r}; "
-            "run carod as root, or set job_user to the user carod runs as",
-            EXIT_NOPERM,
-        )
-    return JobUser(entry.pw_name, entry.pw_uid, entry.pw_gid, switch=True)
+_SIGNALS = {int(s) for s in signal.valid_signals()}
 
 
 def job_environment(spec: JobSpec, sandbox: Path, user: JobUser) -> dict[str, str]:
@@ -96,63 +69,129 @@ def command_path(spec: JobSpec, sandbox: Path) -> str:
     return spec.cmd if spec.cmd.startswith("/") else str(sandbox / spec.cmd)
 
 
-class JobProcess:
-    """One running job. :meth:`wait` returns once it and its group are gone."""
+def check_command(spec: JobSpec, sandbox: Path, user: JobUser) -> str:
+    """The job's executable, checked the way exec would for the job user. Raises JobHeld. Blocking."""
+    path = command_path(spec, sandbox)
 
-    def __init__(self, popen: subprocess.Popen[bytes], started: float) -> None:
+    def held(why: str, code: int) -> JobHeld:
+        return JobHeld(f"the job's command {spec.cmd!r} {why}", HoldCode.FAILED_TO_CREATE_PROCESS, code)
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise held("does not exist on this node", errno.ENOENT) from None
+    except OSError as exc:
+        raise held(f"cannot be opened: {exc.strerror}", exc.errno or 0) from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise held("cannot be executed: it is not a regular file", errno.EACCES)
+        head = os.read(fd, 4)
+    finally:
+        os.close(fd)
+    if st.st_uid == user.uid:
+        bit = stat.S_IXUSR
+    elif st.st_gid == user.gid:
+        bit = stat.S_IXGRP
+    else:
+        bit = stat.S_IXOTH
+    blocked = untraversable(Path(path).parent, user.owner)
+    if not st.st_mode & bit or blocked is not None:
+        raise held(f"cannot be executed by the job user {user.name!r} (Permission denied)", errno.EACCES)
+    if head[:2] != b"#!" and head != b"\x7fELF":
+        raise held(
+            "cannot be executed: it is not a program or script this node can run (a script needs a #! line)",
+            errno.ENOEXEC,
+        )
+    return path
+
+
+def rlimits(limits: JobLimits, cgroup: JobCgroup | None, controllers: frozenset[str]) -> list[tuple[int, int]]:
+    """The rlimits for a job: always no core dumps; the rest where no cgroup does it."""
+    result = [(resource.RLIMIT_CORE, 0)]
+    if limits.disk_bytes is not None:
+        result.append((resource.RLIMIT_FSIZE, limits.disk_bytes))
+    if limits.memory_mib and (cgroup is None or "memory" not in controllers):
+        result.append((resource.RLIMIT_AS, int(limits.memory_mib * 1024 * 1024)))
+    return result
+
+
+class JobProcess:
+    """One running job. :meth:`wait` returns once every process of it is gone."""
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        user: JobUser,
+        cgroup: JobCgroup | None,
+        *,
+        sweep: bool,
+        status_from_code: bool = False,
+    ) -> None:
         self._popen = popen
+        #: bubblewrap reports a job killed by signal N as exit code 128+N
+        self._status_from_code = status_from_code
         self.pid = popen.pid
-        self.started_monotonic = started
+        self.user = user
+        self.cgroup = cgroup
+        self._sweep = sweep
+        self.started_monotonic = time.monotonic()
         self.start_time = time.time()
         self._exit: ExitInfo | None = None
         self._waiter: asyncio.Task[ExitInfo] | None = None
 
     @classmethod
-    def start(cls, spec: JobSpec, sandbox: Path, user: JobUser, stdio: Stdio) -> JobProcess:
-        executable = command_path(spec, sandbox)
-        started = time.monotonic()
+    def start(
+        cls,
+        argv: list[str],
+        *,
+        box: Path,
+        env: dict[str, str],
+        stdio: Stdio,
+        user: JobUser,
+        layers: Layers,
+        cgroup: JobCgroup | None,
+        limits: list[tuple[int, int]],
+        sweep: bool,
+    ) -> JobProcess:
+        """Start ``argv`` as ``user`` in ``box`` through the chain. Raises JobHeld."""
         try:
             popen = subprocess.Popen(
-                [spec.cmd, *spec.arguments],
-                executable=executable,
-                cwd=sandbox,
-                env=job_environment(spec, sandbox, user),
+                isolation.command(layers, user, box, argv),
+                cwd=box,
+                env=env,
                 stdin=stdio.stdin,
                 stdout=stdio.stdout,
                 stderr=stdio.stderr,
                 close_fds=True,
                 start_new_session=True,
                 umask=0o077,
-                user=user.uid if user.switch else None,
-                group=user.gid if user.switch else None,
-                extra_groups=[] if user.switch else None,
             )
-        except FileNotFoundError as exc:
-            raise JobHeld(
-                f"the job's command {spec.cmd!r} does not exist on this node",
-                HoldCode.FAILED_TO_CREATE_PROCESS,
-                exc.errno or 0,
-            ) from exc
-        except PermissionError as exc:
-            raise JobHeld(
-                f"the job's command {spec.cmd!r} cannot be executed by the job user {user.name!r} ({exc.strerror})",
-                HoldCode.FAILED_TO_CREATE_PROCESS,
-                exc.errno or 0,
-            ) from exc
         except OSError as exc:
-            if exc.errno == errno.ENOEXEC:
-                raise JobHeld(
-                    f"the job's command {spec.cmd!r} cannot be executed: it is not a program or script this node "
-                    "can run (a script needs a #! line)",
-                    HoldCode.FAILED_TO_CREATE_PROCESS,
-                    exc.errno,
-                ) from exc
             raise JobHeld(
-                f"the job's command {spec.cmd!r} could not be started: {exc.strerror}",
+                f"carod could not start the job: {exc.strerror}", HoldCode.FAILED_TO_CREATE_PROCESS, exc.errno or 0
+            ) from exc
+        try:
+            # The gate stops itself at once; nothing of the job has run yet.
+            _, status = os.waitpid(popen.pid, os.WUNTRACED)
+            if not os.WIFSTOPPED(status):
+                popen.returncode = os.waitstatus_to_exitcode(status)
+                raise OSError(errno.ECHILD, "the start-up shell ended before the job started")
+            for which, value in limits:
+                resource.prlimit(popen.pid, which, (value, value))
+            if cgroup is not None:
+                cgroup.add(popen.pid)
+            os.kill(popen.pid, signal.SIGCONT)
+        except OSError as exc:
+            if popen.returncode is None:
+                popen.kill()
+                popen.wait()
+            raise JobHeld(
+                f"carod could not put the job under its limits: {exc.strerror}",
                 HoldCode.FAILED_TO_CREATE_PROCESS,
                 exc.errno or 0,
             ) from exc
-        return cls(popen, started)
+        return cls(popen, user, cgroup, sweep=sweep, status_from_code=layers.bwrap is not None)
 
     async def wait(self) -> ExitInfo:
         """The job's exit; safe to await from several places at once."""
@@ -165,10 +204,8 @@ class JobProcess:
         # The main process is a zombie now: its pid is still reserved, so
         # its process group id cannot be reused while we sweep the group.
         _kill_group(self.pid, signal.SIGKILL)
+        await asyncio.to_thread(self._kill_rest)
         _, status, usage = os.wait4(self.pid, 0)  # noqa: ASYNC222 - it has exited: this does not block
-        if _group_exists(self.pid):
-            # SIGKILL is asynchronous: the job is over only when its processes are.
-            await asyncio.to_thread(_wait_group_dead, self.pid, GROUP_DEATH_TIMEOUT_S)
         self._popen.returncode = os.waitstatus_to_exitcode(status)
         code: int | None = None
         sig: int | None = None
@@ -176,28 +213,108 @@ class JobProcess:
             sig = os.WTERMSIG(status)
         else:
             code = os.WEXITSTATUS(status)
+            if self._status_from_code and code - 128 in _SIGNALS:
+                sig = code - 128
+                code = None
+        user_s, sys_s, rss_kib, oom = usage.ru_utime, usage.ru_stime, usage.ru_maxrss, 0
+        if self.cgroup is not None:
+            measured = await asyncio.to_thread(self.cgroup.usage)
+            user_s = max(user_s, measured.user_cpu_s)
+            sys_s = max(sys_s, measured.sys_cpu_s)
+            rss_kib = measured.peak_memory_kib or rss_kib
+            oom = measured.oom_kills
         self._exit = ExitInfo(
             exit_code=code,
             exit_signal=sig,
             duration_s=time.monotonic() - self.started_monotonic,
-            user_cpu_s=usage.ru_utime,
-            sys_cpu_s=usage.ru_stime,
-            max_rss_kib=usage.ru_maxrss,
+            user_cpu_s=user_s,
+            sys_cpu_s=sys_s,
+            max_rss_kib=rss_kib,
+            oom_kills=oom,
         )
         return self._exit
 
-    def signal_group(self, sig: int) -> None:
-        if self._exit is None:
-            _kill_group(self.pid, sig)
+    def _kill_rest(self) -> None:
+        """Every other process of the job, however it hid (blocking)."""
+        if self.cgroup is not None and not self.cgroup.kill(GROUP_DEATH_TIMEOUT_S):
+            log.warning("processes of job cgroup %s still alive after SIGKILL", self.cgroup.name)
+        if _group_exists(self.pid):
+            _wait_group_dead(self.pid, GROUP_DEATH_TIMEOUT_S)
+        if self._sweep:
+            killed = sweep_user(self.user.uid)
+            if killed:
+                log.info("killed %d leftover processes of slot user %s", killed, self.user.name)
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the job's own processes (not carod's helpers running as root)."""
+        if self._exit is not None:
+            return
+        if self.cgroup is not None:
+            self.cgroup.signal(sig, uid=self.user.uid)
+            return
+        for pid in _live_members(self.pid):
+            if uid_of(pid) == self.user.uid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole job now; :meth:`wait` finishes the sweep."""
+        if self._exit is not None:
+            return
+        _kill_group(self.pid, signal.SIGKILL)
+        if self.cgroup is not None:
+            self.cgroup.signal(signal.SIGKILL)
 
     async def stop(self, kill_sig: int, grace_s: float) -> ExitInfo:
-        """KillSig to the whole group, then SIGKILL after ``grace_s``."""
-        self.signal_group(kill_sig)
+        """KillSig to the job, then SIGKILL of everything after ``grace_s``."""
+        self.signal(kill_sig)
         try:
             return await asyncio.wait_for(self.wait(), grace_s)
         except TimeoutError:
-            self.signal_group(signal.SIGKILL)
+            self.kill()
             return await self.wait()
+
+    def oom_kills(self) -> int:
+        return self.cgroup.usage().oom_kills if self.cgroup is not None else 0
+
+    def peak_memory_kib(self) -> int | None:
+        return self.cgroup.usage().peak_memory_kib if self.cgroup is not None else None
+
+
+def probe_limits() -> Limits:
+    return Limits(memory_bytes=64 * 1024 * 1024, cpus=1.0, pids=64)
+
+
+async def probe(layers: Layers, user: JobUser, box: Path, cgroup: JobCgroup | None) -> str:
+    """Run the probe job through the whole chain and return what it printed."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    out = os.fdopen(read_fd, "rb")
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        process = JobProcess.start(
+            [isolation.SH, "-c", isolation.PROBE_SCRIPT],
+            box=box,
+            env={"PATH": BASE_PATH},
+            stdio=Stdio(null, write_fd, write_fd),
+            user=user,
+            layers=layers,
+            cgroup=cgroup,
+            limits=[(resource.RLIMIT_CORE, 0)],
+            sweep=False,
+        )
+    except BaseException:
+        out.close()
+        raise
+    finally:
+        os.close(write_fd)
+        os.close(null)
+    with out:
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        return out.read().decode(errors="replace")
 
 
 def _group_exists(pgid: int) -> bool:

@@ -9,9 +9,11 @@ Safety rules (docs/security.md):
 * the input zip is unpacked by carod with caps on member count and on bytes
   actually written; absolute, ``..``, symlink, device and duplicate entries
   are refused; files are created with O_EXCL|O_NOFOLLOW and chowned;
-* results are collected after the job's processes are gone, regular files
-  only, opened with O_NOFOLLOW|O_NONBLOCK and checked again with fstat, with
-  a byte budget counted from the files' sizes (so a sparse file counts whole).
+* results are collected after the job's processes are gone, walking the
+  tree by directory descriptors (O_NOFOLLOW at every step), regular files
+  owned by the job user only, opened O_NONBLOCK and checked again with
+  fstat, with a byte budget counted from the files' sizes (so a sparse file
+  counts whole).
 """
 
 from __future__ import annotations
@@ -328,13 +330,23 @@ class Results:
     skipped: tuple[str, ...]
 
 
-def collect_results(spec: JobSpec, sandbox: Path, dest: Path, *, max_bytes: int) -> Results:
+def collect_results(spec: JobSpec, sandbox: Path, dest: Path, *, max_bytes: int, owner: Owner) -> Results:
     """Zip the job's outputs (stored, not compressed, like MRG Grid) into ``dest``.
 
     With ``TransferOutput`` only those names (files or directories) plus the
     Out/Err files; otherwise the whole sandbox. Names listed in TransferOutput
-    that do not exist hold the job (HTCondor does the same).
+    that do not exist hold the job (HTCondor does the same). The tree is
+    walked by directory descriptors, never through a symbolic link; only
+    regular files owned by the job user are taken.
     """
+    root_fd = os.open(sandbox, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return _collect(spec, root_fd, dest, max_bytes=max_bytes, owner=owner)
+    finally:
+        os.close(root_fd)
+
+
+def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: Owner) -> Results:
     if spec.transfer_output is None:
         roots = [""]
     else:
@@ -342,11 +354,7 @@ def collect_results(spec: JobSpec, sandbox: Path, dest: Path, *, max_bytes: int)
         for std in (spec.stdout, spec.stderr):
             if std is not None and std not in wanted:
                 wanted.append(std)
-        missing = [
-            name
-            for name in spec.transfer_output
-            if not (_real_parents(sandbox, name) and os.path.lexists(sandbox / name))
-        ]
+        missing = [name for name in spec.transfer_output if _lstat_under(root_fd, name) is None]
         if missing:
             raise JobHeld(
                 "the job did not create the output named in TransferOutput: " + ", ".join(missing),
@@ -354,23 +362,22 @@ def collect_results(spec: JobSpec, sandbox: Path, dest: Path, *, max_bytes: int)
                 errno.ENOENT,
             )
         roots = wanted
-    found: dict[str, Path] = {}
+    found: dict[str, os.stat_result] = {}
     skipped: list[str] = []
     for root in roots:
-        _walk(sandbox, root, found, skipped)
-    entries = sorted(found.items())
+        _walk(root_fd, root, found, skipped, owner)
     total = 0
     files = 0
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for arcname, path in entries:
+        for arcname in sorted(found):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = _open_under(root_fd, arcname, os.O_RDONLY | os.O_NONBLOCK)
             except OSError:
                 skipped.append(arcname)
                 continue
             with os.fdopen(fd, "rb") as src:
                 st = os.fstat(src.fileno())
-                if not stat.S_ISREG(st.st_mode):
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != owner.uid:
                     skipped.append(arcname)
                     continue
                 total += st.st_size
@@ -391,61 +398,85 @@ def collect_results(spec: JobSpec, sandbox: Path, dest: Path, *, max_bytes: int)
     return Results(files=files, bytes=total, skipped=tuple(skipped))
 
 
-def _real_parents(sandbox: Path, rel: str) -> bool:
-    """True when every directory between ``sandbox`` and ``rel`` is a real directory, not a link."""
-    path = sandbox
-    for part in rel.split("/")[:-1]:
-        path = path / part
-        try:
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
-                return False
-        except OSError:
-            return False
-    return True
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _walk(sandbox: Path, root: str, entries: dict[str, Path], skipped: list[str]) -> None:
-    if root and not _real_parents(sandbox, root):
-        skipped.append(root)
-        return
-    start = sandbox / root if root else sandbox
+def _open_under(root_fd: int, rel: str, flags: int) -> int:
+    """Open ``rel`` below ``root_fd`` without following a link at any step."""
+    parts = rel.split("/")
+    fd = root_fd
     try:
-        st = os.lstat(start)
+        for part in parts[:-1]:
+            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            if fd != root_fd:
+                os.close(fd)
+            fd = next_fd
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+def _lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
+    """lstat of ``rel`` below ``root_fd``; None when it or a real-directory parent is missing."""
+    parent, _, name = rel.rpartition("/")
+    try:
+        fd = _open_under(root_fd, parent, _DIR_FLAGS) if parent else os.dup(root_fd)
     except OSError:
-        return
-    if root and not stat.S_ISDIR(st.st_mode):
-        _add(root, start, st, entries, skipped)
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        return
-    stack = [(root, start)]
+        return None
+    try:
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _walk(root_fd: int, root: str, entries: dict[str, os.stat_result], skipped: list[str], owner: Owner) -> None:
+    if root:
+        st = _lstat_under(root_fd, root)
+        if st is None:
+            parent = root.rpartition("/")[0]
+            if parent and _lstat_under(root_fd, parent) is None:
+                skipped.append(root)
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            _add(root, st, entries, skipped, owner)
+            return
+    stack = [root]
     while stack:
-        rel, path = stack.pop()
+        rel = stack.pop()
         try:
-            with os.scandir(path) as it:
-                children = sorted(it, key=lambda e: e.name)
+            fd = _open_under(root_fd, rel, _DIR_FLAGS) if rel else os.dup(root_fd)
         except OSError:
             skipped.append(rel or ".")
             continue
-        for entry in reversed(children):
-            child_rel = f"{rel}/{entry.name}" if rel else entry.name
-            child_st = entry.stat(follow_symlinks=False)
+        try:
+            with os.scandir(fd) as it:
+                children = sorted(((e.name, e.stat(follow_symlinks=False)) for e in it), reverse=True)
+        except OSError:
+            skipped.append(rel or ".")
+            continue
+        finally:
+            os.close(fd)
+        for name, child_st in children:
+            child_rel = f"{rel}/{name}" if rel else name
             if stat.S_ISDIR(child_st.st_mode):
-                stack.append((child_rel, Path(entry.path)))
+                stack.append(child_rel)
             else:
-                _add(child_rel, Path(entry.path), child_st, entries, skipped)
+                _add(child_rel, child_st, entries, skipped, owner)
 
 
-def _add(rel: str, path: Path, st: os.stat_result, entries: dict[str, Path], skipped: list[str]) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        skipped.append(rel)
-        return
+def _add(rel: str, st: os.stat_result, entries: dict[str, os.stat_result], skipped: list[str], owner: Owner) -> None:
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         skipped.append(rel.encode("utf-8", "replace").decode("utf-8"))
         return
-    entries[rel] = path
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != owner.uid:
+        skipped.append(rel)
+        return
+    entries[rel] = st
 
 
 def _zip_time(mtime: float) -> tuple[int, int, int, int, int, int]:

@@ -20,16 +20,28 @@ from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import __version__, logs, machine
+from carod import __version__, isolation, logs, machine, runner, sandbox
 from carod import config as configuration
 from carod.broker import Broker, settle
+from carod.cgroup import CgroupError
 from carod.config import Config, redact_url
-from carod.errors import EXIT_CANTCREAT, EXIT_CONFIG, EXIT_UNAVAILABLE, BrokerError, ConfigError, StartupError
+from carod.errors import (
+    EXIT_CANTCREAT,
+    EXIT_CONFIG,
+    EXIT_NOPERM,
+    EXIT_UNAVAILABLE,
+    BrokerError,
+    ConfigError,
+    JobHeld,
+    StartupError,
+)
+from carod.execute import Executor
+from carod.isolation import Layers
 from carod.journal import Journal, JournalError
 from carod.message import parse_envelope
 from carod.node import Node
-from carod.runner import JobUser, resolve_user
 from carod.sandbox import prepare_root, untraversable
+from carod.users import JobUser, UserPool
 
 log = logging.getLogger("carod.server")
 
@@ -50,6 +62,7 @@ class Server:
         self.broker: Broker | None = None
         self.node: Node | None = None
         self.journal: Journal | None = None
+        self.layers: Layers | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ public
@@ -73,6 +86,8 @@ class Server:
                 await self.broker.close()
             if self.journal is not None:
                 await self.journal.close()
+            if self.layers is not None and self.layers.cgroups is not None:
+                self.layers.cgroups.close()
             if self.handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
@@ -123,10 +138,21 @@ class Server:
 
     async def startup(self) -> None:
         config = self.config
-        user = resolve_user(config.node.job_user)
-        _prepare_dirs(config, user)
         machine_ad = machine.detect(config)
         slots = config.slots_for(machine.cpus())
+        users = UserPool.from_config(config.node.job_user, config.sandbox.slot_users, slots)
+        _prepare_dirs(config, users.users)
+        self.layers = layers = await asyncio.to_thread(isolation.detect, config)
+        for note in layers.notes:
+            log.warning("sandbox: %s", note)
+        for user in users.users:
+            await _probe(config, layers, user)
+        log.info("sandbox: %s; %s", layers.describe(), users.describe())
+        if layers.cgroups is None and layers.bwrap is None and not users.dedicated:
+            log.warning(
+                "sandbox: no cgroup, no PID namespace and one shared job user: a job process that leaves its "
+                "process group can outlive the job (install bubblewrap, or set [sandbox] slot_users)"
+            )
         prefetch = config.prefetch_for(slots)
         if prefetch > slots:
             raise StartupError(
@@ -140,7 +166,7 @@ class Server:
         except JournalError as exc:
             raise StartupError(f"[node] state_dir: {exc}", EXIT_CANTCREAT) from exc
         self.broker = Broker(config.broker, node_name=config.node_name, prefetch=prefetch)
-        self.node = Node(config, machine_ad, self.broker, user, self.journal)
+        self.node = Node(config, machine_ad, self.broker, Executor(config, layers, users), self.journal)
         await self.node.recover()
         try:
             await self.broker.connect()
@@ -149,7 +175,7 @@ class Server:
         except BrokerError as exc:
             raise StartupError(str(exc), EXIT_UNAVAILABLE) from exc
         log.info(
-            "carod %s ready: node=%s broker=%s queue=%s (%s) slots=%d prefetch=%d job_user=%s",
+            "carod %s ready: node=%s broker=%s queue=%s (%s) slots=%d prefetch=%d",
             __version__,
             config.node_name,
             redact_url(config.broker.url),
@@ -157,7 +183,6 @@ class Server:
             config.broker.queue_type,
             slots,
             prefetch,
-            user.name,
         )
         self._housekeeping = asyncio.create_task(self._expire_periodically())
 
@@ -204,9 +229,35 @@ class Server:
         task.add_done_callback(self.tasks.discard)
 
 
-def _prepare_dirs(config: Config, user: JobUser) -> None:
+async def _probe(config: Config, layers: Layers, user: JobUser) -> None:
+    """Run a probe job as ``user`` through every layer; refuse to start if one does not hold."""
+    box: Path | None = None
+    group = None
+    try:
+        box = await asyncio.to_thread(sandbox.create, config.node.sandbox_root, "probe", user.owner)
+        if layers.cgroups is not None:
+            group = await asyncio.to_thread(layers.cgroups.create, f"job-probe-{user.uid}", runner.probe_limits())
+        output = await runner.probe(layers, user, box, group)
+    except (JobHeld, CgroupError, OSError) as exc:
+        raise StartupError(f"sandbox: the probe job as {user.name!r} could not run: {exc}", EXIT_NOPERM) from exc
+    finally:
+        if group is not None:
+            await asyncio.to_thread(group.remove)
+        if box is not None:
+            await asyncio.to_thread(sandbox.remove, box)
+    problems = isolation.probe_problems(output, user, layers)
+    if problems:
+        raise StartupError(
+            f"sandbox: the probe job as {user.name!r} is not isolated as configured: " + "; ".join(problems),
+            EXIT_NOPERM,
+        )
+
+
+def _prepare_dirs(config: Config, users: list[JobUser]) -> None:
     node = config.node
-    for path, mode in ((node.state_dir, 0o700), (node.state_dir / "results", 0o700)):
+    # Jobs must be able to pass through state_dir when their sandboxes are inside it.
+    state_mode = 0o711 if node.sandbox_root.is_relative_to(node.state_dir) else 0o700
+    for path, mode in ((node.state_dir, state_mode), (node.state_dir / "results", 0o700)):
         _make_dir(path, mode, key="state_dir")
     try:
         prepare_root(node.sandbox_root)
@@ -217,13 +268,14 @@ def _prepare_dirs(config: Config, user: JobUser) -> None:
     for key, path in (("state_dir", node.state_dir), ("sandbox_root", node.sandbox_root)):
         if not os.access(path, os.W_OK | os.X_OK):
             raise StartupError(f"[node] {key}: {path} is not writable by carod", EXIT_CANTCREAT)
-    blocked = untraversable(node.sandbox_root, user.owner)
-    if blocked is not None:
-        raise StartupError(
-            f"[node] sandbox_root: the job user {user.name!r} cannot enter {blocked} "
-            f"(mode {stat.S_IMODE(os.stat(blocked).st_mode):04o}); every directory above the sandboxes needs o+x",
-            EXIT_CANTCREAT,
-        )
+    for user in users:
+        blocked = untraversable(node.sandbox_root, user.owner)
+        if blocked is not None:
+            raise StartupError(
+                f"[node] sandbox_root: the job user {user.name!r} cannot enter {blocked} "
+                f"(mode {stat.S_IMODE(os.stat(blocked).st_mode):04o}); every directory above the sandboxes needs o+x",
+                EXIT_CANTCREAT,
+            )
 
 
 def _make_dir(path: Path, mode: int, *, key: str) -> None:

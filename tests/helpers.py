@@ -146,6 +146,16 @@ class Submitter:
 
         return await asyncio.wait_for(final(), timeout_s)
 
+    async def wait_running(self, message_id: str | None, timeout_s: float = 20.0) -> None:
+        """Until the job's Running (JobStatus 2) reply has arrived."""
+
+        async def running() -> None:
+            while not any(r.status == 2 for r in self.replies.get(message_id, [])):
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        await asyncio.wait_for(running(), timeout_s)
+
     async def run(self, headers: dict[str, Any], *, body: bytes = b"", timeout_s: float = 20.0) -> list[Reply]:
         mid = await self.send(headers, body=body)
         return await self.wait_final(mid, timeout_s)
@@ -163,6 +173,7 @@ def config_text(
     node: dict[str, Any] | None = None,
     broker: dict[str, Any] | None = None,
     machine: dict[str, str] | None = None,
+    sandbox: dict[str, Any] | None = None,
 ) -> str:
     b = {"url": BROKER_URL, "queue": queue, "binding_key": f"{queue}-key", "unmatched_delay_s": 0.05}
     b.update(broker or {})
@@ -176,6 +187,8 @@ def config_text(
     }
     n.update(node or {})
     lines = ["[broker]", *(f"{k} = {v}" for k, v in b.items()), "[node]", *(f"{k} = {v}" for k, v in n.items())]
+    if sandbox:
+        lines += ["[sandbox]", *(f"{k} = {v}" for k, v in sandbox.items())]
     if machine:
         lines += ["[machine]", *(f"{k} = {v}" for k, v in machine.items())]
     return "\n".join(lines) + "\n"

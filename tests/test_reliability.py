@@ -31,6 +31,11 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run([RABBITMQCTL, *args], check=True, capture_output=True, timeout=120)
 
 
+#: These jobs record their starts in a shared directory outside their sandbox,
+#: which bubblewrap would (rightly) forbid: the journal, not the sandbox, is under test.
+OPEN = {"isolation": "none"}
+
+
 @pytest.fixture
 def runs(base: Path) -> Path:
     path = base / "runs"
@@ -94,7 +99,7 @@ async def finish(daemon: Daemon, sub: Submitter, jobs: dict[str, str], timeout_s
 async def test_kill9_then_restart_each_job_answered_once(
     base: Path, queue: str, runs: Path, durable_sub: Submitter
 ) -> None:
-    config = write_config(base, queue, node={"slots": 2})
+    config = write_config(base, queue, node={"slots": 2}, sandbox=OPEN)
     daemon = await start_daemon(config)
     jobs = await submit_counting(durable_sub, runs, 2, 3)  # two run, one waits in the queue
     await daemon.wait_for_line("state=running")
@@ -121,7 +126,7 @@ async def test_kill9_then_restart_each_job_answered_once(
 async def test_connections_closed_jobs_keep_running_and_answer_once(
     base: Path, queue: str, runs: Path, durable_sub: Submitter
 ) -> None:
-    daemon = await start_daemon(write_config(base, queue, node={"slots": 2}))
+    daemon = await start_daemon(write_config(base, queue, node={"slots": 2}, sandbox=OPEN))
     jobs = await submit_counting(durable_sub, runs, 3, 2)
     await daemon.wait_for_line("state=running")
     await daemon.wait_for_line("state=running")
@@ -140,7 +145,7 @@ async def test_connections_closed_jobs_keep_running_and_answer_once(
 async def test_broker_stopped_while_jobs_run_and_finish(
     base: Path, queue: str, runs: Path, durable_sub: Submitter
 ) -> None:
-    daemon = await start_daemon(write_config(base, queue, node={"slots": 2}))
+    daemon = await start_daemon(write_config(base, queue, node={"slots": 2}, sandbox=OPEN))
     jobs = await submit_counting(durable_sub, runs, 2, 2)
     await daemon.wait_for_line("state=running")
     await daemon.wait_for_line("state=running")
@@ -162,7 +167,7 @@ async def test_broker_stopped_while_jobs_run_and_finish(
 async def test_sigterm_requeued_job_runs_again_with_next_run_count(
     base: Path, queue: str, runs: Path, durable_sub: Submitter
 ) -> None:
-    config = write_config(base, queue, node={"drain_timeout_s": 0.5, "kill_grace_s": 1})
+    config = write_config(base, queue, node={"drain_timeout_s": 0.5, "kill_grace_s": 1}, sandbox=OPEN)
     daemon = await start_daemon(config)
     jobs = await submit_counting(durable_sub, runs, 2, 1)
     await daemon.wait_for_line("state=running")
@@ -209,7 +214,7 @@ async def test_consumer_timeout_costs_only_a_redelivery(
     original = await asyncio.to_thread(consumer_timeout_ms)
     await asyncio.to_thread(rabbitmqctl, "eval", "application:set_env(rabbit, consumer_timeout, 2000).")
     try:
-        daemon = await start_daemon(write_config(base, queue, node={"slots": 1}))
+        daemon = await start_daemon(write_config(base, queue, node={"slots": 1}, sandbox=OPEN))
         jobs = await submit_counting(durable_sub, runs, 75, 1)
         await daemon.wait_for_line("state=running")
         await daemon.wait_for_line("state=adopted", timeout_s=150)

@@ -453,7 +453,7 @@ def test_open_stdio_closes_what_it_opened_when_held(dirs: Dirs) -> None:
 
 def collect(dirs: Dirs, job: JobSpec, *, max_bytes: int = MIB) -> tuple[sandbox.Results, dict[str, bytes]]:
     dest = dirs.base / "result.zip"
-    results = sandbox.collect_results(job, dirs.box, dest, max_bytes=max_bytes)
+    results = sandbox.collect_results(job, dirs.box, dest, max_bytes=max_bytes, owner=OWNER)
     return results, zip_contents(dest)
 
 
@@ -480,7 +480,7 @@ def test_collect_keeps_file_modes_and_stores_uncompressed(dirs: Dirs) -> None:
     (dirs.box / "data").write_bytes(b"d" * 1000)
     (dirs.box / "data").chmod(0o640)
     dest = dirs.base / "result.zip"
-    sandbox.collect_results(spec(), dirs.box, dest, max_bytes=MIB)
+    sandbox.collect_results(spec(), dirs.box, dest, max_bytes=MIB, owner=OWNER)
     with zipfile.ZipFile(dest) as archive:
         infos = {info.filename: info for info in archive.infolist()}
     assert stat.S_IMODE(infos["run.sh"].external_attr >> 16) == 0o755
@@ -532,7 +532,11 @@ def test_collect_transfer_output_missing_name_is_held(dirs: Dirs) -> None:
     (dirs.box / "present.txt").write_bytes(b"p")
     with pytest.raises(JobHeld) as info:
         sandbox.collect_results(
-            spec(transfer_output=("present.txt", "absent.txt")), dirs.box, dirs.base / "r.zip", max_bytes=MIB
+            spec(transfer_output=("present.txt", "absent.txt")),
+            dirs.box,
+            dirs.base / "r.zip",
+            max_bytes=MIB,
+            owner=OWNER,
         )
     assert info.value.code == HoldCode.TRANSFER_OUTPUT_ERROR
     assert info.value.subcode == errno.ENOENT
@@ -579,7 +583,7 @@ def test_collect_over_the_limit_is_held(dirs: Dirs) -> None:
     (dirs.box / "a").write_bytes(b"a" * 600)
     (dirs.box / "b").write_bytes(b"b" * 401)
     with pytest.raises(JobHeld) as info:
-        sandbox.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=1000)
+        sandbox.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=1000, owner=OWNER)
     assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
     assert "1000 bytes" in info.value.reason
 
@@ -591,7 +595,7 @@ def test_collect_sparse_file_counts_at_its_size(dirs: Dirs) -> None:
         f.truncate(1024**4)  # 1 TiB apparent size, no blocks: reading it all would take far too long
     assert os.stat(sparse).st_blocks * 512 < MIB
     with pytest.raises(JobHeld) as info:
-        sandbox.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=8 * MIB)
+        sandbox.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=8 * MIB, owner=OWNER)
     assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
     assert "8 MiB" in info.value.reason
 

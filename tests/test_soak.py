@@ -202,7 +202,12 @@ async def test_soak_two_nodes_random_faults_every_job_answered_once(
         home = base / name
         home.mkdir()
         os.chmod(home, 0o711)  # noqa: S103 - the job user must traverse it to its sandbox
-        configs[name] = write_config(home, queue, node={"slots": 2, "name": f"soak-{name}-{uuid.uuid4().hex[:6]}"})
+        configs[name] = write_config(
+            home,
+            queue,
+            node={"slots": 2, "name": f"soak-{name}-{uuid.uuid4().hex[:6]}"},
+            sandbox={"isolation": "none"},  # jobs record their starts outside their sandbox
+        )
         logs[name] = base / f"{name}.log"
 
     t0 = time.monotonic()

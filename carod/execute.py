@@ -1,0 +1,181 @@
+"""sandbox -> run -> results: one job's execution on this node, without the broker or the journal.
+
+:class:`Executor` holds what the node decided at start-up (the isolation
+layers, the job users) and does, for each job: create its sandbox, unpack
+the input, open stdio, check the command, create its cgroup with its limits,
+start it, watch its limits, zip its results, and clean everything up. The
+node (carod.node) calls these steps in order and journals and answers
+between them. Problems the job caused come out as :class:`JobHeld`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from carod import cgroup, limits, sandbox
+from carod.cgroup import CgroupError, JobCgroup
+from carod.config import Config
+from carod.errors import JobHeld
+from carod.holdcodes import HoldCode
+from carod.isolation import Layers
+from carod.jobad import JobSpec
+from carod.limits import JobLimits
+from carod.replies import ExitInfo
+from carod.runner import JobProcess, check_command, job_environment, kill_leftover, rlimits
+from carod.users import JobUser, UserPool
+
+log = logging.getLogger("carod.execute")
+
+
+@dataclass
+class Run:
+    """One attempt of a job: its user, sandbox, cgroup, limits and process."""
+
+    user: JobUser
+    box: Path | None = None
+    cgroup: JobCgroup | None = None
+    limits: JobLimits | None = None
+    process: JobProcess | None = None
+    skipped: tuple[str, ...] = field(default=())
+
+
+class Executor:
+    def __init__(self, config: Config, layers: Layers, users: UserPool) -> None:
+        self.config = config
+        self.layers = layers
+        self.users = users
+        self.results_dir = config.node.state_dir / "results"
+
+    async def begin(self) -> Run:
+        """A job user for one attempt (waits when every slot user is busy)."""
+        return Run(await self.users.acquire())
+
+    async def create_box(self, run: Run, message_id: str) -> Path:
+        run.box = await asyncio.to_thread(sandbox.create, self.config.node.sandbox_root, message_id, run.user.owner)
+        return run.box
+
+    async def start(self, run: Run, spec: JobSpec, body: bytes, machine_memory_mib: int) -> JobProcess:
+        """Unpack, check, limit and start the job. Raises JobHeld."""
+        node = self.config.node
+        box = run.box
+        if box is None:
+            raise RuntimeError("start() before create_box()")
+        owner = run.user.owner
+        if body:
+            await asyncio.to_thread(
+                sandbox.unpack_input,
+                body,
+                box,
+                owner,
+                max_files=node.max_input_files,
+                max_bytes=node.max_input_mib * sandbox.MIB,
+            )
+        executable = await asyncio.to_thread(check_command, spec, box, run.user)
+        run.limits = limits.limits_for(spec, self.config.sandbox, machine_memory_mib)
+        cgroups = self.layers.cgroups
+        if cgroups is not None:
+            try:
+                run.cgroup = await asyncio.to_thread(cgroups.create, f"job-{box.name}", run.limits.cgroup())
+            except CgroupError as exc:
+                raise JobHeld(
+                    f"carod could not set up the job's limits: {exc}", HoldCode.FAILED_TO_CREATE_PROCESS
+                ) from exc
+        stdio = await asyncio.to_thread(sandbox.open_stdio, spec, box, owner)
+        try:
+            run.process = JobProcess.start(
+                [executable, *spec.arguments],
+                box=box,
+                env=job_environment(spec, box, run.user),
+                stdio=stdio,
+                user=run.user,
+                layers=self.layers,
+                cgroup=run.cgroup,
+                limits=rlimits(run.limits, run.cgroup, cgroups.controllers if cgroups else frozenset()),
+                sweep=self.users.dedicated,
+            )
+        finally:
+            stdio.close()
+        return run.process
+
+    async def watch(self, run: Run, kill_sig: int) -> tuple[ExitInfo, JobHeld | None]:
+        """Until the job ends; a limit it broke comes back as JobHeld (the job is stopped)."""
+        if run.process is None or run.limits is None or run.box is None:
+            raise RuntimeError("watch() before start()")
+        return await limits.enforce(
+            run.process,
+            run.limits,
+            run.box,
+            interval_s=self.config.sandbox.check_interval_s,
+            kill_sig=kill_sig,
+            grace_s=self.config.node.kill_grace_s,
+        )
+
+    async def collect(self, run: Run, spec: JobSpec) -> tuple[Path, sandbox.Results]:
+        """Zip the results into the state directory. Raises JobHeld."""
+        if run.box is None:
+            raise RuntimeError("collect() before create_box()")
+        result_zip = self.results_dir / f"{run.box.name}.zip"
+        try:
+            results = await asyncio.to_thread(
+                sandbox.collect_results,
+                spec,
+                run.box,
+                result_zip,
+                max_bytes=self.config.node.max_result_mib * sandbox.MIB,
+                owner=run.user.owner,
+            )
+        except JobHeld:
+            result_zip.unlink(missing_ok=True)
+            raise
+        except OSError as exc:
+            result_zip.unlink(missing_ok=True)
+            raise JobHeld(
+                f"carod could not write the job's results: {exc.strerror}",
+                HoldCode.TRANSFER_OUTPUT_ERROR,
+                exc.errno or 0,
+            ) from exc
+        return result_zip, results
+
+    async def end(self, run: Run) -> None:
+        """Kill what is left of the attempt, remove its cgroup and sandbox, free its user."""
+        try:
+            if run.process is not None:
+                run.process.kill()
+                await run.process.wait()
+            if run.cgroup is not None:
+                await asyncio.to_thread(run.cgroup.remove)
+            if run.box is not None:
+                await asyncio.to_thread(sandbox.remove, run.box)
+        finally:
+            self.users.release(run.user)
+
+    async def clean_interrupted(self, pid: int | None, pid_start: str | None, box: str | None) -> bool:
+        """Kill the processes of a run carod lost track of. True when something was killed."""
+        killed = False
+        if pid is not None:
+            killed = await asyncio.to_thread(kill_leftover, pid, pid_start)
+        if box:
+            if self.layers.cgroups is not None:
+                group = self.layers.cgroups.job(f"job-{Path(box).name}")
+                if group.pids():
+                    killed = True
+                await asyncio.to_thread(group.kill)
+                await asyncio.to_thread(group.remove)
+            await asyncio.to_thread(sandbox.remove, Path(box))
+        return killed
+
+    async def clean_host(self) -> int:
+        """At start-up, before any job: kill what earlier runs of carod left. Returns processes killed."""
+        killed = 0
+        if self.layers.cgroups is not None:
+            for group in await asyncio.to_thread(self.layers.cgroups.leftovers):
+                killed += len(group.pids())
+                await asyncio.to_thread(group.kill)
+                await asyncio.to_thread(group.remove)
+        if self.users.dedicated:
+            for user in self.users.users:
+                killed += await asyncio.to_thread(cgroup.sweep_user, user.uid)
+        return killed

@@ -1,0 +1,193 @@
+"""The layers between a job and the node, and the command line that applies them.
+
+Every job is started through the same chain (docs/security.md)::
+
+    /bin/sh (gate, root)  ->  [bwrap (root)]  ->  setpriv (drops to the job user)  ->  Cmd
+
+* the **gate** is a tiny shell that stops itself (SIGSTOP) until carod has
+  moved it into the job's cgroup and set its rlimits, so no instruction of
+  the job runs outside its limits; on SIGCONT it execs the rest;
+* **bubblewrap** (``isolation = auto|bwrap``) gives a read-only system, a
+  private /tmp and /dev/shm with a size cap, only the sandbox writable,
+  carod's state and the other sandboxes hidden, a PID, IPC and (unless
+  ``network = yes``) network namespace;
+* **setpriv** switches uid and gid, clears the supplementary groups, sets
+  ``no_new_privs`` and empties the capability bounding set.
+
+:func:`command` builds that argv (pure). :func:`detect` looks at the host.
+:func:`probe_problems` reads what a probe job saw and says what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from carod.cgroup import CgroupError, Cgroups
+from carod.cgroup import detect as detect_cgroups
+from carod.config import Config
+from carod.errors import EXIT_CONFIG, EXIT_NOPERM, StartupError
+from carod.users import JobUser
+
+MIB = 1024 * 1024
+SH = "/bin/sh"
+#: The gate stops itself until carod has put it under its limits and sends SIGCONT.
+#: (Should carod die meanwhile, the kernel sends the orphaned, stopped group SIGHUP.)
+GATE_SCRIPT = 'kill -STOP $$; exec "$@"'
+#: What the start-up probe job prints: its credentials, namespaces and whether / is writable.
+PROBE_SCRIPT = (
+    "cat /proc/self/status; "
+    'echo "ns-pid $(readlink /proc/self/ns/pid)"; '
+    'echo "ns-net $(readlink /proc/self/ns/net)"; '
+    "if touch /usr/.carod-probe 2>/dev/null; then echo root-writable; rm -f /usr/.carod-probe; fi"
+)
+
+
+@dataclass(frozen=True)
+class Layers:
+    """What the host gives this node's jobs, decided once at start-up."""
+
+    bwrap: str | None
+    cgroups: Cgroups | None
+    network: bool
+    tmp_bytes: int
+    hidden: tuple[Path, ...]
+    setpriv: str
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = []
+        if self.bwrap:
+            net = "network allowed" if self.network else "no network"
+            parts.append(f"bubblewrap (read-only /, private /tmp, PID+IPC namespaces, {net})")
+        else:
+            parts.append("no bubblewrap")
+        parts.append(self.cgroups.describe() if self.cgroups else "no cgroups (rlimits + process-group kill)")
+        parts.append("setpriv (no groups, no_new_privs, no capabilities)")
+        return "; ".join(parts)
+
+
+def detect(config: Config) -> Layers:
+    """Decide the layers. Raises StartupError when a required one is missing."""
+    sandbox = config.sandbox
+    notes: list[str] = []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise StartupError(
+            "setpriv (util-linux) is not installed; carod needs it to drop jobs to their user", EXIT_NOPERM
+        )
+    bwrap: str | None = None
+    if sandbox.isolation != "none":
+        bwrap, why = _find_bwrap()
+        if bwrap is None:
+            if sandbox.isolation == "bwrap":
+                raise StartupError(f"[sandbox] isolation = bwrap: {why}", EXIT_CONFIG)
+            notes.append(f"no bubblewrap isolation: {why} (install the bubblewrap package)")
+    else:
+        notes.append("no bubblewrap isolation: isolation = none in the config")
+    try:
+        cgroups, why = detect_cgroups(sandbox.cgroups, config.node.state_dir)
+    except (CgroupError, OSError) as exc:
+        raise StartupError(str(exc), EXIT_CONFIG) from exc
+    if cgroups is None:
+        notes.append(f"no cgroups: {why}; limits fall back to rlimits")
+    elif why:
+        notes.append(f"cgroup {cgroups.version} without the usual limits: {why}")
+    hidden = tuple(dict.fromkeys([config.node.state_dir, config.node.sandbox_root]))
+    return Layers(
+        bwrap=bwrap,
+        cgroups=cgroups,
+        network=sandbox.network,
+        tmp_bytes=sandbox.tmp_mib * MIB,
+        hidden=hidden,
+        setpriv=setpriv,
+        notes=tuple(notes),
+    )
+
+
+def _find_bwrap() -> tuple[str | None, str]:
+    path = shutil.which("bwrap")
+    if path is None:
+        return None, "bwrap is not installed"
+    if os.geteuid() != 0:
+        return None, "carod does not run as root (bwrap without a user namespace needs root)"
+    try:
+        done = subprocess.run(
+            [path, "--ro-bind", "/", "/", "--unshare-pid", "--", "/bin/true"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"bwrap does not run here ({exc})"
+    if done.returncode != 0:
+        return None, f"bwrap does not work here: {done.stderr.decode(errors='replace').strip()}"
+    return path, ""
+
+
+def command(layers: Layers, user: JobUser, box: Path, argv: list[str]) -> list[str]:
+    """The whole argv for one job: gate, bubblewrap, setpriv, then ``argv``."""
+    chain = [SH, "-c", GATE_SCRIPT, "carod-gate"]
+    if layers.bwrap:
+        chain += [layers.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        size = str(layers.tmp_bytes)
+        chain += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
+        chain += ["--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]
+        if not layers.network:
+            # Unix sockets of local services (databases, brokers, D-Bus) live under /run.
+            chain += ["--tmpfs", "/run"]
+        for path in layers.hidden:
+            chain += ["--tmpfs", str(path)]
+        chain += ["--bind", str(box), str(box), "--chdir", str(box)]
+        chain += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]
+        if not layers.network:
+            chain.append("--unshare-net")
+        chain.append("--")
+    chain.append(layers.setpriv)
+    if user.switch:
+        chain += [f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
+        chain += ["--bounding-set=-all", "--inh-caps=-all"]
+    chain += ["--no-new-privs", "--", *argv]
+    return chain
+
+
+def probe_problems(output: str, user: JobUser, layers: Layers) -> list[str]:
+    """What is wrong with the probe job's view of itself (empty = all layers hold)."""
+    fields: dict[str, str] = {}
+    for line in output.splitlines():
+        if line.startswith("ns-"):
+            key, _, value = line.partition(" ")
+            fields[key] = value.strip()
+        elif line.strip() == "root-writable":
+            fields["root-writable"] = "yes"
+        else:
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+    problems = []
+    if not fields:
+        return ["the probe job printed nothing"]
+    uids = fields.get("Uid", "").split()
+    gids = fields.get("Gid", "").split()
+    if uids != [str(user.uid)] * 4:
+        problems.append(f"it ran with uids {uids}, not {user.uid}")
+    if gids != [str(user.gid)] * 4:
+        problems.append(f"it ran with gids {gids}, not {user.gid}")
+    groups = set(fields.get("Groups", "").split()) - {str(user.gid)}
+    if user.switch and groups:
+        problems.append(f"it kept supplementary groups {sorted(groups)}")
+    if fields.get("NoNewPrivs") != "1":
+        problems.append("no_new_privs is not set")
+    if user.switch and fields.get("CapEff", "0").strip("0"):
+        problems.append(f"it has capabilities {fields.get('CapEff')}")
+    if layers.bwrap:
+        if fields.get("ns-pid") == os.readlink("/proc/self/ns/pid"):
+            problems.append("it shares carod's PID namespace")
+        if not layers.network and fields.get("ns-net") == os.readlink("/proc/self/ns/net"):
+            problems.append("it shares carod's network namespace")
+        if "root-writable" in fields:
+            problems.append("it can write to /usr")
+    return problems
