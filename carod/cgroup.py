@@ -192,7 +192,7 @@ class JobCgroup:
 
     def kill(self, timeout_s: float = KILL_TIMEOUT_S) -> bool:
         """SIGKILL every process and wait until they are gone. False if some are left."""
-        if not self.exists():
+        if not self.exists() or not self.pids():
             return True
         return self._kill(time.monotonic() + timeout_s)
 
