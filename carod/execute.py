@@ -35,6 +35,7 @@ class Run:
     """One attempt of a job: its user, sandbox, cgroup, limits and process."""
 
     user: JobUser
+    ended: bool = False
     box: Path | None = None
     cgroup: JobCgroup | None = None
     limits: JobLimits | None = None
@@ -140,7 +141,10 @@ class Executor:
         return result_zip, results
 
     async def end(self, run: Run) -> None:
-        """Kill what is left of the attempt, remove its cgroup and sandbox, free its user."""
+        """Kill what is left of the attempt, remove its cgroup and sandbox, free its user. Idempotent."""
+        if run.ended:
+            return
+        run.ended = True
         try:
             if run.process is not None:
                 run.process.kill()

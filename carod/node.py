@@ -355,9 +355,11 @@ class Node:
             await self._send(job, running)
             info, exceeded = await self.executor.watch(run, job.kill_sig)
             if job.evicted is not None:
+                await self.executor.end(run)
                 await self._evicted(job)
                 return
             if exceeded is not None:
+                await self.executor.end(run)
                 await self._final(job, self._held(job, exceeded, info=info))
                 return
             await self._finish(job, spec, run, info)
@@ -370,8 +372,12 @@ class Node:
         try:
             result_zip, results = await self.executor.collect(run, spec)
         except JobHeld as held:
+            await self.executor.end(run)
             await self._final(job, self._held(job, held, info=info))
             return
+        # The job is over and its results are safe: free its sandbox and user
+        # now, not after the final reply (which may wait for a redelivery).
+        await self.executor.end(run)
         if results.skipped:
             log.info(
                 "job=%s result zip skipped non-regular, foreign or undecodable entries: %s",

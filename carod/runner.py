@@ -77,18 +77,26 @@ def check_command(spec: JobSpec, sandbox: Path, user: JobUser) -> str:
         return JobHeld(f"the job's command {spec.cmd!r} {why}", HoldCode.FAILED_TO_CREATE_PROCESS, code)
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # O_PATH opens nothing (a device's open() could have side effects);
+        # only a regular file is then read, through that same descriptor.
+        ref = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
         raise held("does not exist on this node", errno.ENOENT) from None
     except OSError as exc:
         raise held(f"cannot be opened: {exc.strerror}", exc.errno or 0) from exc
     try:
-        st = os.fstat(fd)
+        st = os.fstat(ref)
         if not stat.S_ISREG(st.st_mode):
             raise held("cannot be executed: it is not a regular file", errno.EACCES)
-        head = os.read(fd, 4)
+        fd = os.open(f"/proc/self/fd/{ref}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.read(fd, 4)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise held(f"cannot be read: {exc.strerror}", exc.errno or 0) from exc
     finally:
-        os.close(fd)
+        os.close(ref)
     if st.st_uid == user.uid:
         bit = stat.S_IXUSR
     elif st.st_gid == user.gid:

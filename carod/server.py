@@ -119,7 +119,7 @@ class Server:
         old = self.config
         kept = [
             f"[{section}] {f.name}"
-            for section in ("broker", "node")
+            for section in ("broker", "node", "sandbox")
             for f in dataclasses.fields(getattr(old, section))
             if f.name not in _RELOADABLE
             and getattr(getattr(old, section), f.name) != getattr(getattr(new, section), f.name)
