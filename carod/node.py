@@ -131,7 +131,7 @@ class Node:
         self.executor = executor
         self.journal = journal
         self.name = config.node_name
-        self.results_dir = config.node.state_dir / "results"
+        self.results_dir = executor.results_dir
         self.jobs: dict[int, Job] = {}
         self.running: dict[str, Job] = {}
         #: set when the node shuts down: answers waiting for a redelivery stay in the journal

@@ -40,7 +40,7 @@ from carod.isolation import Layers
 from carod.jobad import JobSpec
 from carod.limits import JobLimits
 from carod.replies import ExitInfo
-from carod.sandbox import Stdio, untraversable
+from carod.sandbox import Stdio, executable_by, untraversable
 from carod.users import JobUser
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -97,14 +97,7 @@ def check_command(spec: JobSpec, sandbox: Path, user: JobUser) -> str:
         raise held(f"cannot be read: {exc.strerror}", exc.errno or 0) from exc
     finally:
         os.close(ref)
-    if st.st_uid == user.uid:
-        bit = stat.S_IXUSR
-    elif st.st_gid == user.gid:
-        bit = stat.S_IXGRP
-    else:
-        bit = stat.S_IXOTH
-    blocked = untraversable(Path(path).parent, user.owner)
-    if not st.st_mode & bit or blocked is not None:
+    if not executable_by(st, user.owner) or untraversable(Path(path).parent, user.owner) is not None:
         raise held(f"cannot be executed by the job user {user.name!r} (Permission denied)", errno.EACCES)
     if head[:2] != b"#!" and head != b"\x7fELF":
         raise held(

@@ -53,17 +53,21 @@ def prepare_root(root: Path) -> None:
     os.chmod(root, 0o711)  # noqa: S103 - traversable, not listable: jobs reach only their own box
 
 
+def executable_by(st: os.stat_result, owner: Owner) -> bool:
+    """Whether the execute (search, for a directory) bit applies to ``owner`` (no supplementary groups)."""
+    if st.st_uid == owner.uid:
+        bit = stat.S_IXUSR
+    elif st.st_gid == owner.gid:
+        bit = stat.S_IXGRP
+    else:
+        bit = stat.S_IXOTH
+    return bool(st.st_mode & bit)
+
+
 def untraversable(path: Path, owner: Owner) -> Path | None:
     """The first directory from / down to ``path`` that the job user cannot enter."""
     for directory in [*reversed(path.parents), path]:
-        st = os.stat(directory)
-        if st.st_uid == owner.uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid == owner.gid:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not st.st_mode & bit:
+        if not executable_by(os.stat(directory), owner):
             return directory
     return None
 

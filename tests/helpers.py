@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import uuid
+import warnings
 import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -275,3 +276,30 @@ async def start_daemon(config: Path) -> Daemon:
     daemon = Daemon(proc)
     await daemon.wait_for_line("ready")
     return daemon
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs whose command line contains ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def raw_zip(*entries: tuple[str, bytes, int], compression: int = zipfile.ZIP_STORED) -> bytes:
+    """A zip of (name, data, st_mode) entries, names taken verbatim (unsafe ones included)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about duplicate names
+        with zipfile.ZipFile(buf, "w", compression=compression) as archive:
+            for name, data, mode in entries:
+                info = zipfile.ZipInfo(name)
+                info.external_attr = mode << 16
+                info.compress_type = compression
+                archive.writestr(info, data)
+    return buf.getvalue()

@@ -9,7 +9,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from tests.helpers import RunningNode, Submitter, q, queue_depth
+from tests.helpers import RunningNode, Submitter, processes_with, q, queue_depth
 
 SEED = {
     "Cmd": q("/bin/echo"),
@@ -18,19 +18,6 @@ SEED = {
     "Err": q("job.err"),
     "Requirements": "TRUE",
 }
-
-
-def processes_with(marker: str) -> list[int]:
-    """PIDs whose command line contains ``marker``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def _status(pid: int) -> str:

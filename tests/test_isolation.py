@@ -8,7 +8,6 @@ A test that needs a layer the host cannot offer skips with the reason.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import pwd
 import shutil
@@ -25,7 +24,17 @@ from typing import Any
 import pytest
 
 from carod.errors import StartupError
-from tests.helpers import CAROD, Reply, RunningNode, Submitter, q, start_node, write_config
+from tests.helpers import (
+    CAROD,
+    Reply,
+    RunningNode,
+    Submitter,
+    processes_with,
+    q,
+    raw_zip,
+    start_node,
+    write_config,
+)
 
 SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out")}
 MIB = 1024 * 1024
@@ -40,18 +49,6 @@ def sh(script: str, **attrs: Any) -> dict[str, Any]:
 
 def out(reply: Reply, name: str = "out") -> str:
     return reply.zip_read(name).decode()
-
-
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def layers(node: RunningNode) -> Any:
@@ -324,20 +321,9 @@ async def test_ten_gigabyte_sparse_file_is_held_without_reading_it(boxed: Runnin
 # ---------------------------------------------------------------- input zips
 
 
-def _zip(entries: list[tuple[str, bytes, int]], compression: int = zipfile.ZIP_STORED) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=compression) as archive:
-        for name, data, mode in entries:
-            info = zipfile.ZipInfo(name)
-            info.external_attr = mode << 16
-            info.compress_type = compression
-            archive.writestr(info, data)
-    return buf.getvalue()
-
-
 def overlapping_zip(copies: int, size: int) -> bytes:
     """CVE-2024-0450's trick: many central-directory entries pointing at one compressed member."""
-    raw = _zip([("a", b"\0" * size, 0o100644)], zipfile.ZIP_DEFLATED)
+    raw = raw_zip(("a", b"\0" * size, 0o100644), compression=zipfile.ZIP_DEFLATED)
     eocd = raw.rfind(b"PK\x05\x06")
     cd_size, cd_offset = struct.unpack("<II", raw[eocd + 12 : eocd + 20])
     entry = raw[cd_offset : cd_offset + cd_size]
@@ -348,10 +334,10 @@ def overlapping_zip(copies: int, size: int) -> bytes:
 
 
 BAD_ZIPS = {
-    "zip-slip": (_zip([("../../evil", b"x", 0o100644)]), 13, "unsafe name"),
-    "absolute": (_zip([("/tmp/evil", b"x", 0o100644)]), 13, "unsafe name"),
-    "symlink": (_zip([("evil", b"/etc/shadow", 0o120777)]), 13, "symbolic link"),
-    "bomb": (_zip([("zeros", b"\0" * (64 * MIB), 0o100644)], zipfile.ZIP_DEFLATED), 32, "limit of 16 MiB"),
+    "zip-slip": (raw_zip(("../../evil", b"x", 0o100644)), 13, "unsafe name"),
+    "absolute": (raw_zip(("/tmp/evil", b"x", 0o100644)), 13, "unsafe name"),
+    "symlink": (raw_zip(("evil", b"/etc/shadow", 0o120777)), 13, "symbolic link"),
+    "bomb": (raw_zip(("zeros", b"\0" * (64 * MIB), 0o100644), compression=zipfile.ZIP_DEFLATED), 32, "limit of 16 MiB"),
     "overlapping": (overlapping_zip(200, 2 * MIB), 13, "twice"),
 }
 

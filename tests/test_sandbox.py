@@ -8,7 +8,6 @@ import os
 import shutil
 import stat
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
 from carod.jobad import JobSpec
 from carod.sandbox import Owner
+from tests.helpers import raw_zip
 
 OWNER = Owner(os.getuid(), os.getgid())
 MIB = 1024 * 1024
@@ -62,20 +62,6 @@ def dirs() -> Iterator[Dirs]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def make_zip(*entries: tuple[str, bytes, int], compression: int = zipfile.ZIP_STORED) -> bytes:
-    """A zip of (name, data, st_mode) entries, names taken verbatim."""
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zipfile warns about duplicate names
-        with zipfile.ZipFile(buf, "w", compression=compression) as archive:
-            for name, data, mode in entries:
-                info = zipfile.ZipInfo(name)
-                info.external_attr = mode << 16
-                info.compress_type = compression
-                archive.writestr(info, data)
-    return buf.getvalue()
-
-
 def reg(name: str, data: bytes = b"x", perm: int = 0o644) -> tuple[str, bytes, int]:
     return (name, data, stat.S_IFREG | perm)
 
@@ -112,7 +98,7 @@ def zip_contents(path: Path) -> dict[str, bytes]:
 
 
 def test_unpack_writes_files_with_content_and_exec_bit(dirs: Dirs) -> None:
-    body = make_zip(
+    body = raw_zip(
         reg("run.sh", b"#!/bin/sh\necho hi\n", 0o755),
         reg("data.txt", b"payload", 0o644),
         reg("sub/dir/deep.bin", b"\x00\x01\x02", 0o600),
@@ -131,7 +117,7 @@ def test_unpack_writes_files_with_content_and_exec_bit(dirs: Dirs) -> None:
 
 def test_unpack_entry_without_unix_mode_is_a_plain_file(dirs: Dirs) -> None:
     # As written by tools that store no Unix mode (external attributes 0).
-    body = bytearray(make_zip(reg("windows.txt", b"crlf\r\n")))
+    body = bytearray(raw_zip(reg("windows.txt", b"crlf\r\n")))
     cd = body.find(b"PK\x01\x02")
     body[cd + 38 : cd + 42] = bytes(4)
     with zipfile.ZipFile(io.BytesIO(bytes(body))) as archive:
@@ -152,7 +138,7 @@ def test_unpack_zip_from_python_writestr(dirs: Dirs) -> None:
 
 
 def test_unpack_directory_entries_and_dot_segments(dirs: Dirs) -> None:
-    body = make_zip(("empty/", b"", stat.S_IFDIR | 0o755), reg("./a/./b.txt", b"b"))
+    body = raw_zip(("empty/", b"", stat.S_IFDIR | 0o755), reg("./a/./b.txt", b"b"))
     assert unpack(body, dirs.box) == 1
     assert dirs.inside() == ["a", "a/b.txt", "empty"]
     assert (dirs.box / "empty").is_dir()
@@ -160,12 +146,12 @@ def test_unpack_directory_entries_and_dot_segments(dirs: Dirs) -> None:
 
 def test_unpack_deflated_zip(dirs: Dirs) -> None:
     data = b"hello " * 10_000
-    assert unpack(make_zip(reg("big.txt", data), compression=zipfile.ZIP_DEFLATED), dirs.box) == len(data)
+    assert unpack(raw_zip(reg("big.txt", data), compression=zipfile.ZIP_DEFLATED), dirs.box) == len(data)
     assert (dirs.box / "big.txt").read_bytes() == data
 
 
 def test_unpack_empty_zip_writes_nothing(dirs: Dirs) -> None:
-    assert unpack(make_zip(), dirs.box) == 0
+    assert unpack(raw_zip(), dirs.box) == 0
     assert dirs.inside() == []
 
 
@@ -174,7 +160,7 @@ def test_unpack_empty_zip_writes_nothing(dirs: Dirs) -> None:
     ["../evil", "../../evil", "a/../../evil", "ok/../../../evil", "/etc/evil", "/evil", "a\\..\\..\\evil", ".", "./"],
 )
 def test_unpack_refuses_unsafe_names(dirs: Dirs, name: str) -> None:
-    body = make_zip(reg("good.txt"), reg(name, b"evil"))
+    body = raw_zip(reg("good.txt"), reg(name, b"evil"))
     assert name in zipfile.ZipFile(io.BytesIO(body)).namelist()  # zipfile kept the name verbatim
     with pytest.raises(JobHeld) as info:
         unpack(body, dirs.box)
@@ -187,7 +173,7 @@ def test_unpack_refuses_unsafe_names(dirs: Dirs, name: str) -> None:
 
 
 def test_unpack_refuses_symlink_entries(dirs: Dirs) -> None:
-    body = make_zip(reg("good.txt"), ("link", b"/etc/shadow", stat.S_IFLNK | 0o777))
+    body = raw_zip(reg("good.txt"), ("link", b"/etc/shadow", stat.S_IFLNK | 0o777))
     with pytest.raises(JobHeld) as info:
         unpack(body, dirs.box)
     assert info.value.code == HoldCode.TRANSFER_INPUT_ERROR
@@ -201,7 +187,7 @@ def test_unpack_refuses_symlink_entries(dirs: Dirs) -> None:
 @pytest.mark.parametrize("kind", [stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK])
 def test_unpack_refuses_special_entries(dirs: Dirs, kind: int) -> None:
     with pytest.raises(JobHeld) as info:
-        unpack(make_zip(("dev", b"", kind | 0o644)), dirs.box)
+        unpack(raw_zip(("dev", b"", kind | 0o644)), dirs.box)
     assert info.value.code == HoldCode.TRANSFER_INPUT_ERROR
     assert "'dev'" in info.value.reason
     assert dirs.inside() == []
@@ -209,7 +195,7 @@ def test_unpack_refuses_special_entries(dirs: Dirs, kind: int) -> None:
 
 @pytest.mark.parametrize(("first", "second"), [("a.txt", "a.txt"), ("a.txt", "./a.txt"), ("d/f", "d//f")])
 def test_unpack_refuses_duplicate_names(dirs: Dirs, first: str, second: str) -> None:
-    body = make_zip(reg(first, b"one"), reg(second, b"two"))
+    body = raw_zip(reg(first, b"one"), reg(second, b"two"))
     with pytest.raises(JobHeld) as info:
         unpack(body, dirs.box)
     assert info.value.code == HoldCode.TRANSFER_INPUT_ERROR
@@ -228,13 +214,13 @@ def test_unpack_refuses_duplicate_names(dirs: Dirs, first: str, second: str) -> 
 )
 def test_unpack_refuses_a_name_used_as_file_and_directory(dirs: Dirs, entries: list[tuple[str, bytes, int]]) -> None:
     with pytest.raises(JobHeld) as info:
-        unpack(make_zip(*entries), dirs.box)
+        unpack(raw_zip(*entries), dirs.box)
     assert info.value.code == HoldCode.TRANSFER_INPUT_ERROR
     assert dirs.outside() == []
 
 
 def test_unpack_refuses_too_many_members(dirs: Dirs) -> None:
-    body = make_zip(*(reg(f"f{i}") for i in range(4)))
+    body = raw_zip(*(reg(f"f{i}") for i in range(4)))
     with pytest.raises(JobHeld) as info:
         unpack(body, dirs.box, max_files=3)
     assert info.value.code == HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED
@@ -244,12 +230,12 @@ def test_unpack_refuses_too_many_members(dirs: Dirs) -> None:
 
 
 def test_unpack_at_the_member_limit_is_fine(dirs: Dirs) -> None:
-    unpack(make_zip(*(reg(f"f{i}") for i in range(3))), dirs.box, max_files=3)
+    unpack(raw_zip(*(reg(f"f{i}") for i in range(3))), dirs.box, max_files=3)
     assert dirs.inside() == ["f0", "f1", "f2"]
 
 
 def test_unpack_refuses_a_member_larger_than_max_bytes(dirs: Dirs) -> None:
-    body = make_zip(reg("big", b"z" * 5000))
+    body = raw_zip(reg("big", b"z" * 5000))
     with pytest.raises(JobHeld) as info:
         unpack(body, dirs.box, max_bytes=4096)
     assert info.value.code == HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED
@@ -259,7 +245,7 @@ def test_unpack_refuses_a_member_larger_than_max_bytes(dirs: Dirs) -> None:
 
 
 def test_unpack_limit_counts_all_members_together(dirs: Dirs) -> None:
-    body = make_zip(reg("one", b"1" * 600), reg("two", b"2" * 600))
+    body = raw_zip(reg("one", b"1" * 600), reg("two", b"2" * 600))
     with pytest.raises(JobHeld) as info:
         unpack(body, dirs.box, max_bytes=1000)
     assert info.value.code == HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED
@@ -269,12 +255,12 @@ def test_unpack_limit_counts_all_members_together(dirs: Dirs) -> None:
 
 
 def test_unpack_exactly_max_bytes_is_fine(dirs: Dirs) -> None:
-    assert unpack(make_zip(reg("a", b"a" * 600), reg("b", b"b" * 400)), dirs.box, max_bytes=1000) == 1000
+    assert unpack(raw_zip(reg("a", b"a" * 600), reg("b", b"b" * 400)), dirs.box, max_bytes=1000) == 1000
 
 
 def test_unpack_zip_bomb_stops_at_the_limit(dirs: Dirs) -> None:
     # 64 MiB of zeros deflate to ~64 KiB: the cap must apply to what is written.
-    bomb = make_zip(reg("bomb", bytes(64 * MIB)), compression=zipfile.ZIP_DEFLATED)
+    bomb = raw_zip(reg("bomb", bytes(64 * MIB)), compression=zipfile.ZIP_DEFLATED)
     assert len(bomb) < MIB
     with pytest.raises(JobHeld) as info:
         unpack(bomb, dirs.box, max_bytes=2 * MIB)
@@ -286,7 +272,7 @@ def test_unpack_zip_bomb_stops_at_the_limit(dirs: Dirs) -> None:
 
 def test_unpack_counts_bytes_written_not_the_declared_size(dirs: Dirs) -> None:
     # The headers claim 10**9 bytes; the member really holds 3000, well within the limit.
-    body = bytearray(make_zip(reg("big", b"L" * 3000)))
+    body = bytearray(raw_zip(reg("big", b"L" * 3000)))
     cd = body.find(b"PK\x01\x02")
     body[cd + 24 : cd + 28] = (10**9).to_bytes(4, "little")  # uncompressed size
     local = body.find(b"PK\x03\x04")
@@ -299,7 +285,7 @@ def test_unpack_counts_bytes_written_not_the_declared_size(dirs: Dirs) -> None:
 
 def test_unpack_member_that_understates_its_size_is_held(dirs: Dirs) -> None:
     # The headers claim the member is 1 byte; the data is 3000 bytes.
-    body = bytearray(make_zip(reg("liar", b"L" * 3000)))
+    body = bytearray(raw_zip(reg("liar", b"L" * 3000)))
     with zipfile.ZipFile(io.BytesIO(bytes(body))) as archive:
         assert archive.getinfo("liar").file_size == 3000
     cd = body.find(b"PK\x01\x02")
@@ -322,7 +308,7 @@ def test_unpack_body_that_is_not_a_zip_is_held(dirs: Dirs, body: bytes) -> None:
 
 
 def test_unpack_corrupt_member_is_held(dirs: Dirs) -> None:
-    body = bytearray(make_zip(reg("data", b"A" * 100)))
+    body = bytearray(raw_zip(reg("data", b"A" * 100)))
     local = body.find(b"PK\x03\x04")
     body[local + 30 + len("data") + 10] ^= 0xFF  # flip one byte of the data: the CRC no longer matches
     with pytest.raises(JobHeld) as info:
@@ -333,7 +319,7 @@ def test_unpack_corrupt_member_is_held(dirs: Dirs) -> None:
 
 def test_unpack_names_a_result_zip_when_asked(dirs: Dirs) -> None:
     with pytest.raises(JobHeld) as info:
-        unpack(make_zip(reg("../evil")), dirs.box, what="result zip")
+        unpack(raw_zip(reg("../evil")), dirs.box, what="result zip")
     assert "result zip" in info.value.reason
     assert "input zip" not in info.value.reason
     assert info.value.code == HoldCode.TRANSFER_INPUT_ERROR
