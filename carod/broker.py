@@ -8,10 +8,13 @@ cannot help).
 Topology (docs/protocol.md):
 
 * ``<queue>``: durable, ``x-queue-type`` quorum (or classic), bound to
-  ``<exchange>`` with ``<binding_key>``;
-* ``<queue>.unmatched``: durable classic queue that dead-letters back to
-  ``<queue>``; a job no local slot matches is parked here for
-  ``unmatched_delay_s`` (per-message expiration) before it is offered again.
+  ``<exchange>`` with ``<binding_key>``; quorum: ``x-delivery-limit``, and a
+  message past it is dead-lettered to ``<queue>.unmatched``;
+* ``<queue>.unmatched``: the delay queue. A node that declines a job moves it
+  there (:func:`park`: a copy with ``x-carod-offers`` counted, and the ack of
+  the original, in one transaction); it expires after ``unmatched_delay_s``
+  and dead-letters back to ``<queue>``, where any node may take it again;
+* ``[pool] exchange`` (topic): node adverts and status queries.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from aio_pika.abc import (
 from carod.classads import Scalar
 from carod.config import BrokerConfig, redact_url
 from carod.errors import BrokerError
-from carod.message import OFFERS_HEADER, ReplyAddress
+from carod.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
+from carod.pool import ADVERT_KEY_PREFIX, QUERY_KEY
 
 log = logging.getLogger("carod.broker")
 
@@ -69,8 +73,14 @@ class Broker:
         self._consume_channel: AbstractRobustChannel | None = None
         self._publish_channel: AbstractRobustChannel | None = None
         self._queue: AbstractRobustQueue | None = None
+        self._consumer: Consumer | None = None
         self._consumer_tag: str | None = None
+        self._flow_lock = asyncio.Lock()
         self._known_exchanges: set[str] = set()
+        self._pool_channel: AbstractRobustChannel | None = None
+        self._pool_exchange: aio_pika.abc.AbstractExchange | None = None
+        #: called after a reconnection (every delivery held before it is gone)
+        self.on_reconnect: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -96,6 +106,8 @@ class Broker:
 
     def _on_reconnect(self, *_: object) -> None:
         log.warning("reconnected to the broker; consuming again")
+        if self.on_reconnect is not None:
+            self.on_reconnect()
 
     @property
     def connected(self) -> bool:
@@ -106,18 +118,10 @@ class Broker:
         channel = self._require(self._consume_channel)
         cfg = self.config
         try:
-            queue = await channel.declare_queue(cfg.queue, durable=True, arguments={"x-queue-type": cfg.queue_type})
+            queue = await channel.declare_queue(cfg.queue, durable=True, arguments=job_queue_arguments(cfg))
             if cfg.exchange:
                 await queue.bind(cfg.exchange, routing_key=cfg.binding_key)
-            await channel.declare_queue(
-                self.unmatched_queue_name,
-                durable=True,
-                arguments={
-                    "x-queue-type": "classic",
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": cfg.queue,
-                },
-            )
+            await channel.declare_queue(self.unmatched_queue_name, durable=True, arguments=delay_queue_arguments(cfg))
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise BrokerError(
                 f"the queue {cfg.queue!r} already exists with other settings ({exc}); "
@@ -129,15 +133,39 @@ class Broker:
             raise BrokerError(f"cannot declare the job queue {cfg.queue!r}: {exc}") from exc
         self._queue = queue
 
-    async def consume(self, consumer: Consumer) -> None:
-        queue = self._require(self._queue)
-        try:
-            self._consumer_tag = await queue.consume(consumer, no_ack=False)
-        except _TRANSIENT as exc:
-            raise BrokerError(f"cannot consume from {self.config.queue!r}: {exc}") from exc
+    async def consume(self, consumer: Consumer) -> tuple[str, int]:
+        """Start consuming with the full prefetch; returns (consumer tag, prefetch)."""
+        self._consumer = consumer
+        tag = await self.set_flow(self.prefetch)
+        if tag is None:
+            raise BrokerError(f"cannot consume from {self.config.queue!r}")
+        return tag, self.prefetch
+
+    async def set_flow(self, prefetch: int) -> str | None:
+        """Consume with this prefetch (replacing the consumer), or stop when 0. Returns the consumer tag.
+
+        Deliveries already received stay ours (until settled or the channel
+        closes); only what the broker may send next changes.
+        """
+        async with self._flow_lock:
+            queue, channel = self._require(self._queue), self._require(self._consume_channel)
+            await self._cancel_consumer()
+            if prefetch <= 0 or self._consumer is None:
+                return None
+            try:
+                await channel.set_qos(prefetch_count=min(prefetch, self.prefetch))
+                self._consumer_tag = await queue.consume(self._consumer, no_ack=False)
+            except _TRANSIENT as exc:
+                raise BrokerError(f"cannot consume from {self.config.queue!r}: {exc!r}") from exc
+            return self._consumer_tag
 
     async def stop_consuming(self) -> None:
-        """Stop new deliveries; held ones stay ours until acked or the connection closes."""
+        """Stop new deliveries for good; held ones stay ours until acked or the connection closes."""
+        self._consumer = None
+        async with self._flow_lock:
+            await self._cancel_consumer()
+
+    async def _cancel_consumer(self) -> None:
         if self._queue is None or self._consumer_tag is None:
             return
         tag, self._consumer_tag = self._consumer_tag, None
@@ -147,6 +175,42 @@ class Broker:
             await asyncio.wait_for(self._queue.cancel(tag), self.config.confirm_timeout_s)
         except _TRANSIENT as exc:
             log.warning("could not cancel the consumer cleanly: %s", exc)
+
+    # ------------------------------------------------------------ the pool exchange
+
+    async def open_pool(self, exchange: str, on_message: Consumer) -> str:
+        """Declare the pool's topic exchange and a private queue for adverts and queries; returns its name."""
+        connection = self._require(self._connection)
+        try:
+            self._pool_channel = await connection.channel(publisher_confirms=False)
+            self._pool_exchange = await self._pool_channel.declare_exchange(
+                exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            queue = await self._pool_channel.declare_queue(exclusive=True, auto_delete=True)
+            for key in (f"{ADVERT_KEY_PREFIX}#", QUERY_KEY):
+                await queue.bind(self._pool_exchange, routing_key=key)
+            await queue.consume(on_message, no_ack=True)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise BrokerError(
+                f"[pool] exchange: {exchange!r} exists and is not a durable topic exchange ({exc})"
+            ) from exc
+        except _TRANSIENT as exc:
+            raise BrokerError(f"cannot open the pool exchange {exchange!r}: {exc!r}") from exc
+        return queue.name
+
+    async def publish_advert(self, routing_key: str, body: bytes, *, ttl_s: float, reply_to: str | None = None) -> None:
+        """An advert: to the pool exchange, or straight to ``reply_to`` (a status query's queue). Not persistent."""
+        channel = self._require(self._pool_channel)
+        message = aio_pika.Message(
+            body, content_type="application/json", type="carod.advert", expiration=ttl_s, timestamp=time.time()
+        )
+        try:
+            if reply_to:
+                await channel.default_exchange.publish(message, reply_to)
+            else:
+                await self._require(self._pool_exchange).publish(message, routing_key)
+        except _TRANSIENT as exc:
+            raise BrokerError(f"advert not published: {exc!r}") from exc
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -190,24 +254,6 @@ class Broker:
             with contextlib.suppress(Exception):
                 await channel.close()
         self._known_exchanges.add(name)
-
-    async def offer_later(self, message: AbstractIncomingMessage, offers: int) -> None:
-        """Park a copy of a job this node cannot run; it returns after the delay."""
-        headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")}
-        headers[OFFERS_HEADER] = offers
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            priority=message.priority,
-            delivery_mode=DeliveryMode.PERSISTENT,
-            expiration=self.config.unmatched_delay_s,
-        )
-        await self._publish("", self.unmatched_queue_name, copy)
 
     async def _publish(self, exchange_name: str, routing_key: str, message: aio_pika.Message) -> None:
         channel = self._require(self._publish_channel)
@@ -317,6 +363,65 @@ async def reply_and_ack(
         raise ReplyUndeliverable(f"there is no exchange {address.exchange!r} for {address}") from exc
     except _TRANSIENT as exc:
         raise BrokerError(f"the final reply and ack for {address} were not committed: {exc!r}") from exc
+
+
+async def park(
+    message: AbstractIncomingMessage, delay_queue: str, *, offers: int, first_offer: int, timeout_s: float
+) -> None:
+    """Move a declined job to the delay queue: a copy (offers counted) and the ack, in one transaction.
+
+    Raises BrokerError when the delivery's channel is gone or the commit
+    failed (nothing happened; the job will be redelivered).
+    """
+    tag = message.delivery_tag
+    if tag is None:
+        raise BrokerError("the delivery has no tag")
+    headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")}
+    headers[OFFERS_HEADER] = offers
+    headers[FIRST_OFFER_HEADER] = first_offer
+    copy = aio_pika.Message(
+        message.body,
+        headers=headers,
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        priority=message.priority,
+        timestamp=message.timestamp,
+        delivery_mode=DeliveryMode.PERSISTENT,
+    )
+    try:
+        async with asyncio.timeout(timeout_s), _transaction(message) as channel:
+            await channel.basic_publish(message.body, exchange="", routing_key=delay_queue, properties=copy.properties)
+            await channel.basic_ack(tag)
+    except _TRANSIENT as exc:
+        raise BrokerError(f"the job was not moved to {delay_queue}: {exc!r}") from exc
+
+
+def job_queue_arguments(cfg: BrokerConfig) -> dict[str, object]:
+    """The job queue: declined jobs dead-letter to the delay queue (docs/protocol.md)."""
+    args: dict[str, object] = {
+        "x-queue-type": cfg.queue_type,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": f"{cfg.queue}.unmatched",
+    }
+    if cfg.queue_type == "quorum" and cfg.delivery_limit:
+        args["x-delivery-limit"] = cfg.delivery_limit
+    return args
+
+
+def delay_queue_arguments(cfg: BrokerConfig) -> dict[str, object]:
+    """The delay queue: every message waits ``unmatched_delay_s``, then goes back to the job queue."""
+    # Not x-dead-letter-strategy=at-least-once: on RabbitMQ 3.10 deleting such a
+    # queue while the broker recovers kills its dead-letter supervisor until the
+    # next restart (docs/pool.md).
+    return {
+        "x-queue-type": cfg.queue_type,
+        "x-message-ttl": int(cfg.unmatched_delay_s * 1000),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": cfg.queue,
+    }
 
 
 def _reply_message(correlation_id: str | None, headers: Mapping[str, Scalar], body: bytes) -> aio_pika.Message:

@@ -4,6 +4,7 @@
     carod machine-ad [--config FILE]    print this node's machine ClassAd
     carod check-config FILE             validate a config, print the effective settings
     carod submit [options] CMD [ARG...] submit a job and follow it
+    carod status [-l NODE] [--json]     the pool: nodes, free resources, jobs
 
 Exit codes are listed in docs/operations.md.
 """
@@ -19,10 +20,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from carod import __version__, logs, machine
+from carod import __version__, logs, machine, pool
 from carod import config as configuration
 from carod.classads import to_classad_text
-from carod.client import Client, ClientError, JobReply
+from carod.client import Client, ClientError, JobReply, pool_status
 from carod.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, ConfigError, StartupError
 from carod.server import Server
 
@@ -173,6 +174,29 @@ def _event(args: argparse.Namespace, data: dict[str, object], text: str, started
         print(f"[{elapsed:8.3f}s] {text}", flush=True)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    queue = None if args.all_queues else args.queue
+    try:
+        status = asyncio.run(pool_status(args.url, exchange=args.pool_exchange, queue=queue, wait_s=args.wait))
+    except ClientError as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    now = time.time()
+    if args.long is not None:
+        advert = status.adverts.get(args.long)
+        if advert is None:
+            return _fail(f"no node named {args.long!r} answered within {args.wait}s", 1)
+        sys.stdout.write(to_classad_text(advert.machine_ad()))
+        for job in advert.jobs:
+            print(f"# job {job.message_id} owner={job.owner} cmd={job.cmd} running {now - job.started:.1f}s")
+        return EXIT_OK
+    if args.json:
+        for advert in status.adverts.values():
+            print(json.dumps(json.loads(pool.encode(advert))))
+        return EXIT_OK
+    sys.stdout.write(pool.status_table(status.adverts, status.silent, now))
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -222,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cmd")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="the pool: each node's state, free resources and jobs (condor_status)")
+    p.add_argument("--url", default=os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    p.add_argument("--queue", default="grid", help="the nodes consuming this job queue (default: grid)")
+    p.add_argument("--all-queues", action="store_true", help="nodes of every job queue")
+    p.add_argument("--pool-exchange", default="carod.nodes", help="the nodes' [pool] exchange")
+    p.add_argument("-l", "--long", metavar="NODE", help="the whole machine ad of one node")
+    p.add_argument("--json", action="store_true", help="one advert per line, as JSON")
+    p.add_argument("--wait", type=float, default=2.0, help="seconds to wait for nodes to answer")
+    p.set_defaults(func=cmd_status)
     return parser
 
 

@@ -28,8 +28,10 @@ import aiormq
 import classad2
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
+from carod import pool
 from carod.errors import CarodError, JobHeld
 from carod.jobad import format_args_v2
+from carod.pool import Advert
 from carod.replies import JobStatus
 from carod.sandbox import MIB, Owner, unpack_input
 
@@ -239,3 +241,72 @@ class Client:
             del self._jobs[job.message_id]
             raise ClientError(f"the job was not accepted by the broker: {exc}") from exc
         return job
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """What ``carod status`` shows: the nodes that answered, and the ones only their peers still know."""
+
+    adverts: dict[str, Advert]
+    #: nodes another node heard from recently that did not answer (name -> when last heard)
+    silent: dict[str, float]
+
+
+async def pool_status(
+    url: str, *, exchange: str = "carod.nodes", queue: str | None = "grid", wait_s: float = 2.0
+) -> PoolStatus:
+    """Ask every node of the pool for its advert; return once all known nodes answered, or after ``wait_s``.
+
+    ``queue``: only nodes consuming that job queue (None: all).
+    """
+    answers: list[Advert] = []
+    arrived = asyncio.Event()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        try:
+            advert = pool.decode(message.body)
+        except pool.AdvertError:
+            return
+        if queue is None or advert.queue == queue:
+            answers.append(advert)
+            arrived.set()
+
+    try:
+        connection = await aio_pika.connect(url, timeout=10)
+    except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+        raise ClientError(f"cannot connect to the broker: {exc}") from exc
+    async with connection:
+        try:
+            channel = await connection.channel()
+            pool_exchange = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            inbox = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            await inbox.bind(pool_exchange, routing_key=f"{pool.ADVERT_KEY_PREFIX}#")
+            await inbox.consume(on_message, no_ack=True)
+            await pool_exchange.publish(aio_pika.Message(b"", reply_to=inbox.name, expiration=wait_s), pool.QUERY_KEY)
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+            raise ClientError(f"cannot query the pool on exchange {exchange!r}: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while (remaining := deadline - loop.time()) > 0:
+            arrived.clear()
+            try:
+                # All known nodes answered: a short grace for stragglers the answers do not know yet.
+                await asyncio.wait_for(arrived.wait(), min(remaining, 0.15) if _all_answered(answers) else remaining)
+            except TimeoutError:
+                if _all_answered(answers):
+                    break
+    latest = {name: a for name, a in pool.newest(answers).items() if a.state != pool.OFFLINE}
+    gone = {a.node for a in answers if a.state == pool.OFFLINE}
+    silent: dict[str, float] = {}
+    for advert in latest.values():
+        for name, heard in advert.peers.items():
+            if name not in latest and name not in gone:
+                silent[name] = max(heard, silent.get(name, 0.0))
+    return PoolStatus(latest, silent)
+
+
+def _all_answered(answers: list[Advert]) -> bool:
+    if not answers:
+        return False
+    names = {a.node for a in answers}
+    return all(peer in names for a in answers for peer in a.peers)

@@ -37,7 +37,8 @@ class BrokerConfig:
     queue_type: str = "quorum"
     exchange: str = "amq.direct"
     binding_key: str = "grid_key"
-    #: Messages the broker may hand this node at once; default (0) = slots.
+    #: Most deliveries the broker may hand this node at once; default (0) = slots.
+    #: Below that, the prefetch follows the node's free resources.
     prefetch: int = 0
     #: How long to wait for the broker to confirm a reply before retrying it.
     confirm_timeout_s: float = 30.0
@@ -45,6 +46,9 @@ class BrokerConfig:
     unmatched_delay_s: float = 1.0
     #: After this many declines by any node, the job is Held as unmatched.
     max_offers: int = 60
+    #: Quorum queues: deliveries of one message (requeues, node crashes) before the
+    #: broker dead-letters it and a node answers it Held; 0 = no limit.
+    delivery_limit: int = 20
     connect_timeout_s: float = 10.0
     #: After losing the broker, try again this often (running jobs go on meanwhile).
     reconnect_interval_s: float = 1.0
@@ -68,6 +72,8 @@ class NodeConfig:
     max_input_files: int = 10_000
     #: Below the broker's max_message_size (16 MiB on RabbitMQ 4.x, 128 MiB on 3.13).
     max_result_mib: int = 15
+    #: Memory a job without RequestMemory reserves and is limited to (MiB).
+    default_request_memory_mib: int = 128
     #: Runs started on this node (incl. ones interrupted by a crash) before the job is Held.
     max_attempts: int = 3
     #: A finished job whose delivery died waits this long for it to be redelivered here.
@@ -92,8 +98,6 @@ class SandboxConfig:
     tmp_mib: int = 256
     #: One user per slot, so concurrent jobs cannot touch each other; empty = [node] job_user for all.
     slot_users: tuple[str, ...] = ()
-    #: Memory limit of a job without RequestMemory; 0 = the machine's Memory.
-    default_memory_mib: int = 0
     #: Processes and threads a job may have at once (cgroup pids.max).
     max_job_pids: int = 4096
     #: Longest a job may run (seconds) whatever it asks for; 0 = no node limit.
@@ -103,10 +107,23 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """How nodes see each other (docs/pool.md)."""
+
+    #: The topic exchange every node advertises its machine ad and jobs on.
+    exchange: str = "carod.nodes"
+    #: A node advertises this often, and at once when its jobs change.
+    advertise_interval_s: float = 5.0
+    #: A node not heard from for this long is dropped from the pool.
+    node_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     #: Extra or overriding machine-ad attributes: (name, ClassAd expression).
     machine: tuple[tuple[str, str], ...] = ()
     source: str = "<defaults>"
@@ -115,14 +132,19 @@ class Config:
     def node_name(self) -> str:
         return self.node.name or socket.gethostname()
 
-    def slots_for(self, cpus: int) -> int:
-        return self.node.slots or max(1, cpus)
+    def slots_for(self, cpus: float) -> int:
+        return self.node.slots or max(1, int(cpus))
 
     def prefetch_for(self, slots: int) -> int:
         return self.broker.prefetch or slots
 
 
-_SECTIONS: dict[str, type] = {"broker": BrokerConfig, "node": NodeConfig, "sandbox": SandboxConfig}
+_SECTIONS: dict[str, type] = {"broker": BrokerConfig, "node": NodeConfig, "sandbox": SandboxConfig, "pool": PoolConfig}
+#: Keys that moved, so an old config gets told where to.
+_RENAMED = {
+    ("sandbox", "default_memory_mib"): "[node] default_request_memory_mib (the memory a job without RequestMemory "
+    "reserves and is limited to)",
+}
 _STRINGS = tuple[str, ...]
 
 
@@ -161,6 +183,8 @@ def _section_values(cls: type, section: str, items: Mapping[str, str], environ: 
     known = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for key, raw in items.items():
+        if (section, key) in _RENAMED:
+            raise ConfigError(f"[{section}] {key}: renamed to {_RENAMED[section, key]}")
         if key not in known:
             raise ConfigError(f"[{section}] {key}: unknown key (known: {', '.join(sorted(known))})")
         values[key] = _convert(section, key, raw, hints[key])
@@ -179,7 +203,7 @@ def _check(config: Config) -> None:
         raise ConfigError("[broker] queue: must not be empty")
     if b.queue_type not in QUEUE_TYPES:
         raise ConfigError(f"[broker] queue_type: must be one of {', '.join(QUEUE_TYPES)}, got {b.queue_type!r}")
-    for key in ("prefetch", "max_offers"):
+    for key in ("prefetch", "max_offers", "delivery_limit"):
         if getattr(b, key) < 0:
             raise ConfigError(f"[broker] {key}: must not be negative")
     for key in ("confirm_timeout_s", "connect_timeout_s", "reconnect_interval_s"):
@@ -204,7 +228,14 @@ def _check(config: Config) -> None:
     for key in ("drain_timeout_s", "kill_grace_s", "redelivery_wait_s"):
         if getattr(n, key) < 0:
             raise ConfigError(f"[node] {key}: must not be negative")
-    for key in ("max_input_mib", "max_input_files", "max_result_mib", "max_attempts", "journal_retention_s"):
+    for key in (
+        "max_input_mib",
+        "max_input_files",
+        "max_result_mib",
+        "max_attempts",
+        "journal_retention_s",
+        "default_request_memory_mib",
+    ):
         if getattr(n, key) <= 0:
             raise ConfigError(f"[node] {key}: must be greater than 0")
     if n.log_level.upper() not in LOG_LEVELS:
@@ -212,6 +243,7 @@ def _check(config: Config) -> None:
     if n.log_format not in LOG_FORMATS:
         raise ConfigError(f"[node] log_format: must be one of {', '.join(LOG_FORMATS)}, got {n.log_format!r}")
     _check_sandbox(config.sandbox, n)
+    _check_pool(config.pool)
     try:
         classad2.ExprTree(n.start)
     except classad2.ClassAdException as exc:
@@ -231,9 +263,8 @@ def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
     for key in ("tmp_mib", "max_job_pids", "check_interval_s"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"[sandbox] {key}: must be greater than 0")
-    for key in ("default_memory_mib", "max_job_duration_s"):
-        if getattr(s, key) < 0:
-            raise ConfigError(f"[sandbox] {key}: must not be negative (0 means no limit of its own)")
+    if s.max_job_duration_s < 0:
+        raise ConfigError("[sandbox] max_job_duration_s: must not be negative (0 means no limit of its own)")
     for user in s.slot_users:
         if user in ("root", "0"):
             raise ConfigError("[sandbox] slot_users: jobs must not run as root")
@@ -243,6 +274,19 @@ def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
         raise ConfigError(
             f"[sandbox] slot_users: {len(s.slot_users)} users for [node] slots = {n.slots}; "
             "each slot needs a user of its own"
+        )
+
+
+def _check_pool(p: PoolConfig) -> None:
+    if not p.exchange or p.exchange.startswith("amq."):
+        raise ConfigError(f"[pool] exchange: must be a name of carod's own (not empty, not amq.*), got {p.exchange!r}")
+    for key in ("advertise_interval_s", "node_timeout_s"):
+        if getattr(p, key) <= 0:
+            raise ConfigError(f"[pool] {key}: must be greater than 0")
+    if p.node_timeout_s <= p.advertise_interval_s:
+        raise ConfigError(
+            f"[pool] node_timeout_s: {p.node_timeout_s} must be longer than advertise_interval_s "
+            f"({p.advertise_interval_s}), or live nodes drop out between adverts"
         )
 
 
@@ -269,7 +313,12 @@ def parse(text: str, *, source: str = "<string>", environ: Mapping[str, str] | N
         if not ATTRIBUTE_NAME.match(name):
             raise ConfigError(f"[machine] {name}: not a ClassAd attribute name")
     config = Config(
-        broker=sections["broker"], node=sections["node"], sandbox=sections["sandbox"], machine=machine, source=source
+        broker=sections["broker"],
+        node=sections["node"],
+        sandbox=sections["sandbox"],
+        pool=sections["pool"],
+        machine=machine,
+        source=source,
     )
     _check(config)
     return config

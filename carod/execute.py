@@ -24,6 +24,7 @@ from carod.isolation import Layers
 from carod.jobad import JobSpec
 from carod.limits import JobLimits
 from carod.replies import ExitInfo
+from carod.resources import Request
 from carod.runner import JobProcess, check_command, job_environment, kill_leftover, rlimits
 from carod.users import JobUser, UserPool
 
@@ -58,7 +59,7 @@ class Executor:
         run.box = await asyncio.to_thread(sandbox.create, self.config.node.sandbox_root, message_id, run.user.owner)
         return run.box
 
-    async def start(self, run: Run, spec: JobSpec, body: bytes, machine_memory_mib: int) -> JobProcess:
+    async def start(self, run: Run, spec: JobSpec, body: bytes, request: Request) -> JobProcess:
         """Unpack, check, limit and start the job. Raises JobHeld."""
         node = self.config.node
         box = run.box
@@ -75,7 +76,7 @@ class Executor:
                 max_bytes=node.max_input_mib * sandbox.MIB,
             )
         executable = await asyncio.to_thread(check_command, spec, box, run.user)
-        run.limits = limits.limits_for(spec, self.config.sandbox, machine_memory_mib)
+        run.limits = limits.limits_for(spec, self.config.sandbox, request)
         cgroups = self.layers.cgroups
         if cgroups is not None:
             try:

@@ -1,7 +1,8 @@
 """What a job may use, and watching that it does not use more.
 
-:func:`limits_for` is pure: the job's ``Request*`` attributes and the node's
-``[sandbox]`` settings give a :class:`JobLimits`. :func:`enforce` watches a
+:func:`limits_for` is pure: what the job reserved (its ``Request*``
+attributes or the node's defaults) and the node's ``[sandbox]`` settings give
+a :class:`JobLimits`. :func:`enforce` watches a
 running job: wall clock, sandbox size, the kernel's OOM kills. When a limit
 is exceeded the job is stopped (KillSig, grace, SIGKILL of the whole tree)
 and the caller gets a :class:`JobHeld` that names the limit and the usage,
@@ -26,6 +27,7 @@ from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
 from carod.jobad import JobSpec
 from carod.replies import ExitInfo
+from carod.resources import Request
 
 if TYPE_CHECKING:
     from carod.runner import JobProcess
@@ -55,13 +57,9 @@ class JobLimits:
         return int(self.disk_kib * 1024) if self.disk_kib else None
 
 
-def limits_for(spec: JobSpec, config: SandboxConfig, machine_memory_mib: int) -> JobLimits:
-    if spec.request_memory_mib is not None:
-        memory, memory_source = spec.request_memory_mib, "RequestMemory"
-    elif config.default_memory_mib:
-        memory, memory_source = float(config.default_memory_mib), "[sandbox] default_memory_mib"
-    else:
-        memory, memory_source = float(machine_memory_mib), "the machine's Memory"
+def limits_for(spec: JobSpec, config: SandboxConfig, request: Request) -> JobLimits:
+    """A job is limited to what it reserved (docs/pool.md), plus the node's own caps."""
+    memory, memory_source = request.memory_mib, request.memory_source
     durations = []
     if spec.allowed_execute_duration_s is not None:
         durations.append((spec.allowed_execute_duration_s, "AllowedExecuteDuration"))
@@ -71,9 +69,9 @@ def limits_for(spec: JobSpec, config: SandboxConfig, machine_memory_mib: int) ->
     return JobLimits(
         memory_mib=memory if memory > 0 else None,
         memory_source=memory_source,
-        cpus=spec.request_cpus,
+        cpus=request.cpus,
         pids=config.max_job_pids,
-        disk_kib=spec.request_disk_kib,
+        disk_kib=request.disk_kib or None,
         duration_s=duration,
         duration_source=duration_source,
     )

@@ -1,7 +1,11 @@
 """The node's machine ClassAd: detected from the host, plus ``[machine]``.
 
-Detection reads /proc and /etc/os-release once at start; ``Disk`` is read
-again for every match (:func:`refresh`) because it changes as jobs run.
+Detection reads /proc and /etc/os-release once at start (:func:`detect`);
+:func:`totals` reads the consumable resources from it. Before every match
+and every advert, :func:`update` writes the live values in, as a
+partitionable slot shows them: ``Cpus``, ``Memory``, ``Disk`` free now,
+``TotalCpus``, ``TotalMemory``, ``TotalDisk``, ``TotalSlots``,
+``JobsRunning``, ``LoadAvg``, ``ClockMin``, ``ClockDay``.
 """
 
 from __future__ import annotations
@@ -9,13 +13,16 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import time
 from pathlib import Path
 
 import classad2
 
 from carod import __version__
-from carod.classads import ad_from_expressions
+from carod.classads import ad_from_expressions, evaluate
 from carod.config import Config
+from carod.errors import ConfigError
+from carod.resources import Resources, Totals
 
 _OS_NAMES = {
     "debian": "Debian",
@@ -98,17 +105,74 @@ def detect(config: Config) -> classad2.ClassAd:
     ad["Memory"] = memory_mib()
     ad["Cpus"] = n_cpus
     ad["Disk"] = disk_kib(config.node.sandbox_root)
-    ad["TotalSlots"] = config.slots_for(n_cpus)
+    ad["DetectedCpus"] = n_cpus
+    ad["DetectedMemory"] = ad["Memory"]
     ad["CarodVersion"] = __version__
     ad["HasFileTransfer"] = True
+    ad["PartitionableSlot"] = True
+    ad["SlotType"] = "Partitionable"
+    ad["DaemonStartTime"] = int(time.time())
     ad["Start"] = classad2.ExprTree(config.node.start)
     ad.update(ad_from_expressions(config.machine, section="machine"))
     return ad
 
 
-def refresh(ad: classad2.ClassAd, config: Config) -> None:
-    """Update the attributes that change while the node runs."""
-    ad["Disk"] = disk_kib(config.node.sandbox_root)
-    for name, text in config.machine:
-        if name == "Disk":
-            ad["Disk"] = classad2.ExprTree(text)
+def totals(ad: classad2.ClassAd, config: Config) -> Totals:
+    """The consumable resources of the whole machine, from the detected ad. Raises ConfigError."""
+    values = {}
+    for name in ("Cpus", "Memory", "Disk"):
+        value = evaluate(ad, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"[machine] {name}: must be a number of at least 0, got {value!r}")
+        values[name] = float(value)
+    if values["Cpus"] <= 0:
+        raise ConfigError(f"[machine] Cpus: must be more than 0, got {values['Cpus']:g}")
+    return Totals(
+        cpus=values["Cpus"],
+        memory_mib=values["Memory"],
+        disk_kib=values["Disk"],
+        slots=config.slots_for(values["Cpus"]),
+    )
+
+
+def disk_is_fixed(config: Config) -> bool:
+    """True when ``[machine] Disk`` sets the disk; otherwise the filesystem's free space caps it."""
+    return any(name.lower() == "disk" for name, _ in config.machine)
+
+
+def update(
+    ad: classad2.ClassAd,
+    resources: Resources,
+    *,
+    disk_available_kib: float | None,
+    state: str = "Running",
+    idle: bool = False,
+) -> None:
+    """Write the live values into ``ad``; ``idle``: as if nothing ran (would the job ever match here?)."""
+    t = resources.totals
+    free = resources.free(disk_available_kib)
+    if idle:
+        cpus, memory, disk, running = t.cpus, t.memory_mib, t.disk_kib, 0
+    else:
+        cpus, memory, disk, running = free.cpus, free.memory_mib, free.disk_kib, resources.running
+    ad["Cpus"] = _number(cpus)
+    ad["Memory"] = _number(memory)
+    ad["Disk"] = _number(disk)
+    ad["TotalCpus"] = _number(t.cpus)
+    ad["TotalMemory"] = _number(t.memory_mib)
+    ad["TotalDisk"] = _number(t.disk_kib)
+    ad["TotalSlots"] = t.slots
+    ad["JobsRunning"] = running
+    ad["State"] = "Claimed" if running else "Unclaimed"
+    ad["Activity"] = "Busy" if running else "Idle"
+    ad["NodeState"] = state
+    ad["LoadAvg"] = round(os.getloadavg()[0], 2)
+    now = time.time()
+    local = time.localtime(now)
+    ad["MyCurrentTime"] = int(now)
+    ad["ClockMin"] = local.tm_hour * 60 + local.tm_min
+    ad["ClockDay"] = (local.tm_wday + 1) % 7  # HTCondor: 0 = Sunday
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else round(value, 3)

@@ -9,8 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-#: carod's own transport header: how many nodes have declined this job.
+#: carod's own transport headers, on the copy a declining node parks in the
+#: delay queue: how many times nodes have declined the job, and when first (Unix time).
 OFFERS_HEADER = "x-carod-offers"
+FIRST_OFFER_HEADER = "x-carod-first-offer"
+#: Quorum queues: deliveries of this message since it was last enqueued.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+#: RabbitMQ's dead-letter history: one entry per (queue, reason) with a count.
+DEATH_HEADER = "x-death"
 
 _DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to"
 
@@ -54,7 +60,14 @@ class Envelope:
 
     message_id: str | None
     reply_to: ReplyAddress | None
-    offers: int
+    #: times a node declined the job (it went through the unmatched queue)
+    offers: int = 0
+    #: Unix time of the first decline, when the broker recorded one
+    first_offer: float | None = None
+    #: times the broker dead-lettered it for reaching the queue's delivery limit
+    delivery_limited: int = 0
+    #: x-delivery-count: requeues since it last entered the queue
+    deliveries: int = 0
 
     @property
     def label(self) -> str:
@@ -62,10 +75,34 @@ class Envelope:
         return self.message_id or "<no message_id>"
 
 
-def parse_envelope(message_id: str | None, reply_to: str | None, headers: Mapping[str, object]) -> Envelope:
-    offers = headers.get(OFFERS_HEADER, 0)
+def parse_envelope(
+    message_id: str | None, reply_to: str | None, headers: Mapping[str, object], *, queue: str | None = None
+) -> Envelope:
+    """``queue``: the job queue; only its dead-letterings count (None: any queue's)."""
+    limited = _delivery_limited(headers.get(DEATH_HEADER), queue)
+    first = _count(headers.get(FIRST_OFFER_HEADER))
     return Envelope(
         message_id=(message_id or "").strip() or None,
         reply_to=parse_reply_to(reply_to) if reply_to else None,
-        offers=offers if isinstance(offers, int) and not isinstance(offers, bool) and offers > 0 else 0,
+        offers=_count(headers.get(OFFERS_HEADER)),
+        first_offer=float(first) if first else None,
+        delivery_limited=limited,
+        deliveries=_count(headers.get(DELIVERY_COUNT_HEADER)),
+    )
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _delivery_limited(value: object, queue: str | None) -> int:
+    """How often the broker dead-lettered the message for reaching ``queue``'s delivery limit (``x-death``)."""
+    if not isinstance(value, list | tuple):
+        return 0
+    return sum(
+        _count(entry.get("count"))
+        for entry in value
+        if isinstance(entry, Mapping)
+        and entry.get("reason") == "delivery_limit"
+        and (queue is None or entry.get("queue") == queue)
     )

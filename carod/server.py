@@ -20,8 +20,10 @@ from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import __version__, isolation, logs, machine, runner, sandbox
+from carod import __version__, isolation, logs, machine, pool, runner, sandbox
 from carod import config as configuration
+from carod.admission import Admission
+from carod.advertiser import Advertiser
 from carod.broker import Broker, settle
 from carod.cgroup import CgroupError
 from carod.config import Config, redact_url
@@ -40,6 +42,8 @@ from carod.isolation import Layers
 from carod.journal import Journal, JournalError
 from carod.message import parse_envelope
 from carod.node import Node
+from carod.pool import PoolView
+from carod.resources import Request, Resources
 from carod.sandbox import prepare_root, untraversable
 from carod.users import JobUser, UserPool
 
@@ -63,6 +67,8 @@ class Server:
         self.node: Node | None = None
         self.journal: Journal | None = None
         self.layers: Layers | None = None
+        self.admission: Admission | None = None
+        self.advertiser: Advertiser | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ public
@@ -82,6 +88,8 @@ class Server:
         finally:
             if self._housekeeping is not None:
                 self._housekeeping.cancel()
+            if self.admission is not None:
+                await self.admission.close()
             if self.broker is not None:
                 await self.broker.close()
             if self.journal is not None:
@@ -129,7 +137,19 @@ class Server:
         logs.set_level(self.config.node.log_level)
         if self.node is not None:
             self.node.config = self.config
-            self.node.machine_ad = machine.detect(self.config)
+            new_ad = machine.detect(self.config)
+            try:
+                resized = machine.totals(new_ad, self.config) != self.node.resources.totals
+            except ConfigError as exc:
+                log.error("SIGHUP: [machine] not reloaded, the old one stays in force: %s", exc)
+                return
+            if resized:
+                kept.append("[machine] Cpus/Memory/Disk (the node's resources)")
+                for name in ("Cpus", "Memory", "Disk"):
+                    new_ad[name] = self.node.machine_ad.lookup(name)
+            self.node.machine_ad = new_ad
+            if self.advertiser is not None:
+                self.node.admission.changed.set()  # advertise the new ad
         log.info("SIGHUP: reloaded [machine], start and log level from %s", self.config_path)
         if kept:
             log.warning("SIGHUP: these changes need a restart and were not applied: %s", ", ".join(kept))
@@ -139,7 +159,11 @@ class Server:
     async def startup(self) -> None:
         config = self.config
         machine_ad = machine.detect(config)
-        slots = config.slots_for(machine.cpus())
+        try:
+            totals = machine.totals(machine_ad, config)
+        except ConfigError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from exc
+        slots = totals.slots
         users = UserPool.from_config(config.node.job_user, config.sandbox.slot_users, slots)
         _prepare_dirs(config, users.users)
         self.layers = layers = await asyncio.to_thread(isolation.detect, config)
@@ -165,22 +189,41 @@ class Server:
             await self.journal.open()
         except JournalError as exc:
             raise StartupError(f"[node] state_dir: {exc}", EXIT_CANTCREAT) from exc
+        default = Request(1.0, float(config.node.default_request_memory_mib))
+        if resources_left := Resources(totals).never_fits(default):
+            log.warning(
+                "a job without RequestCpus/RequestMemory can never run here (%s); see [node] "
+                "default_request_memory_mib and [machine]",
+                resources_left,
+            )
+            default = Request(min(1.0, totals.cpus), min(default.memory_mib, totals.memory_mib))
+        self.admission = Admission(Resources(totals), default, max_prefetch=prefetch)
         self.broker = Broker(config.broker, node_name=config.node_name, prefetch=prefetch)
-        self.node = Node(config, machine_ad, self.broker, Executor(config, layers, users), self.journal)
+        view = PoolView(config.broker.queue, config.node_name, config.pool.node_timeout_s)
+        self.node = Node(
+            config, machine_ad, self.broker, Executor(config, layers, users), self.journal, self.admission, view
+        )
         await self.node.recover()
+        self.advertiser = Advertiser(config, self.node, self.broker, view)
         try:
             await self.broker.connect()
             await self.broker.declare()
-            await self.broker.consume(self._on_message)
+            await self.advertiser.start()
+            consumer = await self.broker.consume(self._on_message)
         except BrokerError as exc:
             raise StartupError(str(exc), EXIT_UNAVAILABLE) from exc
+        self.broker.on_reconnect = self.admission.reset_deliveries
+        self.admission.start_flow(self.broker.set_flow, consumer)
         log.info(
-            "carod %s ready: node=%s broker=%s queue=%s (%s) slots=%d prefetch=%d",
+            "carod %s ready: node=%s broker=%s queue=%s (%s) cpus=%g memory_mib=%g disk_kib=%g slots=%d prefetch=%d",
             __version__,
             config.node_name,
             redact_url(config.broker.url),
             config.broker.queue,
             config.broker.queue_type,
+            totals.cpus,
+            totals.memory_mib,
+            totals.disk_kib,
             slots,
             prefetch,
         )
@@ -192,7 +235,12 @@ class Server:
         running, waiting = self.node.counts()
         log.info("shutting down: no new jobs; %d running, %d answer(s) left in the journal", running, waiting)
         self.node.stopping.set()
+        if self.admission is not None:
+            self.admission.stop_flow()
+            self.admission.give_up_all()  # jobs waiting for resources go back to the queue
         await self.broker.stop_consuming()
+        if self.advertiser is not None:
+            await self.advertiser.say(pool.DRAINING)
         drain_s = self.config.node.drain_timeout_s
         if self.tasks and not self.force_exit:
             _done, pending = await asyncio.wait(self.tasks, timeout=drain_s)
@@ -208,6 +256,8 @@ class Server:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.advertiser is not None:
+            await self.advertiser.stop()
         log.info("stopped")
 
     async def _expire_periodically(self) -> None:

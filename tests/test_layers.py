@@ -15,6 +15,7 @@ from carod.config import SandboxConfig
 from carod.errors import ConfigError, JobHeld
 from carod.isolation import Layers
 from carod.replies import ExitInfo
+from carod.resources import Request
 from carod.users import JobUser
 
 USER = JobUser("nobody", 65534, 65534, switch=True)
@@ -111,12 +112,13 @@ def spec(**attrs: str) -> jobad.JobSpec:
     return jobad.job_spec(ad)
 
 
+def limits_of(job: jobad.JobSpec, config: SandboxConfig, default_memory_mib: int = 128) -> limits.JobLimits:
+    return limits.limits_for(job, config, Request.for_job(job, default_memory_mib))
+
+
 def test_limits_from_the_jobs_requests() -> None:
-    got = limits.limits_for(
-        spec(RequestMemory="512", RequestCpus="2", RequestDisk="2048", AllowedExecuteDuration="60"),
-        SandboxConfig(max_job_pids=100),
-        machine_memory_mib=8192,
-    )
+    job = spec(RequestMemory="512", RequestCpus="2", RequestDisk="2048", AllowedExecuteDuration="60")
+    got = limits_of(job, SandboxConfig(max_job_pids=100))
     assert got.memory_mib == 512 and got.memory_source == "RequestMemory"
     assert got.cpus == 2 and got.pids == 100
     assert got.disk_bytes == 2048 * 1024
@@ -124,18 +126,17 @@ def test_limits_from_the_jobs_requests() -> None:
     assert got.cgroup().memory_bytes == 512 * 1024 * 1024
 
 
-def test_limits_defaults_without_requests() -> None:
-    got = limits.limits_for(spec(), SandboxConfig(), machine_memory_mib=8192)
-    assert (got.memory_mib, got.memory_source) == (8192, "the machine's Memory")
+def test_limits_defaults_without_requests_are_what_the_job_reserves() -> None:
+    got = limits_of(spec(), SandboxConfig(), default_memory_mib=256)
+    assert got.memory_mib == 256
+    assert got.memory_source == "the node's default RequestMemory, [node] default_request_memory_mib"
     assert got.cpus == 1 and got.disk_bytes is None and got.duration_s is None
-    node_default = limits.limits_for(spec(), SandboxConfig(default_memory_mib=256), machine_memory_mib=8192)
-    assert (node_default.memory_mib, node_default.memory_source) == (256, "[sandbox] default_memory_mib")
 
 
 def test_node_maximum_duration_wins_when_shorter() -> None:
-    shorter = limits.limits_for(spec(AllowedExecuteDuration="600"), SandboxConfig(max_job_duration_s=60), 1024)
+    shorter = limits_of(spec(AllowedExecuteDuration="600"), SandboxConfig(max_job_duration_s=60))
     assert (shorter.duration_s, shorter.duration_source) == (60, "[sandbox] max_job_duration_s")
-    longer = limits.limits_for(spec(AllowedExecuteDuration="6"), SandboxConfig(max_job_duration_s=60), 1024)
+    longer = limits_of(spec(AllowedExecuteDuration="6"), SandboxConfig(max_job_duration_s=60))
     assert (longer.duration_s, longer.duration_source) == (6, "AllowedExecuteDuration")
 
 
@@ -153,14 +154,14 @@ def info(**kwargs: object) -> ExitInfo:
 
 
 def test_exit_by_sigxfsz_with_a_disk_request_is_the_disk_limit() -> None:
-    job = limits.limits_for(spec(RequestDisk="1024"), SandboxConfig(), 1024)
+    job = limits_of(spec(RequestDisk="1024"), SandboxConfig())
     held = limits.after_exit(job, info(exit_signal=signal.SIGXFSZ))
     assert held is not None and held.code == 34 and "disk limit of 1.0 MiB" in held.reason
     assert limits.after_exit(job, info(exit_code=0)) is None
 
 
 def test_an_oom_kill_is_the_memory_limit() -> None:
-    job = limits.limits_for(spec(RequestMemory="64"), SandboxConfig(), 1024)
+    job = limits_of(spec(RequestMemory="64"), SandboxConfig())
     held = limits.after_exit(job, info(exit_signal=9, oom_kills=1))
     assert held is not None and held.code == 34
     assert "memory limit of 64.0 MiB (RequestMemory)" in held.reason and "peak usage 64.0 MiB" in held.reason

@@ -1,0 +1,107 @@
+"""The node's voice in the pool: adverts on the pool exchange, answers to status queries.
+
+Every ``[pool] advertise_interval_s``, and soon after each change (a job
+starts or ends), the node publishes its live machine ad and its running jobs
+to ``[pool] exchange`` (topic, key ``advert.<node>``). It listens on the same
+exchange: other nodes' adverts feed its :class:`~carod.pool.PoolView` (so it
+knows who could start a job sooner), and a ``query`` (``carod status``) is
+answered at once with an advert sent to the query's ``reply_to``. On SIGTERM
+the node advertises ``Draining``, and ``Offline`` as it leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from carod import pool
+from carod.broker import Broker
+from carod.config import Config
+from carod.errors import BrokerError
+from carod.node import Node
+from carod.pool import ADVERT_KEY_PREFIX, QUERY_KEY, Advert, AdvertError, PoolView
+
+log = logging.getLogger("carod.pool")
+
+#: At most one advert per this many seconds, however often jobs change.
+_MIN_GAP_S = 0.2
+
+
+class Advertiser:
+    def __init__(self, config: Config, node: Node, broker: Broker, view: PoolView) -> None:
+        self.config = config
+        self.node = node
+        self.broker = broker
+        self.view = view
+        self.state = pool.RUNNING
+        self._task: asyncio.Task[None] | None = None
+        self._key = ADVERT_KEY_PREFIX + config.node_name
+
+    async def start(self) -> None:
+        """Listen to the pool and start advertising. Raises BrokerError."""
+        await self.broker.open_pool(self.config.pool.exchange, self._on_message)
+        await self._publish()
+        self._task = asyncio.create_task(self._advertise())
+
+    def advert(self) -> Advert:
+        ad = self.node.live_ad(state=self.state)
+        return Advert(
+            node=self.config.node_name,
+            queue=self.config.broker.queue,
+            state=self.state,
+            sent=time.time(),
+            period_s=self.config.pool.advertise_interval_s,
+            ad_text=str(ad),
+            jobs=tuple(self.node.job_infos()),
+            peers=self.view.last_heard(),
+        )
+
+    async def say(self, state: str) -> None:
+        """Change the node's state (Draining, Offline) and tell the pool at once."""
+        self.state = state
+        await self._publish()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.say(pool.OFFLINE)
+
+    async def _advertise(self) -> None:
+        changed = self.node.admission.changed
+        while True:
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), self.config.pool.advertise_interval_s)
+            for name in self.view.expire(time.monotonic()):
+                log.warning(
+                    "node %s not heard from for %.0fs: dropped from the pool", name, self.config.pool.node_timeout_s
+                )
+            await self._publish()
+            await asyncio.sleep(_MIN_GAP_S)
+
+    async def _publish(self, reply_to: str | None = None) -> None:
+        body = pool.encode(self.advert())
+        try:
+            await self.broker.publish_advert(self._key, body, ttl_s=self.config.pool.node_timeout_s, reply_to=reply_to)
+        except BrokerError as exc:
+            log.debug("advert not sent: %s", exc)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if message.routing_key == QUERY_KEY:
+            if message.reply_to:
+                await self._publish(reply_to=message.reply_to)
+            return
+        try:
+            advert = pool.decode(message.body)
+            if self.view.heard(advert, time.monotonic()):
+                if advert.state == pool.OFFLINE:
+                    log.info("node %s left the pool", advert.node)
+                self.node.reconsider()
+        except AdvertError as exc:
+            log.warning("ignored an unreadable advert on %s: %s", self.config.pool.exchange, exc)

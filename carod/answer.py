@@ -1,0 +1,156 @@
+"""Replies on their way out: journal first, then publish until the broker confirms.
+
+A final reply (Completed or Held) is published only while the job has a
+live delivery, in one AMQP transaction with that delivery's ack
+(docs/reliability.md); a non-final one is published and confirmed alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from carod import replies
+from carod.broker import Broker, ReplyUndeliverable, reply_and_ack, settle
+from carod.classads import Scalar
+from carod.config import Config
+from carod.errors import BrokerError
+from carod.job import Job
+from carod.journal import Journal, OutboxEntry
+
+log = logging.getLogger("carod.job")
+
+#: Between retries of a reply the broker did not confirm.
+_RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+class Answerer:
+    """Sends a job's replies; ``running`` is the node's map of jobs by message_id."""
+
+    def __init__(
+        self, config: Config, broker: Broker, journal: Journal, running: dict[str, Job], stopping: asyncio.Event
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.journal = journal
+        self.running = running
+        self.stopping = stopping
+
+    async def final(self, job: Job, reply: replies.Reply) -> None:
+        """Journal the final reply, then send it and ack. A cancel must not split these."""
+        address = job.envelope.reply_to
+        entry = await self.journal.add_reply(
+            job.message_id,
+            address.exchange if address else "",
+            address.routing_key if address else "",
+            dict(reply.headers),
+            str(reply.body_path) if reply.body_path else None,
+            final=True,
+        )
+        await self.resend_final(job, entry)
+
+    async def resend_final(self, job: Job, entry: OutboxEntry) -> None:
+        body = await asyncio.to_thread(Path(entry.body_path).read_bytes) if entry.body_path else b""
+        await asyncio.shield(self._send_final_and_ack(job, entry, body))
+
+    async def _send_final_and_ack(self, job: Job, entry: OutboxEntry, body: bytes) -> None:
+        try:
+            committed_on = await self.commit_final(job, entry.headers, body)
+        except TimeoutError:
+            # Its delivery died and the broker has not given it back: another
+            # node probably took it. The answer stays in the journal; a later
+            # redelivery here is answered from it.
+            log.warning(
+                "job=%s finished, but no live delivery to answer it on for %.0fs; its reply waits in the journal",
+                job.envelope.label,
+                self.config.node.redelivery_wait_s,
+            )
+            if self.running.get(entry.message_id) is job:
+                del self.running[entry.message_id]
+            return
+        await self.journal.confirmed(entry.id, entry.message_id, final=True)
+        # From here on a redelivery is answered from the journal (acked), not adopted.
+        if self.running.get(entry.message_id) is job:
+            del self.running[entry.message_id]
+        if job.message is not committed_on:
+            await settle(job.message, "ack", label=job.envelope.label)
+        if entry.body_path:
+            await asyncio.to_thread(Path(entry.body_path).unlink, missing_ok=True)
+
+    async def commit_final(
+        self, job: Job, headers: Mapping[str, Scalar], body: bytes
+    ) -> AbstractIncomingMessage | None:
+        """Publish the final reply and ack the job in one transaction, retrying until it commits.
+
+        Only on a live delivery: if the delivery died with its channel, this
+        waits for the broker to deliver the job again (to this node); if it
+        went to another node instead, that node answers and this reply stays
+        unsent, so the submitter never gets two final replies. Returns the
+        delivery that was acked with the reply (None when the reply could not
+        be delivered).
+        """
+        env = job.envelope
+        address = env.reply_to
+        if address is None:
+            await settle(job.message, "ack", label=env.label)
+            return job.message
+        attempt = 0
+        while True:
+            await job.wait_live(self.config.node.redelivery_wait_s, self.stopping)
+            delivery = job.message
+            try:
+                await reply_and_ack(
+                    self.broker,
+                    delivery,
+                    address,
+                    correlation_id=env.message_id,
+                    headers=headers,
+                    body=body,
+                    timeout_s=self.config.broker.confirm_timeout_s,
+                )
+                break
+            except ReplyUndeliverable as exc:
+                # Checked before the transaction: the delivery is intact, ack it alone.
+                log.warning("job=%s final reply cannot be delivered: %s", env.label, exc)
+                await settle(delivery, "ack", label=env.label)
+                return delivery
+            except BrokerError as exc:
+                delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
+                attempt += 1
+                log.warning("job=%s final reply not committed (%s); retrying in %.1fs", env.label, exc, delay)
+                await asyncio.sleep(delay)
+        return delivery
+
+    async def send(self, job: Job, reply: replies.Reply) -> None:
+        """A non-final reply: journaled, published until confirmed."""
+        address = job.envelope.reply_to
+        if address is None:
+            return
+        entry = await self.journal.add_reply(
+            job.message_id, address.exchange, address.routing_key, dict(reply.headers), None, final=False
+        )
+        await self._publish(job, reply.headers, b"")
+        await self.journal.confirmed(entry.id, job.message_id, final=False)
+
+    async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> None:
+        """Publish a non-final reply until the broker confirms it (or says nobody can receive it)."""
+        env = job.envelope
+        if env.reply_to is None:
+            return
+        attempt = 0
+        while True:
+            try:
+                await self.broker.publish_reply(env.reply_to, correlation_id=env.message_id, headers=headers, body=body)
+                return
+            except ReplyUndeliverable as exc:
+                log.warning("job=%s reply cannot be delivered: %s", env.label, exc)
+                return
+            except BrokerError as exc:
+                delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
+                attempt += 1
+                log.warning("job=%s reply not confirmed (%s); retrying in %.1fs", env.label, exc, delay)
+                await asyncio.sleep(delay)

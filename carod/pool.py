@@ -1,0 +1,264 @@
+"""The pool as the nodes see it: adverts on ``carod.nodes`` and who could run a job.
+
+Pure: encoding and decoding adverts, and :class:`PoolView`, the set of
+nodes heard from recently. No I/O; the broker edge publishes and receives
+the bytes (docs/pool.md).
+
+An advert is a JSON object::
+
+    {"v": 1, "node": "n1", "queue": "grid", "state": "Running", "sent": 1764000000.5,
+     "period_s": 5.0, "ad": "[ Cpus = 2; ... ]", "jobs": [{...}, ...], "peers": {"n2": 1764000000.1}}
+
+``state`` is ``Running`` (taking jobs), ``Draining`` (SIGTERM: finishing its
+jobs, taking no more) or ``Offline`` (gone: drop it now). ``ad`` is the
+live machine ad in ClassAd syntax; ``jobs`` the jobs running there;
+``peers`` when the node last heard each other node (so ``carod status`` can
+list a node that has gone quiet but not yet timed out).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import classad2
+
+from carod import classads
+from carod.errors import CarodError
+
+VERSION = 1
+RUNNING = "Running"
+DRAINING = "Draining"
+OFFLINE = "Offline"
+STATES = (RUNNING, DRAINING, OFFLINE)
+
+#: Routing keys on the pool exchange: adverts, and the question "who is there?".
+ADVERT_KEY_PREFIX = "advert."
+QUERY_KEY = "query"
+
+
+class AdvertError(CarodError):
+    """An advert that cannot be read."""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One job running on a node, as ``carod q`` shows it."""
+
+    message_id: str
+    owner: str
+    cmd: str
+    started: float
+    cpus: float
+    memory_mib: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id,
+            "owner": self.owner,
+            "cmd": self.cmd,
+            "started": self.started,
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+        }
+
+
+@dataclass(frozen=True)
+class Advert:
+    node: str
+    queue: str
+    state: str
+    sent: float
+    period_s: float
+    ad_text: str
+    jobs: tuple[JobInfo, ...] = ()
+    peers: Mapping[str, float] = field(default_factory=dict)
+
+    def machine_ad(self) -> classad2.ClassAd:
+        try:
+            return classad2.parseOne(self.ad_text)
+        except (classad2.ClassAdException, ValueError) as exc:
+            raise AdvertError(f"advert of {self.node!r}: its machine ad does not parse: {exc}") from exc
+
+
+def encode(advert: Advert) -> bytes:
+    return json.dumps(
+        {
+            "v": VERSION,
+            "node": advert.node,
+            "queue": advert.queue,
+            "state": advert.state,
+            "sent": advert.sent,
+            "period_s": advert.period_s,
+            "ad": advert.ad_text,
+            "jobs": [job.to_json() for job in advert.jobs],
+            "peers": dict(advert.peers),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode(body: bytes) -> Advert:
+    """Read an advert. Raises AdvertError naming what is wrong."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AdvertError(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise AdvertError("not a JSON object")
+    if data.get("v") != VERSION:
+        raise AdvertError(f"unknown advert version {data.get('v')!r}")
+    node, queue, state, ad_text = (data.get(k) for k in ("node", "queue", "state", "ad"))
+    sent, period = data.get("sent"), data.get("period_s")
+    if not isinstance(node, str) or not node or not isinstance(queue, str) or not isinstance(ad_text, str):
+        raise AdvertError("node, queue and ad must be strings")
+    if state not in STATES:
+        raise AdvertError(f"unknown state {state!r}")
+    if (
+        not isinstance(sent, int | float)
+        or not isinstance(period, int | float)
+        or not _finite(sent)
+        or not _finite(period)
+    ):
+        raise AdvertError("sent and period_s must be numbers")
+    raw_peers = data.get("peers", {})
+    if not isinstance(raw_peers, dict) or not all(isinstance(k, str) and _finite(v) for k, v in raw_peers.items()):
+        raise AdvertError("peers must map names to times")
+    peers = {str(k): float(v) for k, v in raw_peers.items()}
+    return Advert(node, queue, str(state), float(sent), float(period), ad_text, _jobs(data.get("jobs", [])), peers)
+
+
+def _jobs(items: object) -> tuple[JobInfo, ...]:
+    if not isinstance(items, list):
+        raise AdvertError("jobs must be a list")
+    jobs = []
+    for item in items:
+        try:
+            jobs.append(
+                JobInfo(
+                    message_id=str(item["message_id"]),
+                    owner=str(item["owner"]),
+                    cmd=str(item["cmd"]),
+                    started=float(item["started"]),
+                    cpus=float(item["cpus"]),
+                    memory_mib=float(item["memory_mib"]),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AdvertError(f"a job entry is incomplete: {exc!r}") from exc
+    return tuple(jobs)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class Peer:
+    advert: Advert
+    ad: classad2.ClassAd
+    heard: float
+
+
+class PoolView:
+    """The nodes of one job queue heard from within ``timeout_s``."""
+
+    def __init__(self, queue: str, self_name: str, timeout_s: float) -> None:
+        self.queue = queue
+        self.self_name = self_name
+        self.timeout_s = timeout_s
+        self.peers: dict[str, Peer] = {}
+
+    def heard(self, advert: Advert, now: float) -> bool:
+        """Take an advert in. False when it is not about another node of this queue."""
+        if advert.queue != self.queue or advert.node == self.self_name:
+            return False
+        if advert.state == OFFLINE:
+            self.peers.pop(advert.node, None)
+            return True
+        self.peers[advert.node] = Peer(advert, advert.machine_ad(), now)
+        return True
+
+    def expire(self, now: float) -> list[str]:
+        gone = [name for name, peer in self.peers.items() if now - peer.heard > self.timeout_s]
+        for name in gone:
+            del self.peers[name]
+        return gone
+
+    def last_heard(self) -> dict[str, float]:
+        return {name: peer.advert.sent for name, peer in self.peers.items()}
+
+    def could_run_now(self, job: classad2.ClassAd, cpus: float, memory_mib: float, disk_kib: float) -> list[str]:
+        """Other nodes taking jobs whose advertised free resources fit the job and that match it."""
+        return [
+            name
+            for name, peer in self.peers.items()
+            if peer.advert.state == RUNNING
+            and fits(peer.ad, cpus, memory_mib, disk_kib)
+            and classads.match(job, peer.ad).ok
+        ]
+
+
+def fits(ad: classad2.ClassAd, cpus: float, memory_mib: float, disk_kib: float) -> bool:
+    free: list[float] = []
+    for name in ("Cpus", "Memory", "Disk"):
+        value = classads.evaluate(ad, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        free.append(float(value))
+    return cpus <= free[0] and memory_mib <= free[1] and disk_kib <= free[2]
+
+
+def newest(adverts: Iterable[Advert]) -> dict[str, Advert]:
+    """The latest advert of each node (by ``sent``)."""
+    latest: dict[str, Advert] = {}
+    for advert in adverts:
+        known = latest.get(advert.node)
+        if known is None or advert.sent >= known.sent:
+            latest[advert.node] = advert
+    return latest
+
+
+def status_table(adverts: Mapping[str, Advert], silent: Mapping[str, float], now: float) -> str:
+    """The pool as ``condor_status`` prints it: one line per node, then totals."""
+    header = f"{'Name':<24} {'State':<12} {'Cpus':>11} {'Memory MiB':>15} {'Jobs':>5} {'LoadAv':>6} {'Heard':>7}"
+    lines = [header]
+    free_cpus = total_cpus = free_mem = total_mem = jobs = 0.0
+    for name in sorted(adverts):
+        advert = adverts[name]
+        ad = advert.machine_ad()
+        values = {k: classads.evaluate(ad, k) for k in ("Cpus", "TotalCpus", "Memory", "TotalMemory", "LoadAvg")}
+        nums = {
+            k: float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0 for k, v in values.items()
+        }
+        free_cpus += nums["Cpus"]
+        total_cpus += nums["TotalCpus"]
+        free_mem += nums["Memory"]
+        total_mem += nums["TotalMemory"]
+        jobs += len(advert.jobs)
+        lines.append(
+            f"{name[:24]:<24} {advert.state:<12} {_of(nums['Cpus'], nums['TotalCpus']):>11} "
+            f"{_of(nums['Memory'], nums['TotalMemory']):>15} {len(advert.jobs):>5} {nums['LoadAvg']:>6.2f} "
+            f"{_ago(now - advert.sent):>7}"
+        )
+    for name in sorted(silent):
+        lines.append(
+            f"{name[:24]:<24} {'Unresponsive':<12} {'-':>11} {'-':>15} {'-':>5} {'-':>6} {_ago(now - silent[name]):>7}"
+        )
+    lines.append("")
+    lines.append(
+        f"{len(adverts)} node(s) answering, {len(silent)} silent; cpus {_of(free_cpus, total_cpus)} free, "
+        f"memory {_of(free_mem, total_mem)} MiB free, {int(jobs)} job(s) running"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _of(free: float, total: float) -> str:
+    return f"{free:g}/{total:g}"
+
+
+def _ago(seconds: float) -> str:
+    return f"{max(0.0, seconds):.1f}s"
