@@ -298,7 +298,7 @@ async def pool_status(
     latest = {name: a for name, a in pool.newest(answers).items() if a.state != pool.OFFLINE}
     gone = {a.node for a in answers if a.state == pool.OFFLINE}
     silent: dict[str, float] = {}
-    for advert in latest.values():
+    for advert in answers:  # every answer: a peer may drop a silent node while we wait
         for name, heard in advert.peers.items():
             if name not in latest and name not in gone:
                 silent[name] = max(heard, silent.get(name, 0.0))

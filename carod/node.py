@@ -205,7 +205,7 @@ class Node:
         job.ad = ad
         never = self._never_runs_here(ad, request)
         if never is not None:
-            await self._decline(job, ad, never)
+            await self._decline(job, ad, never, request)
             return
         ready = self.admission.reserve_now(job.ticket, request, lambda: self._ready(ad, request))
         if not ready and not await self._wait_for_room(job, ad, request):
@@ -336,9 +336,20 @@ class Node:
 
     # ------------------------------------------------------------ declining
 
-    async def _decline(self, job: Job, ad: classad2.ClassAd, reason: str) -> None:
-        """Not for this node: the broker parks it in the delay queue, then offers it again (docs/pool.md)."""
+    async def _decline(self, job: Job, ad: classad2.ClassAd, reason: str, request: Request) -> None:
+        """Not for this node. Another node's advert matches it: pass it on. None does: count an offer, park it."""
         env = job.envelope
+        elsewhere = self.pool.could_ever_run(ad, request.cpus, request.memory_mib, request.disk_kib)
+        await self.journal.forget(job.message_id)
+        if elsewhere:
+            if env.deliveries < _HAND_BACK_DELIVERIES:
+                # Straight back to the queue, where a node that matches can take it now.
+                log_state(env, "passed", job, reason=reason, to=",".join(elsewhere))
+                await settle(job.message, "requeue", label=env.label)
+            elif await self._park(job, env.offers):
+                # Bounced between nodes that do not match it: wait in the delay queue, not counted.
+                log_state(env, "declined", job, reason=reason, offers=env.offers, waits_for=",".join(elsewhere))
+            return
         offers = env.offers + 1
         limit = self.config.broker.max_offers
         if limit and offers >= limit:
@@ -350,7 +361,6 @@ class Node:
             )
             await self.answer.final(job, self._held(job, held))
             return
-        await self.journal.forget(job.message_id)
         if await self._park(job, offers):
             log_state(env, "declined", job, reason=reason, offers=offers)
 

@@ -160,7 +160,20 @@ def _finite(value: object) -> bool:
 class Peer:
     advert: Advert
     ad: classad2.ClassAd
+    #: the same ad as if the node ran nothing (would it ever take the job?)
+    idle_ad: classad2.ClassAd
     heard: float
+
+
+def idle(ad: classad2.ClassAd) -> classad2.ClassAd:
+    """A copy of a live machine ad with every resource free and no jobs."""
+    copy = classad2.ClassAd()
+    copy.update(ad)
+    for free, total in (("Cpus", "TotalCpus"), ("Memory", "TotalMemory"), ("Disk", "TotalDisk")):
+        if total in ad:
+            copy[free] = ad.lookup(total)
+    copy["JobsRunning"] = 0
+    return copy
 
 
 class PoolView:
@@ -179,7 +192,8 @@ class PoolView:
         if advert.state == OFFLINE:
             self.peers.pop(advert.node, None)
             return True
-        self.peers[advert.node] = Peer(advert, advert.machine_ad(), now)
+        ad = advert.machine_ad()
+        self.peers[advert.node] = Peer(advert, ad, idle(ad), now)
         return True
 
     def expire(self, now: float) -> list[str]:
@@ -199,6 +213,17 @@ class PoolView:
             if peer.advert.state == RUNNING
             and fits(peer.ad, cpus, memory_mib, disk_kib)
             and classads.match(job, peer.ad).ok
+        ]
+
+
+    def could_ever_run(self, job: classad2.ClassAd, cpus: float, memory_mib: float, disk_kib: float) -> list[str]:
+        """Other nodes taking jobs that would run the job if they were idle."""
+        return [
+            name
+            for name, peer in self.peers.items()
+            if peer.advert.state == RUNNING
+            and fits(peer.idle_ad, cpus, memory_mib, disk_kib)
+            and classads.match(job, peer.idle_ad).ok
         ]
 
 

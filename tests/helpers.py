@@ -175,6 +175,7 @@ def config_text(
     broker: dict[str, Any] | None = None,
     machine: dict[str, str] | None = None,
     sandbox: dict[str, Any] | None = None,
+    pool: dict[str, Any] | None = None,
 ) -> str:
     b = {"url": BROKER_URL, "queue": queue, "binding_key": f"{queue}-key", "unmatched_delay_s": 0.05}
     b.update(broker or {})
@@ -190,6 +191,8 @@ def config_text(
     lines = ["[broker]", *(f"{k} = {v}" for k, v in b.items()), "[node]", *(f"{k} = {v}" for k, v in n.items())]
     if sandbox:
         lines += ["[sandbox]", *(f"{k} = {v}" for k, v in sandbox.items())]
+    if pool:
+        lines += ["[pool]", *(f"{k} = {v}" for k, v in pool.items())]
     if machine:
         lines += ["[machine]", *(f"{k} = {v}" for k, v in machine.items())]
     return "\n".join(lines) + "\n"
