@@ -72,6 +72,8 @@ class Submitter:
     job_queue: str
     replies: dict[str | None, list[Reply]] = field(default_factory=lambda: defaultdict(list))
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    #: (message_id, JobStatus) of every reply, in order of arrival
+    order: list[tuple[str | None, int]] = field(default_factory=list)
 
     durable: bool = False
 
@@ -110,9 +112,10 @@ class Submitter:
         return [r for r in self.replies.get(message_id, []) if r.status in FINAL_STATUSES]
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
-        self.replies[message.correlation_id].append(
-            Reply(dict(message.headers or {}), message.body, message.correlation_id, message.message_id)
-        )
+        reply = Reply(dict(message.headers or {}), message.body, message.correlation_id, message.message_id)
+        self.replies[message.correlation_id].append(reply)
+        if "JobStatus" in reply.headers:
+            self.order.append((message.correlation_id, reply.status))
         self.arrived.set()
 
     async def send(

@@ -181,10 +181,21 @@ def test_relative_directories_are_refused(key: str) -> None:
         ("[node]\nmax_result_mib = -5\n", "[node] max_result_mib"),
         ("[node]\nlog_level = LOUD\n", "[node] log_level"),
         ("[node]\nlog_format = xml\n", "[node] log_format"),
+        ("[node]\ndefault_request_memory_mib = 0\n", "[node] default_request_memory_mib"),
+        ("[broker]\ndelivery_limit = -1\n", "[broker] delivery_limit"),
+        ("[pool]\nexchange = amq.topic\n", "[pool] exchange"),
+        ("[pool]\nadvertise_interval_s = 0\n", "[pool] advertise_interval_s"),
+        ("[pool]\nadvertise_interval_s = 10\nnode_timeout_s = 5\n", "[pool] node_timeout_s"),
+        ("[pool]\ncolour = blue\n", "[pool] colour"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_key(text: str, key: str) -> None:
     assert key in refused(text)
+
+
+def test_a_renamed_key_says_where_it_went() -> None:
+    message = refused("[sandbox]\ndefault_memory_mib = 256\n")
+    assert "[sandbox] default_memory_mib: renamed to [node] default_request_memory_mib" in message
 
 
 @pytest.mark.parametrize("start", ["TARGET.Owner ==", "(", "&& TRUE"])

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import BROKER_URL, CAROD, Daemon, Submitter, q, start_daemon, write_config
+from tests.helpers import BROKER_URL, CAROD, Daemon, Submitter, q, queue_depth, start_daemon, write_config
 
 #: Short delays so unmatched jobs come back quickly, and quick adverts.
 BROKER = {"max_offers": 3, "unmatched_delay_s": 0.3}
@@ -256,3 +257,69 @@ async def test_status_lists_the_pool_and_drops_stopped_nodes(queue: str, base: P
         assert "pool-a" in table.stdout
     finally:
         await stop_all(daemons)
+
+
+async def test_start_policy_uses_job_and_node_state_and_is_reread_on_sighup(
+    queue: str, base: Path, pool_sub: Submitter
+) -> None:
+    policy = 'TARGET.Owner =!= "mallory" && JobsRunning < 1'
+    config = write_config(base, queue, node={"start": policy}, broker={"max_offers": 3, "unmatched_delay_s": 0.1})
+    daemon = await start_daemon(config)
+    try:
+        refused = await pool_sub.wait_final(await pool_sub.send({"Cmd": q("/bin/true"), "Owner": q("mallory")}))
+        assert [r.status for r in refused] == [5]
+        assert "start policy refuses the job" in refused[0].headers["HoldReason"]
+        # JobsRunning < 1: one job at a time, though the node has two slots
+        first = await pool_sub.send({"Cmd": q("/bin/sleep"), "Arguments": q("0.5"), "Owner": q("alice")})
+        second = await pool_sub.send({"Cmd": q("/bin/sleep"), "Arguments": q("0.5"), "Owner": q("alice")})
+        await pool_sub.wait_final(first)
+        await pool_sub.wait_final(second)
+        events = [(mid, status) for mid, status in pool_sub.order if mid in (first, second)]
+        assert [status for _, status in events] == [2, 4, 2, 4], f"the jobs overlapped: {events}"
+        assert events[0][0] == events[1][0]
+
+        config.write_text(config.read_text().replace('"mallory"', '"alice"'))
+        daemon.proc.send_signal(signal.SIGHUP)
+        await daemon.wait_for_line("SIGHUP: reloaded")
+        assert (await pool_sub.run({"Cmd": q("/bin/true"), "Owner": q("mallory")}))[-1].status == 4
+        assert (await pool_sub.run({"Cmd": q("/bin/true"), "Owner": q("alice")}))[-1].status == 5
+        assert await daemon.stop() == 0
+    finally:
+        if daemon.proc.returncode is None:
+            await daemon.stop()
+
+
+async def queue_stays(queue: str, depth: int, for_s: float) -> None:
+    """The queue keeps ``depth`` ready messages throughout ``for_s`` (nobody takes them)."""
+    deadline = time.monotonic() + for_s
+    while time.monotonic() < deadline:
+        assert await queue_depth(queue) == depth
+        await asyncio.sleep(0.05)
+
+
+async def test_node_holds_only_what_it_can_start(queue: str, base: Path, pool_sub: Submitter) -> None:
+    config = write_config(base, queue, node={"slots": 0}, machine={"Cpus": "2", "Memory": "1024"})
+    daemon = await start_daemon(config)
+    try:
+        clock = {"Cmd": q("/bin/sh"), "Out": q("t")}
+        one_cpu = await pool_sub.send({**clock, "Arguments": q("-c 'sleep 1.5; date +%s.%N'")})
+        await pool_sub.wait_running(one_cpu)
+        # fits the machine, not what is free: it waits here (no other node could take it sooner)
+        two_cpus = await pool_sub.send({**clock, "Arguments": q("-c 'date +%s.%N'"), "RequestCpus": 2})
+        await daemon.wait_for_line("state=waiting")
+        # the node is full now: the next job stays in the queue for any other node
+        behind = await pool_sub.send({"Cmd": q("/bin/true")})
+        await queue_stays(queue, 1, for_s=0.5)
+        for mid in (one_cpu, two_cpus, behind):
+            assert (await pool_sub.wait_final(mid))[-1].status == 4
+        one_ended = float(pool_sub.finals(one_cpu)[0].zip_read("t"))
+        two_started = float(pool_sub.finals(two_cpus)[0].zip_read("t"))
+        assert one_ended < two_started
+        # a job that can never fit this machine is not held here either
+        too_big = await pool_sub.send({"Cmd": q("/bin/true"), "RequestMemory": 4096})
+        held = await pool_sub.wait_final(too_big)
+        assert held[-1].status == 5 and "RequestMemory 4096 > TotalMemory 1024" in held[-1].headers["HoldReason"]
+        assert await daemon.stop() == 0
+    finally:
+        if daemon.proc.returncode is None:
+            await daemon.stop()
