@@ -154,6 +154,7 @@ async def main() -> None:
         ch = await conn.channel()
         await ch.queue_delete(queue)
         await ch.queue_delete(f"{queue}.unmatched")
+        await ch.queue_delete(f"{queue}.dead")
 
     null = results[0]
     print(f"{'':8} {'p50 ms':>8} {'p99 ms':>8} {'jobs/s':>8}")

@@ -109,6 +109,7 @@ async def cleanup(*queues: str) -> None:
         for q in queues:
             await ch.queue_delete(q)
             await ch.queue_delete(f"{q}.unmatched")
+            await ch.queue_delete(f"{q}.dead")
 
 
 async def unmatched(jobs_n: int, window_s: float) -> dict[str, Any]:

@@ -132,6 +132,10 @@ class Admission:
     def waiting(self) -> list[Waiting]:
         return [w for w in self._waiters if not w.future.done()]
 
+    def recheck(self) -> None:
+        """Try the waiting jobs again: what they wait for may change without a job ending (disk, load, time)."""
+        self._wake()
+
     def give_up_all(self) -> None:
         for waiter in list(self._waiters):
             waiter.give_up()
@@ -211,7 +215,8 @@ class Admission:
                 try:
                     tag = await control(wanted)
                 except BrokerError as exc:
-                    # Robust reconnection restores the channel; try again then.
+                    # The consumer may be cancelled or not: start afresh on the next try.
+                    self._consumer = None
                     log.warning("could not %s consuming: %s; retrying", "resume" if wanted else "pause", exc)
                     await asyncio.sleep(_FLOW_RETRY_S)
                     self._flow_again = True

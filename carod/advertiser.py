@@ -78,6 +78,7 @@ class Advertiser:
             changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), self.config.pool.advertise_interval_s)
+            self.node.admission.recheck()
             for name in self.view.expire(time.monotonic()):
                 log.warning(
                     "node %s not heard from for %.0fs: dropped from the pool", name, self.config.pool.node_timeout_s

@@ -9,7 +9,10 @@ Topology (docs/protocol.md):
 
 * ``<queue>``: durable, ``x-queue-type`` quorum (or classic), bound to
   ``<exchange>`` with ``<binding_key>``; quorum: ``x-delivery-limit``, and a
-  message past it is dead-lettered to ``<queue>.unmatched``;
+  message past it is dead-lettered to ``<queue>.dead``, which every node
+  also consumes (one at a time) to answer it Held. (Not to the delay queue:
+  RabbitMQ drops a message that dead-letters around a cycle with no
+  rejection in it.)
 * ``<queue>.unmatched``: the delay queue. A node that declines a job moves it
   there (:func:`park`: a copy with ``x-carod-offers`` counted, and the ack of
   the original, in one transaction); it expires after ``unmatched_delay_s``
@@ -69,6 +72,7 @@ class Broker:
         self.node_name = node_name
         self.prefetch = prefetch
         self.unmatched_queue_name = f"{config.queue}.unmatched"
+        self.dead_queue_name = f"{config.queue}.dead"
         self._connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractRobustChannel | None = None
         self._publish_channel: AbstractRobustChannel | None = None
@@ -122,10 +126,12 @@ class Broker:
             if cfg.exchange:
                 await queue.bind(cfg.exchange, routing_key=cfg.binding_key)
             await channel.declare_queue(self.unmatched_queue_name, durable=True, arguments=delay_queue_arguments(cfg))
+            await channel.declare_queue(self.dead_queue_name, durable=True, arguments={"x-queue-type": cfg.queue_type})
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             raise BrokerError(
-                f"the queue {cfg.queue!r} already exists with other settings ({exc}); "
-                "set [broker] queue_type to match it, or delete the queue"
+                f"the queue {cfg.queue!r}, {self.unmatched_queue_name!r} or {self.dead_queue_name!r} already "
+                f"exists with other arguments ({exc}); set [broker] queue_type, delivery_limit and "
+                "unmatched_delay_s as when it was declared, or drain and delete it"
             ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise BrokerError(f"[broker] exchange: {cfg.exchange!r} does not exist on the broker ({exc})") from exc
@@ -134,7 +140,18 @@ class Broker:
         self._queue = queue
 
     async def consume(self, consumer: Consumer) -> tuple[str, int]:
-        """Start consuming with the full prefetch; returns (consumer tag, prefetch)."""
+        """Consume the dead-letter queue (one at a time), then the job queue with the full prefetch.
+
+        Returns the job-queue consumer's (tag, prefetch).
+        """
+        connection = self._require(self._connection)
+        try:
+            dead_channel = await connection.channel(publisher_confirms=False)
+            await dead_channel.set_qos(prefetch_count=1)
+            dead = await dead_channel.declare_queue(self.dead_queue_name, passive=True)
+            await dead.consume(consumer, no_ack=False)
+        except _TRANSIENT as exc:
+            raise BrokerError(f"cannot consume from {self.dead_queue_name!r}: {exc!r}") from exc
         self._consumer = consumer
         tag = await self.set_flow(self.prefetch)
         if tag is None:
@@ -404,7 +421,7 @@ def job_queue_arguments(cfg: BrokerConfig) -> dict[str, object]:
     args: dict[str, object] = {
         "x-queue-type": cfg.queue_type,
         "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": f"{cfg.queue}.unmatched",
+        "x-dead-letter-routing-key": f"{cfg.queue}.dead",
     }
     if cfg.queue_type == "quorum" and cfg.delivery_limit:
         args["x-delivery-limit"] = cfg.delivery_limit

@@ -237,6 +237,9 @@ class Node:
         return self.resources.fits(request, self.disk_available()) and classads.match(ad, self.live_ad()).ok
 
     def _may_hand_back(self, job: Job, now: float) -> bool:
+        """Requeue it for another node? Not again soon from here, nor once the broker counts 3 deliveries."""
+        if len(self._handed_back) > 10_000:
+            self._handed_back = {k: t for k, t in self._handed_back.items() if now - t <= _HAND_BACK_AGAIN_S}
         last = self._handed_back.get(job.message_id)
         return job.envelope.deliveries < _HAND_BACK_DELIVERIES and (last is None or now - last > _HAND_BACK_AGAIN_S)
 
@@ -244,7 +247,7 @@ class Node:
         """Other nodes that advertise room for the job now and match it."""
         if job.ad is None or not self._may_hand_back(job, time.monotonic()):
             return []
-        return self.pool.could_run_now(job.ad, request.cpus, request.memory_mib, request.disk_kib)
+        return self.pool.could_run_now(job.ad, request)
 
     async def _wait_for_room(self, job: Job, ad: classad2.ClassAd, request: Request) -> bool:
         """The job fits this machine but not what is free now: wait, unless another node could start it sooner."""
@@ -255,8 +258,6 @@ class Node:
                 return True
             others = self._sooner_elsewhere(job, request)
         self._handed_back[job.message_id] = time.monotonic()
-        if len(self._handed_back) > 10_000:
-            self._handed_back.clear()
         log_state(job.envelope, "handed-back", job, to=",".join(others) or "the queue (node stopping)")
         await self.journal.forget(job.message_id)
         await settle(job.message, "requeue", label=job.envelope.label)
@@ -339,11 +340,13 @@ class Node:
     async def _decline(self, job: Job, ad: classad2.ClassAd, reason: str, request: Request) -> None:
         """Not for this node. Another node's advert matches it: pass it on. None does: count an offer, park it."""
         env = job.envelope
-        elsewhere = self.pool.could_ever_run(ad, request.cpus, request.memory_mib, request.disk_kib)
+        elsewhere = self.pool.could_ever_run(ad, request)
         await self.journal.forget(job.message_id)
         if elsewhere:
-            if env.deliveries < _HAND_BACK_DELIVERIES:
+            now = time.monotonic()
+            if self._may_hand_back(job, now):
                 # Straight back to the queue, where a node that matches can take it now.
+                self._handed_back[job.message_id] = now
                 log_state(env, "passed", job, reason=reason, to=",".join(elsewhere))
                 await settle(job.message, "requeue", label=env.label)
             elif await self._park(job, env.offers):

@@ -28,6 +28,7 @@ import classad2
 
 from carod import classads
 from carod.errors import CarodError
+from carod.resources import Request
 
 VERSION = 1
 RUNNING = "Running"
@@ -205,36 +206,32 @@ class PoolView:
     def last_heard(self) -> dict[str, float]:
         return {name: peer.advert.sent for name, peer in self.peers.items()}
 
-    def could_run_now(self, job: classad2.ClassAd, cpus: float, memory_mib: float, disk_kib: float) -> list[str]:
-        """Other nodes taking jobs whose advertised free resources fit the job and that match it."""
-        return [
-            name
-            for name, peer in self.peers.items()
-            if peer.advert.state == RUNNING
-            and fits(peer.ad, cpus, memory_mib, disk_kib)
-            and classads.match(job, peer.ad).ok
-        ]
+    def could_run_now(self, job: classad2.ClassAd, request: Request) -> list[str]:
+        """Other nodes taking jobs whose advertised free resources fit the job and whose live ad matches it."""
+        return self._takers(job, request, idle=False)
 
-
-    def could_ever_run(self, job: classad2.ClassAd, cpus: float, memory_mib: float, disk_kib: float) -> list[str]:
+    def could_ever_run(self, job: classad2.ClassAd, request: Request) -> list[str]:
         """Other nodes taking jobs that would run the job if they were idle."""
-        return [
-            name
-            for name, peer in self.peers.items()
-            if peer.advert.state == RUNNING
-            and fits(peer.idle_ad, cpus, memory_mib, disk_kib)
-            and classads.match(job, peer.idle_ad).ok
-        ]
+        return self._takers(job, request, idle=True)
+
+    def _takers(self, job: classad2.ClassAd, request: Request, *, idle: bool) -> list[str]:
+        takers = []
+        for name, peer in self.peers.items():
+            ad = peer.idle_ad if idle else peer.ad
+            if peer.advert.state == RUNNING and fits(ad, request) and classads.match(job, ad).ok:
+                takers.append(name)
+        return takers
 
 
-def fits(ad: classad2.ClassAd, cpus: float, memory_mib: float, disk_kib: float) -> bool:
+def fits(ad: classad2.ClassAd, request: Request) -> bool:
+    """The request fits the free resources a machine ad shows."""
     free: list[float] = []
     for name in ("Cpus", "Memory", "Disk"):
         value = classads.evaluate(ad, name)
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         free.append(float(value))
-    return cpus <= free[0] and memory_mib <= free[1] and disk_kib <= free[2]
+    return request.cpus <= free[0] and request.memory_mib <= free[1] and request.disk_kib <= free[2]
 
 
 def newest(adverts: Iterable[Advert]) -> dict[str, Advert]:

@@ -40,7 +40,7 @@ def base() -> Iterator[Path]:
 async def queue() -> AsyncIterator[str]:
     name = unique("grid")
     yield name
-    await delete_queues(name, f"{name}.unmatched")
+    await delete_queues(name, f"{name}.unmatched", f"{name}.dead")
 
 
 @pytest.fixture

@@ -323,3 +323,29 @@ async def test_node_holds_only_what_it_can_start(queue: str, base: Path, pool_su
     finally:
         if daemon.proc.returncode is None:
             await daemon.stop()
+
+
+async def test_a_job_past_the_delivery_limit_is_held(queue: str, base: Path, pool_sub: Submitter) -> None:
+    broker = {"delivery_limit": 2, "unmatched_delay_s": 0.1}
+    config = write_config(base, queue, broker=broker)
+    daemon = await start_daemon(config)  # declares the queues with x-delivery-limit = 2
+    assert await daemon.stop() == 0
+    mid = await pool_sub.send({"Cmd": q("/bin/true")})
+    # a consumer that keeps failing: every delivery ends without an answer
+    channel = await pool_sub.connection.channel()
+    job_queue = await channel.declare_queue(queue, passive=True)
+    for _ in range(3):
+        message = await job_queue.get(timeout=10, fail=True)
+        assert message is not None and message.message_id == mid
+        await message.nack(requeue=True)
+    await channel.close()
+    async with asyncio.timeout(10):  # the broker gives up on it
+        while await queue_depth(f"{queue}.dead") != 1:
+            await asyncio.sleep(0.02)
+    daemon = await start_daemon(config)
+    try:
+        replies = await pool_sub.wait_final(mid)
+        assert [r.status for r in replies] == [5]
+        assert "delivery limit ([broker] delivery_limit = 2)" in replies[0].headers["HoldReason"]
+    finally:
+        assert await daemon.stop() == 0
