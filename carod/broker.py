@@ -81,6 +81,8 @@ class Broker:
         self._consumer_tag: str | None = None
         self._flow_lock = asyncio.Lock()
         self._known_exchanges: set[str] = set()
+        self._dead_queue: AbstractRobustQueue | None = None
+        self._dead_tag: str | None = None
         self._pool_channel: AbstractRobustChannel | None = None
         self._pool_exchange: aio_pika.abc.AbstractExchange | None = None
         #: called after a reconnection (every delivery held before it is gone)
@@ -148,8 +150,8 @@ class Broker:
         try:
             dead_channel = await connection.channel(publisher_confirms=False)
             await dead_channel.set_qos(prefetch_count=1)
-            dead = await dead_channel.declare_queue(self.dead_queue_name, passive=True)
-            await dead.consume(consumer, no_ack=False)
+            self._dead_queue = await dead_channel.declare_queue(self.dead_queue_name, passive=True)
+            self._dead_tag = await self._dead_queue.consume(consumer, no_ack=False)
         except _TRANSIENT as exc:
             raise BrokerError(f"cannot consume from {self.dead_queue_name!r}: {exc!r}") from exc
         self._consumer = consumer
@@ -177,10 +179,16 @@ class Broker:
             return self._consumer_tag
 
     async def stop_consuming(self) -> None:
-        """Stop new deliveries for good; held ones stay ours until acked or the connection closes."""
+        """Stop new deliveries for good (both queues); held ones stay ours until acked or the connection closes."""
         self._consumer = None
         async with self._flow_lock:
             await self._cancel_consumer()
+        if self._dead_queue is not None and self._dead_tag is not None and self.connected:
+            tag, self._dead_tag = self._dead_tag, None
+            try:
+                await asyncio.wait_for(self._dead_queue.cancel(tag), self.config.confirm_timeout_s)
+            except _TRANSIENT as exc:
+                log.warning("could not cancel the dead-letter consumer cleanly: %s", exc)
 
     async def _cancel_consumer(self) -> None:
         if self._queue is None or self._consumer_tag is None:

@@ -376,6 +376,7 @@ class Node:
             try:
                 box = await self.executor.create_box(run, job.message_id)
             except JobHeld as held:
+                await self._end(job, run)
                 await self.answer.final(job, self._held(job, held))
                 return
             job.run_count = await self.journal.start_attempt(job.message_id, str(box))
