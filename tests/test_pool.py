@@ -220,8 +220,8 @@ async def test_status_lists_the_pool_and_drops_stopped_nodes(queue: str, base: P
     daemons = await start_pool(queue, base, NODES)
     try:
         # one long job on each of two nodes
-        long_a = await pool_sub.send({"Cmd": q("/bin/sleep"), "Arguments": q("30"), "Requirements": "HasFoo =?= TRUE"})
-        long_c = await pool_sub.send({"Cmd": q("/bin/sleep"), "Arguments": q("30"), "RequestMemory": 1500})
+        long_a = await pool_sub.send({"Cmd": q("/bin/sleep"), "Arguments": q("12"), "Requirements": "HasFoo =?= TRUE"})
+        long_c = await pool_sub.send({"Cmd": q("/bin/sleep"), "Arguments": q("12"), "RequestMemory": 1500})
         await pool_sub.wait_running(long_a)
         await pool_sub.wait_running(long_c)
         seen = await status_json(queue)
@@ -255,6 +255,10 @@ async def test_status_lists_the_pool_and_drops_stopped_nodes(queue: str, base: P
             table = await asyncio.to_thread(carod_status, queue)
         assert time.monotonic() - killed_at >= POOL["node_timeout_s"]
         assert "pool-a" in table.stdout
+        # restarted on the same state, it cleans up what the kill left (its job's cgroup) and rejoins
+        daemons["pool-c"] = await start_daemon(base / "pool-c" / "carod.conf")
+        seen = await status_json(queue)
+        assert set(seen) == {"pool-a", "pool-c"}
     finally:
         await stop_all(daemons)
 

@@ -402,7 +402,11 @@ async def test_soak_two_nodes_random_faults_every_job_answered_once(
             broker_guard.maybe_stopped = False
             await broker_answers()
         for daemon in daemons.values():
-            await daemon.kill()
+            # SIGTERM, so that carod removes its cgroup parent directories on the way out
+            try:
+                await daemon.stop(timeout_s=60)
+            except TimeoutError:
+                await daemon.kill()
         await sub.close()
         if os.environ.get("CAROD_SOAK_KEEP"):  # logs, journals and start records, for a post-mortem
             shutil.copytree(
