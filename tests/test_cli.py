@@ -19,7 +19,7 @@ async def daemon(base: Path, queue: str) -> AsyncIterator[Daemon]:
     d = await start_daemon(write_config(base, queue))
     yield d
     if d.proc.returncode is None:
-        await d.stop(signal.SIGKILL)
+        await d.stop()  # SIGTERM: carod removes its cgroup parent on the way out
 
 
 def run(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
