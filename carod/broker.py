@@ -183,23 +183,20 @@ class Broker:
         self._consumer = None
         async with self._flow_lock:
             await self._cancel_consumer()
-        if self._dead_queue is not None and self._dead_tag is not None and self.connected:
-            tag, self._dead_tag = self._dead_tag, None
-            try:
-                await asyncio.wait_for(self._dead_queue.cancel(tag), self.config.confirm_timeout_s)
-            except _TRANSIENT as exc:
-                log.warning("could not cancel the dead-letter consumer cleanly: %s", exc)
+        tag, self._dead_tag = self._dead_tag, None
+        await self._cancel(self._dead_queue, tag, "the dead-letter consumer")
 
     async def _cancel_consumer(self) -> None:
-        if self._queue is None or self._consumer_tag is None:
-            return
         tag, self._consumer_tag = self._consumer_tag, None
-        if not self.connected:
+        await self._cancel(self._queue, tag, "the consumer")
+
+    async def _cancel(self, queue: AbstractRobustQueue | None, tag: str | None, what: str) -> None:
+        if queue is None or tag is None or not self.connected:
             return  # nothing is delivered on a dead connection; do not wait for it to return
         try:
-            await asyncio.wait_for(self._queue.cancel(tag), self.config.confirm_timeout_s)
+            await asyncio.wait_for(queue.cancel(tag), self.config.confirm_timeout_s)
         except _TRANSIENT as exc:
-            log.warning("could not cancel the consumer cleanly: %s", exc)
+            log.warning("could not cancel %s cleanly: %s", what, exc)
 
     # ------------------------------------------------------------ the pool exchange
 

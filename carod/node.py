@@ -217,11 +217,15 @@ class Node:
     def disk_available(self) -> float | None:
         return None if self._disk_fixed else float(machine.disk_kib(self.config.node.sandbox_root))
 
-    def live_ad(self, *, state: str = "Running", idle: bool = False) -> classad2.ClassAd:
-        """The machine ad with the node's live values written in (see machine.update)."""
-        machine.update(
-            self.machine_ad, self.resources, disk_available_kib=self.disk_available(), state=state, idle=idle
-        )
+    def live_ad(
+        self, *, state: str = "Running", idle: bool = False, disk_available_kib: float | None = None
+    ) -> classad2.ClassAd:
+        """The machine ad with the node's live values written in (see machine.update).
+
+        ``disk_available_kib``: the filesystem's free space when the caller already read it.
+        """
+        disk = self.disk_available() if disk_available_kib is None else disk_available_kib
+        machine.update(self.machine_ad, self.resources, disk_available_kib=disk, state=state, idle=idle)
         return self.machine_ad
 
     def _never_runs_here(self, ad: classad2.ClassAd, request: Request) -> str | None:
@@ -234,7 +238,8 @@ class Node:
 
     def _ready(self, ad: classad2.ClassAd, request: Request) -> bool:
         """The job fits what is free now and matches the live machine ad."""
-        return self.resources.fits(request, self.disk_available()) and classads.match(ad, self.live_ad()).ok
+        disk = self.disk_available()  # one statvfs for both checks
+        return self.resources.fits(request, disk) and classads.match(ad, self.live_ad(disk_available_kib=disk)).ok
 
     def _may_hand_back(self, job: Job, now: float) -> bool:
         """Requeue it for another node? Not again soon from here, nor once the broker counts 3 deliveries."""

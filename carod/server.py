@@ -143,10 +143,8 @@ class Server:
             except ConfigError as exc:
                 log.error("SIGHUP: [machine] not reloaded, the old one stays in force: %s", exc)
                 return
-            if resized:
+            if resized:  # the live values written before each use still come from the old totals
                 kept.append("[machine] Cpus/Memory/Disk (the node's resources)")
-                for name in ("Cpus", "Memory", "Disk"):
-                    new_ad[name] = self.node.machine_ad.lookup(name)
             self.node.machine_ad = new_ad
             if self.advertiser is not None:
                 self.node.admission.changed.set()  # advertise the new ad
