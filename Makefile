@@ -9,7 +9,7 @@ test:   ## ruff + mypy + the whole test suite on a real broker
 check: test
 
 bench:  ## latency and throughput benchmark (not part of the tests)
-	scripts/bootstrap && scripts/ensure-broker && .venv/bin/python -m bench
+	CAROD_EXTRAS=dev,bench scripts/bootstrap && scripts/ensure-broker && .venv/bin/python -m bench
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache build *.egg-info

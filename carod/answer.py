@@ -3,18 +3,24 @@
 A final reply (Completed or Held) is published only while the job has a
 live delivery, in one AMQP transaction with that delivery's ack
 (docs/reliability.md); a non-final one is published and confirmed alone.
+A result zip larger than ``[broker] result_part_mib`` goes ahead of the
+final reply in parts (carod.parts), each confirmed before the next is read,
+so at most one part of it is in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import replies
+from carod import parts, replies
 from carod.broker import Broker, ReplyUndeliverable, reply_and_ack, settle
 from carod.classads import Scalar
 from carod.config import Config
@@ -39,6 +45,7 @@ class Answerer:
         self.journal = journal
         self.running = running
         self.stopping = stopping
+        self.part_bytes = config.broker.result_part_mib * 1024 * 1024
 
     async def final(self, job: Job, reply: replies.Reply) -> None:
         """Journal the final reply, then send it and ack. A cancel must not split these."""
@@ -54,12 +61,46 @@ class Answerer:
         await self.resend_final(job, entry)
 
     async def resend_final(self, job: Job, entry: OutboxEntry) -> None:
-        body = await asyncio.to_thread(Path(entry.body_path).read_bytes) if entry.body_path else b""
-        await asyncio.shield(self._send_final_and_ack(job, entry, body))
+        headers: dict[str, Scalar] = dict(entry.headers)
+        body = b""
+        if entry.body_path:
+            path = Path(entry.body_path)
+            size = (await asyncio.to_thread(path.stat)).st_size
+            if size <= self.part_bytes:
+                body = await asyncio.to_thread(path.read_bytes)
+            else:
+                headers.update(await self._send_parts(job, path, size))
+        await asyncio.shield(self._send_final_and_ack(job, entry, headers, body))
 
-    async def _send_final_and_ack(self, job: Job, entry: OutboxEntry, body: bytes) -> None:
+    async def _send_parts(self, job: Job, path: Path, size: int) -> dict[str, str | int]:
+        """Publish the result zip at ``path`` in confirmed parts; the final reply's part headers."""
+        result_id = uuid.uuid4().hex
+        count = parts.count(size, self.part_bytes)
+        digest = hashlib.sha256()
+        # Only to a live delivery: parts of a job that went to another node would be noise.
+        await job.wait_live(self.config.node.redelivery_wait_s, self.stopping)
+        started = asyncio.get_running_loop().time()
+        f = await asyncio.to_thread(path.open, "rb")
         try:
-            committed_on = await self.commit_final(job, entry.headers, body)
+            for index in range(count):
+                chunk = await asyncio.to_thread(_read_part, f, self.part_bytes, digest)
+                await self._publish(job, parts.part_headers(result_id, index, count, size), chunk)
+        finally:
+            await asyncio.to_thread(f.close)
+        log.info(
+            "job=%s result of %d bytes sent in %d parts duration_s=%.3f",
+            job.envelope.label,
+            size,
+            count,
+            asyncio.get_running_loop().time() - started,
+        )
+        return parts.final_headers(result_id, count, size, digest.hexdigest())
+
+    async def _send_final_and_ack(
+        self, job: Job, entry: OutboxEntry, headers: Mapping[str, Scalar], body: bytes
+    ) -> None:
+        try:
+            committed_on = await self.commit_final(job, headers, body)
         except TimeoutError:
             # Its delivery died and the broker has not given it back: another
             # node probably took it. The answer stays in the journal; a later
@@ -154,3 +195,10 @@ class Answerer:
                 attempt += 1
                 log.warning("job=%s reply not confirmed (%s); retrying in %.1fs", env.label, exc, delay)
                 await asyncio.sleep(delay)
+
+
+def _read_part(f: BinaryIO, size: int, digest: hashlib._Hash) -> bytes:
+    """The next part of a result and its contribution to the result's hash (blocking)."""
+    chunk = f.read(size)
+    digest.update(chunk)
+    return chunk

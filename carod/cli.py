@@ -112,6 +112,9 @@ async def _submit(args: argparse.Namespace, attributes: dict[str, str | int | fl
             return EXIT_TIMEOUT
         if final is None:
             return EXIT_SOFTWARE
+        if job.result_error is not None:
+            _event(args, {"event": "error", "error": str(job.result_error)}, str(job.result_error), started)
+            return EXIT_SOFTWARE
         if final.body:
             target = out_dir or Path(f"job-{job.message_id[:8]}")
             target.mkdir(parents=True, exist_ok=True)

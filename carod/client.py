@@ -9,6 +9,10 @@
 
 Attributes are ClassAd expression text (``'"job.out"'`` is a string,
 ``"TARGET.Memory > 100"`` an expression), or Python ints/floats/bools.
+A result sent in parts (larger than the node's ``result_part_mib``) is
+reassembled and verified here: the final reply's ``body`` is the whole zip,
+and :meth:`Submission.result` raises :class:`carod.parts.ResultError` when
+it did not arrive whole.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import aiormq
 import classad2
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from carod import pool
+from carod import parts, pool
 from carod.errors import CarodError, JobHeld
 from carod.jobad import format_args_v2
 from carod.pool import Advert
@@ -132,6 +136,9 @@ class Submission:
     message_id: str
     _queue: asyncio.Queue[JobReply] = field(default_factory=asyncio.Queue)
     history: list[JobReply] = field(default_factory=list)
+    #: Why the final reply's result (sent in parts) could not be put together.
+    result_error: parts.ResultError | None = None
+    _assembler: parts.Assembler = field(default_factory=lambda: parts.Assembler(16_384 * MIB))
 
     @property
     def final(self) -> JobReply | None:
@@ -156,14 +163,25 @@ class Submission:
         final = self.final
         if final is None:
             raise ClientError("the reply stream ended without a final reply")
+        if self.result_error is not None:
+            raise self.result_error
         return final
 
 
 class Client:
     """Publishes jobs and collects their replies on a private reply queue."""
 
-    def __init__(self, url: str, *, queue: str = "grid", exchange: str = "", routing_key: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        queue: str = "grid",
+        exchange: str = "",
+        routing_key: str | None = None,
+        max_result_mib: int = 16_384,
+    ) -> None:
         self.url = url
+        self.max_result_bytes = max_result_mib * MIB
         self.exchange_name = exchange
         self.routing_key = routing_key if routing_key is not None else queue
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -198,9 +216,21 @@ class Client:
         job = self._jobs.get(message.correlation_id or "")
         if job is None:
             return
-        job._queue.put_nowait(
-            JobReply(dict(message.headers or {}), message.body, message.message_id, message.correlation_id)
-        )
+        headers = dict(message.headers or {})
+        body = message.body
+        try:
+            if parts.is_part(headers):
+                job._assembler.add(headers, body)
+                return
+            if parts.in_parts(headers):
+                body = job._assembler.finish(headers)
+        except parts.ResultError as exc:
+            if not parts.in_parts(headers):
+                return  # a part with bad headers: the final reply will say the result is incomplete
+            job.result_error = parts.ResultError(f"job {job.message_id}: {exc}")
+        if headers.get("JobStatus") in FINAL:
+            job._assembler.clear()  # parts of sendings that never finished
+        job._queue.put_nowait(JobReply(headers, body, message.message_id, message.correlation_id))
 
     async def submit(
         self,
@@ -221,7 +251,7 @@ class Client:
             headers["Arguments"] = classad2.quote(format_args_v2(args))
         headers.update(attributes or {})
         payload = body if body is not None else (zip_files(inputs) if inputs else b"")
-        job = Submission(message_id or str(uuid.uuid4()))
+        job = Submission(message_id or str(uuid.uuid4()), _assembler=parts.Assembler(self.max_result_bytes))
         self._jobs[job.message_id] = job
         message = aio_pika.Message(
             payload,

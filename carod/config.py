@@ -50,6 +50,9 @@ class BrokerConfig:
     #: broker dead-letters it and a node answers it Held; 0 = no limit.
     delivery_limit: int = 20
     connect_timeout_s: float = 10.0
+    #: A result zip larger than this is sent as ordered parts of this size ahead of
+    #: the final reply (keep it below the broker's max_message_size: 16 MiB on RabbitMQ 4).
+    result_part_mib: int = 8
     #: After losing the broker, try again this often (running jobs go on meanwhile).
     reconnect_interval_s: float = 1.0
 
@@ -70,8 +73,9 @@ class NodeConfig:
     kill_grace_s: float = 5.0
     max_input_mib: int = 1024
     max_input_files: int = 10_000
-    #: Below the broker's max_message_size (16 MiB on RabbitMQ 4.x, 128 MiB on 3.13).
-    max_result_mib: int = 15
+    #: A job whose result zip would be larger is Held (results above
+    #: [broker] result_part_mib travel in parts, so this may exceed the broker's max message size).
+    max_result_mib: int = 1024
     #: Memory a job without RequestMemory reserves and is limited to (MiB).
     default_request_memory_mib: int = 128
     #: Runs started on this node (incl. ones interrupted by a crash) before the job is Held.
@@ -203,6 +207,8 @@ def _check(config: Config) -> None:
         raise ConfigError("[broker] queue: must not be empty")
     if b.queue_type not in QUEUE_TYPES:
         raise ConfigError(f"[broker] queue_type: must be one of {', '.join(QUEUE_TYPES)}, got {b.queue_type!r}")
+    if b.result_part_mib <= 0:
+        raise ConfigError("[broker] result_part_mib: must be greater than 0")
     for key in ("prefetch", "max_offers", "delivery_limit"):
         if getattr(b, key) < 0:
             raise ConfigError(f"[broker] {key}: must not be negative")

@@ -51,7 +51,7 @@ class Reply:
 
     @property
     def status(self) -> int:
-        return int(self.headers["JobStatus"])
+        return int(self.headers.get("JobStatus", 0))  # 0: a result part (carod.parts)
 
     def zip_names(self) -> list[str]:
         with zipfile.ZipFile(io.BytesIO(self.body)) as z:
