@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,9 +66,9 @@ class Answerer:
         body = b""
         if entry.body_path:
             path = Path(entry.body_path)
-            size = (await asyncio.to_thread(path.stat)).st_size
-            if size <= self.part_bytes:
-                body = await asyncio.to_thread(path.read_bytes)
+            whole, size = await asyncio.to_thread(_read_if_small, path, self.part_bytes)
+            if whole is not None:
+                body = whole
             else:
                 headers.update(await self._send_parts(job, path, size))
         await asyncio.shield(self._send_final_and_ack(job, entry, headers, body))
@@ -195,6 +196,13 @@ class Answerer:
                 attempt += 1
                 log.warning("job=%s reply not confirmed (%s); retrying in %.1fs", env.label, exc, delay)
                 await asyncio.sleep(delay)
+
+
+def _read_if_small(path: Path, limit: int) -> tuple[bytes | None, int]:
+    """The file's bytes when it has at most ``limit`` of them, and its size (blocking)."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return (f.read() if size <= limit else None), size
 
 
 def _read_part(f: BinaryIO, size: int, digest: hashlib._Hash) -> bytes:

@@ -26,6 +26,7 @@ from carod.limits import JobLimits
 from carod.replies import ExitInfo
 from carod.resources import Request
 from carod.runner import JobProcess, check_command, job_environment, kill_leftover, rlimits
+from carod.sandbox import Stdio
 from carod.users import JobUser, UserPool
 
 log = logging.getLogger("carod.execute")
@@ -61,36 +62,17 @@ class Executor:
 
     async def start(self, run: Run, spec: JobSpec, body: bytes, request: Request) -> JobProcess:
         """Unpack, check, limit and start the job. Raises JobHeld."""
-        node = self.config.node
-        box = run.box
-        if box is None:
+        if run.box is None:
             raise RuntimeError("start() before create_box()")
-        owner = run.user.owner
-        if body:
-            await asyncio.to_thread(
-                sandbox.unpack_input,
-                body,
-                box,
-                owner,
-                max_files=node.max_input_files,
-                max_bytes=node.max_input_mib * sandbox.MIB,
-            )
-        executable = await asyncio.to_thread(check_command, spec, box, run.user)
         run.limits = limits.limits_for(spec, self.config.sandbox, request)
+        # The file work in one thread hop; the spawn on the loop's thread (runner.py).
+        executable, stdio = await asyncio.to_thread(self._prepare, run, run.box, run.limits, spec, body)
         cgroups = self.layers.cgroups
-        if cgroups is not None:
-            try:
-                run.cgroup = await asyncio.to_thread(cgroups.create, f"job-{box.name}", run.limits.cgroup())
-            except CgroupError as exc:
-                raise JobHeld(
-                    f"carod could not set up the job's limits: {exc}", HoldCode.FAILED_TO_CREATE_PROCESS
-                ) from exc
-        stdio = await asyncio.to_thread(sandbox.open_stdio, spec, box, owner)
         try:
-            run.process = JobProcess.start(
+            run.process = await JobProcess.start(
                 [executable, *spec.arguments],
-                box=box,
-                env=job_environment(spec, box, run.user),
+                box=run.box,
+                env=job_environment(spec, run.box, run.user),
                 stdio=stdio,
                 user=run.user,
                 layers=self.layers,
@@ -101,6 +83,24 @@ class Executor:
         finally:
             stdio.close()
         return run.process
+
+    def _prepare(self, run: Run, box: Path, job_limits: JobLimits, spec: JobSpec, body: bytes) -> tuple[str, Stdio]:
+        """Unpack the input, check the command, create the cgroup, open stdio (blocking)."""
+        node = self.config.node
+        owner = run.user.owner
+        if body:
+            sandbox.unpack_input(
+                body, box, owner, max_files=node.max_input_files, max_bytes=node.max_input_mib * sandbox.MIB
+            )
+        executable = check_command(spec, box, run.user)
+        if self.layers.cgroups is not None:
+            try:
+                run.cgroup = self.layers.cgroups.create(f"job-{box.name}", job_limits.cgroup())
+            except CgroupError as exc:
+                raise JobHeld(
+                    f"carod could not set up the job's limits: {exc}", HoldCode.FAILED_TO_CREATE_PROCESS
+                ) from exc
+        return executable, sandbox.open_stdio(spec, box, owner)
 
     async def watch(self, run: Run, kill_sig: int) -> tuple[ExitInfo, JobHeld | None]:
         """Until the job ends; a limit it broke comes back as JobHeld (the job is stopped)."""

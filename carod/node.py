@@ -441,8 +441,17 @@ class Node:
             await self.answer.final(job, self._held(job, held, info=info))
             return
         # The job is over and its results are safe: free its sandbox, user and
-        # resources now, not after the final reply (which may wait for a redelivery).
-        await self._end(job, run)
+        # resources while the final reply goes out, not after it (it may wait
+        # for a redelivery); the reply does not wait for the sandbox's removal.
+        cleanup = asyncio.create_task(self._end(job, run))
+        try:
+            await self._answer_exited(job, run, info, result_zip, results)
+        finally:
+            await cleanup
+
+    async def _answer_exited(
+        self, job: Job, run: Run, info: replies.ExitInfo, result_zip: Path, results: sandbox.Results
+    ) -> None:
         if results.skipped:
             log.info(
                 "job=%s result zip skipped non-regular, foreign or undecodable entries: %s",

@@ -7,8 +7,9 @@ docs/security.md) as the chain :func:`carod.isolation.command` builds:
 * Popen itself runs as root with ``close_fds`` (only 0, 1, 2 are inherited),
   ``start_new_session`` (own session and process group, no controlling terminal), ``umask`` 077 and an environment built
   only from the job's ``Environment`` on top of a minimal PATH/HOME/TMPDIR;
-* while the gate is stopped, carod moves it into the job's cgroup and sets its
-  rlimits (core 0; file size from RequestDisk; address space from
+* while the gate is stopped, carod (in a worker thread: a cgroup v1 move can
+  wait for other jobs' forks and exits) moves it into the job's cgroup and
+  sets its rlimits (core 0; file size from RequestDisk; address space from
   RequestMemory when there is no memory cgroup), then lets it go;
 * setpriv drops to the job user, bubblewrap (when present) isolates.
 
@@ -142,7 +143,7 @@ class JobProcess:
         self._waiter: asyncio.Task[ExitInfo] | None = None
 
     @classmethod
-    def start(
+    async def start(
         cls,
         argv: list[str],
         *,
@@ -157,7 +158,7 @@ class JobProcess:
     ) -> JobProcess:
         """Start ``argv`` as ``user`` in ``box`` through the chain. Raises JobHeld."""
         try:
-            popen = subprocess.Popen(
+            popen = subprocess.Popen(  # noqa: ASYNC220 - on the loop's thread on purpose (module docstring)
                 isolation.command(layers, user, box, argv),
                 cwd=box,
                 env=env,
@@ -172,17 +173,14 @@ class JobProcess:
             raise JobHeld(
                 f"carod could not start the job: {exc.strerror}", HoldCode.FAILED_TO_CREATE_PROCESS, exc.errno or 0
             ) from exc
+        # Off the loop: a cgroup v1 move can wait for other jobs' forks and exits.
+        release = asyncio.ensure_future(asyncio.to_thread(_release, popen, limits, cgroup))
         try:
-            # The gate stops itself at once; nothing of the job has run yet.
-            _, status = os.waitpid(popen.pid, os.WUNTRACED)
-            if not os.WIFSTOPPED(status):
-                popen.returncode = os.waitstatus_to_exitcode(status)
-                raise OSError(errno.ECHILD, "the start-up shell ended before the job started")
-            for which, value in limits:
-                resource.prlimit(popen.pid, which, (value, value))
-            if cgroup is not None:
-                cgroup.add(popen.pid)
-            os.kill(popen.pid, signal.SIGCONT)
+            await asyncio.shield(release)
+        except asyncio.CancelledError:
+            # Forced exit: nobody will watch this job; do not let it run.
+            _kill_group(popen.pid, signal.SIGKILL)
+            raise
         except OSError as exc:
             if popen.returncode is None:
                 popen.kill()
@@ -205,7 +203,8 @@ class JobProcess:
         # The main process is a zombie now: its pid is still reserved, so
         # its process group id cannot be reused while we sweep the group.
         _kill_group(self.pid, signal.SIGKILL)
-        await asyncio.to_thread(self._kill_rest)
+        if self._leftovers_possible():
+            await asyncio.to_thread(self._kill_rest)
         _, status, usage = os.wait4(self.pid, 0)  # noqa: ASYNC222 - it has exited: this does not block
         self._popen.returncode = os.waitstatus_to_exitcode(status)
         code: int | None = None
@@ -219,7 +218,7 @@ class JobProcess:
                 code = None
         user_s, sys_s, rss_kib, oom = usage.ru_utime, usage.ru_stime, usage.ru_maxrss, 0
         if self.cgroup is not None:
-            measured = await asyncio.to_thread(self.cgroup.usage)
+            measured = self.cgroup.usage()  # a few small cgroupfs reads: cheaper than a thread hop
             user_s = max(user_s, measured.user_cpu_s)
             sys_s = max(sys_s, measured.sys_cpu_s)
             rss_kib = measured.peak_memory_kib or rss_kib
@@ -235,11 +234,26 @@ class JobProcess:
         )
         return self._exit
 
+    def _leftovers_possible(self) -> bool:
+        """Could a process of the job outlive its main one? Cheap checks, on the loop.
+
+        Every process of a job with a cgroup is in it and cannot leave it, so
+        an empty cgroup means nothing is left (under bubblewrap the PID
+        namespace died with its init before the main process could exit).
+        Without one, the process group is all there is to go by.
+        """
+        if self._sweep:
+            return True
+        if self.cgroup is not None:
+            return bool(self.cgroup.pids())
+        return _group_exists(self.pid)
+
     def _kill_rest(self) -> None:
         """Every other process of the job, however it hid (blocking)."""
-        if self.cgroup is not None and not self.cgroup.kill(GROUP_DEATH_TIMEOUT_S):
-            log.warning("processes of job cgroup %s still alive after SIGKILL", self.cgroup.name)
-        if _group_exists(self.pid):
+        if self.cgroup is not None:
+            if not self.cgroup.kill(GROUP_DEATH_TIMEOUT_S):
+                log.warning("processes of job cgroup %s still alive after SIGKILL", self.cgroup.name)
+        elif _group_exists(self.pid):
             _wait_group_dead(self.pid, GROUP_DEATH_TIMEOUT_S)
         if self._sweep:
             killed = sweep_user(self.user.uid)
@@ -282,6 +296,20 @@ class JobProcess:
         return self.cgroup.usage().peak_memory_kib if self.cgroup is not None else None
 
 
+def _release(popen: subprocess.Popen[bytes], limits: list[tuple[int, int]], cgroup: JobCgroup | None) -> None:
+    """Put the stopped gate under its rlimits and into its cgroup, then let it go (blocking)."""
+    # The gate stops itself at once; nothing of the job has run yet.
+    _, status = os.waitpid(popen.pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):
+        popen.returncode = os.waitstatus_to_exitcode(status)
+        raise OSError(errno.ECHILD, "the start-up shell ended before the job started")
+    for which, value in limits:
+        resource.prlimit(popen.pid, which, (value, value))
+    if cgroup is not None:
+        cgroup.add(popen.pid)
+    os.kill(popen.pid, signal.SIGCONT)
+
+
 def probe_limits() -> Limits:
     return Limits(memory_bytes=64 * 1024 * 1024, cpus=1.0, pids=64)
 
@@ -292,7 +320,7 @@ async def probe(layers: Layers, user: JobUser, box: Path, cgroup: JobCgroup | No
     out = os.fdopen(read_fd, "rb")
     null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        process = JobProcess.start(
+        process = await JobProcess.start(
             [isolation.SH, "-c", isolation.PROBE_SCRIPT],
             box=box,
             env={"PATH": BASE_PATH},
