@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod import config as configuration
@@ -309,3 +311,14 @@ def raw_zip(*entries: tuple[str, bytes, int], compression: int = zipfile.ZIP_STO
                 info.compress_type = compression
                 archive.writestr(info, data)
     return buf.getvalue()
+
+
+RABBITMQCTL = shutil.which("rabbitmqctl") or (
+    "/usr/sbin/rabbitmqctl" if os.path.exists("/usr/sbin/rabbitmqctl") else None
+)
+needs_ctl = pytest.mark.skipif(RABBITMQCTL is None, reason="rabbitmqctl is not installed: cannot inject broker faults")
+
+
+def rabbitmqctl(*args: str) -> None:
+    assert RABBITMQCTL is not None
+    subprocess.run([RABBITMQCTL, *args], check=True, capture_output=True, timeout=120)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aio_pika
+import aiormq
 import pytest
 
 from carod import parts
 from carod.client import Client
 from carod.parts import Assembler, ResultError
-from tests.helpers import BROKER_URL, RunningNode, Submitter, q, start_node
+from tests.helpers import BROKER_URL, RABBITMQCTL, RunningNode, Submitter, needs_ctl, q, rabbitmqctl, start_node
 
 MIB = 1024 * 1024
 
@@ -181,3 +184,47 @@ async def test_a_result_over_the_node_cap_is_held(small_parts: RunningNode, subm
     assert all(parts.PART not in r.headers for r in replies)
     # and the next job still runs
     assert (await submitter.run(dict(BIG_JOB, Arguments=q("-c 'echo ok'"))))[-1].status == 4
+
+
+@pytest.fixture
+def broker_max_message_2_mib() -> Iterator[int]:
+    """The broker refuses messages over 2 MiB (for channels opened from now on); restored after."""
+    assert RABBITMQCTL is not None
+    import subprocess
+
+    got = subprocess.run(
+        [RABBITMQCTL, "eval", "application:get_env(rabbit, max_message_size)."],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    old = got.strip().strip("{}").split(",")[-1] if got.startswith("{ok,") else "134217728"
+    rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 2097152).")
+    try:
+        yield 2 * MIB
+    finally:
+        rabbitmqctl("eval", f"application:set_env(rabbit, max_message_size, {int(old)}).")
+
+
+@needs_ctl
+async def test_a_result_larger_than_the_brokers_max_message_size_arrives(
+    broker_max_message_2_mib: int, queue: str, base: Path
+) -> None:
+    running = await start_node(queue, base, broker={"result_part_mib": 1}, node={"max_result_mib": 5})
+    try:
+        async with Client(BROKER_URL, queue=queue) as client:
+            job = await client.submit("/bin/sh", [], attributes={k: v for k, v in BIG_JOB.items() if k != "Cmd"})
+            final = await job.result(timeout_s=60)
+            assert final.status == 4
+            assert len(final.body) > broker_max_message_2_mib
+            data, digest = _file_and_digest(final.body)
+            assert hashlib.sha256(data).hexdigest() == digest
+        # The limit was real: one message of that size is refused.
+        connection = await aio_pika.connect(BROKER_URL)
+        async with connection:
+            channel = await connection.channel()
+            with pytest.raises((aiormq.exceptions.AMQPError, asyncio.CancelledError)):
+                await channel.default_exchange.publish(aio_pika.Message(b"x" * (3 * MIB)), routing_key=queue)
+                await channel.declare_queue(queue, passive=True)  # the refusal arrives by now
+    finally:
+        await running.stop()

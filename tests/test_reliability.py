@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import uuid
@@ -18,18 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Daemon, Submitter, q, start_daemon, write_config
-
-RABBITMQCTL = shutil.which("rabbitmqctl") or (
-    "/usr/sbin/rabbitmqctl" if os.path.exists("/usr/sbin/rabbitmqctl") else None
-)
-needs_ctl = pytest.mark.skipif(RABBITMQCTL is None, reason="rabbitmqctl is not installed: cannot inject broker faults")
-
-
-def rabbitmqctl(*args: str) -> None:
-    assert RABBITMQCTL is not None
-    subprocess.run([RABBITMQCTL, *args], check=True, capture_output=True, timeout=120)
-
+from tests.helpers import RABBITMQCTL, Daemon, Submitter, needs_ctl, q, rabbitmqctl, start_daemon, write_config
 
 #: These jobs record their starts in a shared directory outside their sandbox,
 #: which bubblewrap would (rightly) forbid: the journal, not the sandbox, is under test.
