@@ -85,7 +85,8 @@ class Answerer:
         try:
             for index in range(count):
                 chunk = await asyncio.to_thread(_read_part, f, self.part_bytes, digest)
-                await self._publish(job, parts.part_headers(result_id, index, count, size), chunk)
+                if not await self._publish(job, parts.part_headers(result_id, index, count, size), chunk):
+                    break  # nobody can receive it; the final reply finds that out too
         finally:
             await asyncio.to_thread(f.close)
         log.info(
@@ -178,19 +179,19 @@ class Answerer:
         await self._publish(job, reply.headers, b"")
         await self.journal.confirmed(entry.id, job.message_id, final=False)
 
-    async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> None:
-        """Publish a non-final reply until the broker confirms it (or says nobody can receive it)."""
+    async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> bool:
+        """Publish a non-final reply until the broker confirms it. False: nobody can receive it."""
         env = job.envelope
         if env.reply_to is None:
-            return
+            return False
         attempt = 0
         while True:
             try:
                 await self.broker.publish_reply(env.reply_to, correlation_id=env.message_id, headers=headers, body=body)
-                return
+                return True
             except ReplyUndeliverable as exc:
                 log.warning("job=%s reply cannot be delivered: %s", env.label, exc)
-                return
+                return False
             except BrokerError as exc:
                 delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
                 attempt += 1

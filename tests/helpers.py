@@ -322,3 +322,16 @@ needs_ctl = pytest.mark.skipif(RABBITMQCTL is None, reason="rabbitmqctl is not i
 def rabbitmqctl(*args: str) -> None:
     assert RABBITMQCTL is not None
     subprocess.run([RABBITMQCTL, *args], check=True, capture_output=True, timeout=120)
+
+
+def rabbit_env(key: str) -> str:
+    """A setting of the broker's rabbit application, as Erlang prints it ({ok,N} or undefined)."""
+    if RABBITMQCTL is None:
+        raise RuntimeError("rabbitmqctl is not installed")
+    return subprocess.run(
+        [RABBITMQCTL, "eval", f"application:get_env(rabbit, {key})."],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()

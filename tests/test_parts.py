@@ -16,7 +16,16 @@ import pytest
 from carod import parts
 from carod.client import Client
 from carod.parts import Assembler, ResultError
-from tests.helpers import BROKER_URL, RABBITMQCTL, RunningNode, Submitter, needs_ctl, q, rabbitmqctl, start_node
+from tests.helpers import (
+    BROKER_URL,
+    RunningNode,
+    Submitter,
+    needs_ctl,
+    q,
+    rabbit_env,
+    rabbitmqctl,
+    start_node,
+)
 
 MIB = 1024 * 1024
 
@@ -189,16 +198,8 @@ async def test_a_result_over_the_node_cap_is_held(small_parts: RunningNode, subm
 @pytest.fixture
 def broker_max_message_2_mib() -> Iterator[int]:
     """The broker refuses messages over 2 MiB (for channels opened from now on); restored after."""
-    assert RABBITMQCTL is not None
-    import subprocess
-
-    got = subprocess.run(
-        [RABBITMQCTL, "eval", "application:get_env(rabbit, max_message_size)."],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    old = got.strip().strip("{}").split(",")[-1] if got.startswith("{ok,") else "134217728"
+    got = rabbit_env("max_message_size")
+    old = got.strip("{}").split(",")[-1] if got.startswith("{ok,") else "134217728"
     rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 2097152).")
     try:
         yield 2 * MIB

@@ -10,14 +10,22 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import RABBITMQCTL, Daemon, Submitter, needs_ctl, q, rabbitmqctl, start_daemon, write_config
+from tests.helpers import (
+    Daemon,
+    Submitter,
+    needs_ctl,
+    q,
+    rabbit_env,
+    rabbitmqctl,
+    start_daemon,
+    write_config,
+)
 
 #: These jobs record their starts in a shared directory outside their sandbox,
 #: which bubblewrap would (rightly) forbid: the journal, not the sandbox, is under test.
@@ -171,15 +179,7 @@ async def test_sigterm_requeued_job_runs_again_with_next_run_count(
 
 def consumer_timeout_ms() -> str:
     """The broker's current consumer_timeout, as Erlang prints it ({ok,N} or undefined)."""
-    assert RABBITMQCTL is not None
-    out = subprocess.run(
-        [RABBITMQCTL, "eval", "application:get_env(rabbit, consumer_timeout)."],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout.strip()
-    return out
+    return rabbit_env("consumer_timeout")
 
 
 def restore_consumer_timeout(original: str) -> None:
