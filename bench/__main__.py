@@ -99,8 +99,11 @@ class Submitter:
         self.finals[mid] = loop.create_future()
         self.firsts[mid] = loop.create_future()
         t0 = time.perf_counter()
+        # Not mandatory: before carod has declared its queue (start-up), a job is simply dropped and retried.
         await self.ch.default_exchange.publish(
-            aio_pika.Message(body, headers=headers, message_id=mid, reply_to=self.replies.name), self.queue
+            aio_pika.Message(body, headers=headers, message_id=mid, reply_to=self.replies.name),
+            self.queue,
+            mandatory=False,
         )
         return mid, t0
 

@@ -227,10 +227,12 @@ class Broker:
             body, content_type="application/json", type="carod.advert", expiration=ttl_s, timestamp=time.time()
         )
         try:
+            # Not mandatory: an advert nobody hears (a node alone, a status query
+            # that gave up) is not an error, and a returned one would only be logged.
             if reply_to:
-                await channel.default_exchange.publish(message, reply_to)
+                await channel.default_exchange.publish(message, reply_to, mandatory=False)
             else:
-                await self._require(self._pool_exchange).publish(message, routing_key)
+                await self._require(self._pool_exchange).publish(message, routing_key, mandatory=False)
         except _TRANSIENT as exc:
             raise BrokerError(f"advert not published: {exc!r}") from exc
 
