@@ -42,6 +42,7 @@ from carod.isolation import Layers
 from carod.journal import Journal, JournalError
 from carod.message import parse_envelope
 from carod.node import Node
+from carod.notify import Notifier
 from carod.pool import PoolView
 from carod.resources import Request, Resources
 from carod.sandbox import prepare_root, untraversable
@@ -70,6 +71,9 @@ class Server:
         self.admission: Admission | None = None
         self.advertiser: Advertiser | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.notifier = Notifier()
+        self._slots = 0
 
     # ------------------------------------------------------------ public
 
@@ -83,11 +87,15 @@ class Server:
         try:
             await self.startup()
             self.started.set()
+            self.notifier.ready(self.status_text())
+            self._heartbeat = asyncio.create_task(self.notifier.heartbeat(self.status_text))
             await self._wakeup.wait()
             await self.shutdown()
         finally:
-            if self._housekeeping is not None:
-                self._housekeeping.cancel()
+            for task in (self._housekeeping, self._heartbeat):
+                if task is not None:
+                    task.cancel()
+            self.notifier.close()
             if self.admission is not None:
                 await self.admission.close()
             if self.broker is not None:
@@ -161,7 +169,7 @@ class Server:
             totals = machine.totals(machine_ad, config)
         except ConfigError as exc:
             raise StartupError(str(exc), EXIT_CONFIG) from exc
-        slots = totals.slots
+        slots = self._slots = totals.slots
         users = UserPool.from_config(config.node.job_user, config.sandbox.slot_users, slots)
         _prepare_dirs(config, users.users)
         self.layers = layers = await asyncio.to_thread(isolation.detect, config)
@@ -232,6 +240,7 @@ class Server:
             return
         running, waiting = self.node.counts()
         log.info("shutting down: no new jobs; %d running, %d answer(s) left in the journal", running, waiting)
+        self.notifier.stopping(f"draining: {self.status_text()}")
         self.node.stopping.set()
         if self.admission is not None:
             self.admission.stop_flow()
@@ -257,6 +266,17 @@ class Server:
         if self.advertiser is not None:
             await self.advertiser.stop()
         log.info("stopped")
+
+    def status_text(self) -> str:
+        """One line for systemd's STATUS= (systemctl status)."""
+        if self.node is None or self.broker is None:
+            return "starting"
+        running, waiting = self.node.counts()
+        broker = "connected" if self.broker.connected else "reconnecting to the broker"
+        text = f"{running} job(s) running on {self._slots} slot(s)"
+        if waiting:
+            text += f", {waiting} answer(s) waiting for a redelivery"
+        return f"{text}; {broker}"
 
     async def _expire_periodically(self) -> None:
         while True:

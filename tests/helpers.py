@@ -277,9 +277,13 @@ class Daemon:
         return await self.proc.wait()
 
 
-async def start_daemon(config: Path) -> Daemon:
+async def start_daemon(config: Path, env: dict[str, str] | None = None) -> Daemon:
     proc = await asyncio.create_subprocess_exec(
-        *CAROD, "--config", str(config), stderr=subprocess.PIPE, env={**os.environ, "CAROD_BROKER_URL": BROKER_URL}
+        *CAROD,
+        "--config",
+        str(config),
+        stderr=subprocess.PIPE,
+        env={**os.environ, "CAROD_BROKER_URL": BROKER_URL, **(env or {})},
     )
     daemon = Daemon(proc)
     await daemon.wait_for_line("ready")
