@@ -129,12 +129,14 @@ class Submitter:
         await self.conn.close()
 
 
-async def delete_queues(*names: str) -> None:
+async def delete_queues(*queues: str) -> None:
+    """Each job queue with the delay and dead-letter queues carod made beside it (if any)."""
     conn = await aio_pika.connect(URL)
     async with conn:
         ch = await conn.channel()
-        for name in names:
-            await ch.queue_delete(name)
+        for queue in queues:
+            for name in (queue, f"{queue}.unmatched", f"{queue}.dead"):
+                await ch.queue_delete(name)
 
 
 async def summary(name: str, queue: str, jobs: int, burst: int) -> dict[str, Any]:
@@ -270,7 +272,7 @@ class Carod:
     async def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         await self.proc.wait()
-        await delete_queues(self.queue, f"{self.queue}.unmatched", f"{self.queue}.dead")
+        await delete_queues(self.queue)
         subprocess.run(["rm", "-rf", str(self.work)], check=False)  # noqa: ASYNC221 - after the run
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import aio_pika
 
+from bench.__main__ import delete_queues
+
 URL = os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SHORT = {"Cmd": '"/bin/sleep"', "Arguments": '"0.05"'}
 
@@ -102,16 +104,6 @@ class Jobs:
         return time.perf_counter() - started
 
 
-async def cleanup(*queues: str) -> None:
-    conn = await aio_pika.connect(URL)
-    async with conn:
-        ch = await conn.channel()
-        for q in queues:
-            await ch.queue_delete(q)
-            await ch.queue_delete(f"{q}.unmatched")
-            await ch.queue_delete(f"{q}.dead")
-
-
 async def unmatched(jobs_n: int, window_s: float) -> dict[str, Any]:
     queue = f"bench-pool-{uuid.uuid4().hex[:6]}"
     node = Node(queue, "bench-solo", 2, max_offers=100_000)
@@ -130,7 +122,7 @@ async def unmatched(jobs_n: int, window_s: float) -> dict[str, Any]:
     finally:
         await jobs.conn.close()
         await node.stop()
-        await cleanup(queue)
+        await delete_queues(queue)
     return {
         "jobs": jobs_n,
         "throughput_alone_jobs_s": jobs_n / clean_s,
@@ -157,7 +149,7 @@ async def scaling(jobs_n: int) -> dict[str, Any]:
             await jobs.conn.close()
             for node in nodes:
                 await node.stop()
-            await cleanup(queue)
+            await delete_queues(queue)
     return {
         "jobs": jobs_n,
         "one_node_s": times["one"],

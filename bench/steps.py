@@ -120,7 +120,7 @@ async def main() -> None:
     await sub.close()
     server.handle_exit()
     await serving
-    await delete_queues(queue, f"{queue}.unmatched", f"{queue}.dead")
+    await delete_queues(queue)
     subprocess.run(["rm", "-rf", work], check=False)  # noqa: ASYNC221 - after the run
 
     def per_job(seconds: float) -> str:

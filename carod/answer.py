@@ -162,10 +162,7 @@ class Answerer:
                 await settle(delivery, "ack", label=env.label)
                 return delivery
             except BrokerError as exc:
-                delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
-                attempt += 1
-                log.warning("job=%s final reply not committed (%s); retrying in %.1fs", env.label, exc, delay)
-                await asyncio.sleep(delay)
+                attempt = await _pause_before_retry(env.label, "final reply not committed", exc, attempt)
         return delivery
 
     async def send(self, job: Job, reply: replies.Reply) -> None:
@@ -193,10 +190,15 @@ class Answerer:
                 log.warning("job=%s reply cannot be delivered: %s", env.label, exc)
                 return False
             except BrokerError as exc:
-                delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
-                attempt += 1
-                log.warning("job=%s reply not confirmed (%s); retrying in %.1fs", env.label, exc, delay)
-                await asyncio.sleep(delay)
+                attempt = await _pause_before_retry(env.label, "reply not confirmed", exc, attempt)
+
+
+async def _pause_before_retry(label: str, what: str, exc: BrokerError, attempt: int) -> int:
+    """Log why a reply must be sent again, wait the attempt's delay; the next attempt's number."""
+    delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
+    log.warning("job=%s %s (%s); retrying in %.1fs", label, what, exc, delay)
+    await asyncio.sleep(delay)
+    return attempt + 1
 
 
 def _read_if_small(path: Path, limit: int) -> tuple[bytes | None, int]:

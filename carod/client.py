@@ -40,6 +40,8 @@ from carod.replies import JobStatus
 from carod.sandbox import MIB, Owner, unpack_input
 
 FINAL = (JobStatus.COMPLETED, JobStatus.HELD, JobStatus.REMOVED)
+#: Largest result (sent in parts) a client accepts unless told otherwise.
+DEFAULT_MAX_RESULT_MIB = 16_384
 
 
 class ClientError(CarodError):
@@ -138,7 +140,7 @@ class Submission:
     history: list[JobReply] = field(default_factory=list)
     #: Why the final reply's result (sent in parts) could not be put together.
     result_error: parts.ResultError | None = None
-    _assembler: parts.Assembler = field(default_factory=lambda: parts.Assembler(16_384 * MIB))
+    _assembler: parts.Assembler = field(default_factory=lambda: parts.Assembler(DEFAULT_MAX_RESULT_MIB * MIB))
 
     @property
     def final(self) -> JobReply | None:
@@ -178,7 +180,7 @@ class Client:
         queue: str = "grid",
         exchange: str = "",
         routing_key: str | None = None,
-        max_result_mib: int = 16_384,
+        max_result_mib: int = DEFAULT_MAX_RESULT_MIB,
     ) -> None:
         self.url = url
         self.max_result_bytes = max_result_mib * MIB

@@ -445,12 +445,12 @@ class Node:
         # for a redelivery); the reply does not wait for the sandbox's removal.
         cleanup = asyncio.create_task(self._end(job, run))
         try:
-            await self._answer_exited(job, run, info, result_zip, results)
+            await self._answer_exited(job, info, result_zip, results)
         finally:
             await cleanup
 
     async def _answer_exited(
-        self, job: Job, run: Run, info: replies.ExitInfo, result_zip: Path, results: sandbox.Results
+        self, job: Job, info: replies.ExitInfo, result_zip: Path, results: sandbox.Results
     ) -> None:
         if results.skipped:
             log.info(
