@@ -18,7 +18,7 @@ import time
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import pool
+from carod import control, pool
 from carod.broker import Broker
 from carod.config import Config
 from carod.errors import BrokerError
@@ -86,6 +86,26 @@ class Advertiser:
             await self._publish()
             await asyncio.sleep(_MIN_GAP_S)
 
+    async def _control(self, message: AbstractIncomingMessage) -> None:
+        """``carod rm``: the node that has the job stops it and says so; the others remember it."""
+        try:
+            request = control.decode_request(message.body)
+        except control.ControlError as exc:
+            log.warning("ignored an unreadable control request on %s: %s", self.config.pool.exchange, exc)
+            return
+        state = self.node.remove(request.message_id, request.remove_reason())
+        if state is None:
+            return
+        log.info("job=%s remove requested by %s: it was %s here", request.message_id, request.by or "?", state)
+        if message.reply_to:
+            answer = control.Answer(self.config.node_name, request.message_id, state)
+            try:
+                await self.broker.publish_advert(
+                    "", control.encode_answer(answer), ttl_s=60, reply_to=message.reply_to, message_type="carod.control"
+                )
+            except BrokerError as exc:
+                log.warning("job=%s could not tell carod rm that it is removed: %s", request.message_id, exc)
+
     async def _publish(self, reply_to: str | None = None) -> None:
         body = pool.encode(self.advert())
         try:
@@ -97,6 +117,9 @@ class Advertiser:
         if message.routing_key == QUERY_KEY:
             if message.reply_to:
                 await self._publish(reply_to=message.reply_to)
+            return
+        if message.routing_key == control.CONTROL_KEY:
+            await self._control(message)
             return
         try:
             advert = pool.decode(message.body)

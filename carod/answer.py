@@ -176,7 +176,13 @@ class Answerer:
         await self._publish(job, reply.headers, b"")
         await self.journal.confirmed(entry.id, job.message_id, final=False)
 
-    async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> bool:
+    async def output(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> bool:
+        """A chunk of live output (carod.progress), confirmed; not journaled. False: nobody can receive it."""
+        return await self._publish(job, headers, body, message_type=replies.OUTPUT_TYPE)
+
+    async def _publish(
+        self, job: Job, headers: Mapping[str, Scalar], body: bytes, *, message_type: str | None = None
+    ) -> bool:
         """Publish a non-final reply until the broker confirms it. False: nobody can receive it."""
         env = job.envelope
         if env.reply_to is None:
@@ -184,7 +190,9 @@ class Answerer:
         attempt = 0
         while True:
             try:
-                await self.broker.publish_reply(env.reply_to, correlation_id=env.message_id, headers=headers, body=body)
+                await self.broker.publish_reply(
+                    env.reply_to, correlation_id=env.message_id, headers=headers, body=body, message_type=message_type
+                )
                 return True
             except ReplyUndeliverable as exc:
                 log.warning("job=%s reply cannot be delivered: %s", env.label, exc)

@@ -17,7 +17,8 @@ Topology (docs/protocol.md):
   there (:func:`park`: a copy with ``x-carod-offers`` counted, and the ack of
   the original, in one transaction); it expires after ``unmatched_delay_s``
   and dead-letters back to ``<queue>``, where any node may take it again;
-* ``[pool] exchange`` (topic): node adverts and status queries.
+* ``[pool] exchange`` (topic): node adverts, status queries and control
+  requests (``carod rm``, carod.control).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from aio_pika.abc import (
 
 from carod.classads import Scalar
 from carod.config import BrokerConfig, redact_url
+from carod.control import CONTROL_KEY
 from carod.errors import BrokerError
 from carod.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
 from carod.pool import ADVERT_KEY_PREFIX, QUERY_KEY
@@ -209,7 +211,7 @@ class Broker:
                 exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
             queue = await self._pool_channel.declare_queue(exclusive=True, auto_delete=True)
-            for key in (f"{ADVERT_KEY_PREFIX}#", QUERY_KEY):
+            for key in (f"{ADVERT_KEY_PREFIX}#", QUERY_KEY, CONTROL_KEY):
                 await queue.bind(self._pool_exchange, routing_key=key)
             await queue.consume(on_message, no_ack=True)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
@@ -220,11 +222,19 @@ class Broker:
             raise BrokerError(f"cannot open the pool exchange {exchange!r}: {exc!r}") from exc
         return queue.name
 
-    async def publish_advert(self, routing_key: str, body: bytes, *, ttl_s: float, reply_to: str | None = None) -> None:
-        """An advert: to the pool exchange, or straight to ``reply_to`` (a status query's queue). Not persistent."""
+    async def publish_advert(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        ttl_s: float,
+        reply_to: str | None = None,
+        message_type: str = "carod.advert",
+    ) -> None:
+        """An advert: to the pool exchange, or straight to ``reply_to`` (a query's queue). Not persistent."""
         channel = self._require(self._pool_channel)
         message = aio_pika.Message(
-            body, content_type="application/json", type="carod.advert", expiration=ttl_s, timestamp=time.time()
+            body, content_type="application/json", type=message_type, expiration=ttl_s, timestamp=time.time()
         )
         try:
             # Not mandatory: an advert nobody hears (a node alone, a status query
@@ -253,10 +263,17 @@ class Broker:
     # ------------------------------------------------------------ publishing
 
     async def publish_reply(
-        self, address: ReplyAddress, *, correlation_id: str | None, headers: Mapping[str, Scalar], body: bytes
+        self,
+        address: ReplyAddress,
+        *,
+        correlation_id: str | None,
+        headers: Mapping[str, Scalar],
+        body: bytes,
+        message_type: str | None = None,
     ) -> None:
         """Publish one persistent reply and wait for the broker's confirm."""
-        await self._publish(address.exchange, address.routing_key, _reply_message(correlation_id, headers, body))
+        message = _reply_message(correlation_id, headers, body, message_type)
+        await self._publish(address.exchange, address.routing_key, message)
 
     async def check_exchange(self, name: str) -> None:
         """ReplyUndeliverable when exchange ``name`` does not exist ("" always does)."""
@@ -448,13 +465,17 @@ def delay_queue_arguments(cfg: BrokerConfig) -> dict[str, object]:
     }
 
 
-def _reply_message(correlation_id: str | None, headers: Mapping[str, Scalar], body: bytes) -> aio_pika.Message:
+def _reply_message(
+    correlation_id: str | None, headers: Mapping[str, Scalar], body: bytes, message_type: str | None = None
+) -> aio_pika.Message:
+    content_type = "application/octet-stream" if message_type is not None else "application/zip" if body else None
     return aio_pika.Message(
         body,
         headers=dict(headers),
         message_id=str(uuid.uuid4()),
         correlation_id=correlation_id,
         delivery_mode=DeliveryMode.PERSISTENT,
-        content_type="application/zip" if body else None,
+        content_type=content_type,
+        type=message_type,
         timestamp=time.time(),
     )

@@ -59,6 +59,8 @@ class Usage:
     #: Peak memory of the whole job (all its processes), None when not measured.
     peak_memory_kib: int | None
     oom_kills: int
+    #: Memory the job uses now (KiB), None when not measured.
+    memory_kib: int | None = None
 
 
 def parent_name(state_dir: Path) -> str:
@@ -265,13 +267,17 @@ class V2Job(JobCgroup):
         d = self.dirs[0]
         cpu = _keyed(d / "cpu.stat")
         peak: int | None = None
+        current: int | None = None
         with contextlib.suppress(OSError, ValueError):
             peak = int(_read(d / "memory.peak")) // 1024
+        with contextlib.suppress(OSError, ValueError):
+            current = int(_read(d / "memory.current")) // 1024
         return Usage(
             user_cpu_s=cpu.get("user_usec", 0) / 1e6,
             sys_cpu_s=cpu.get("system_usec", 0) / 1e6,
             peak_memory_kib=peak,
             oom_kills=_keyed(d / "memory.events").get("oom_kill", 0),
+            memory_kib=current,
         )
 
 
@@ -329,12 +335,15 @@ class V1Job(JobCgroup):
             user_s = ticks.get("user", 0) / _TICKS_PER_S
             sys_s = ticks.get("system", 0) / _TICKS_PER_S
         peak: int | None = None
+        current: int | None = None
         oom = 0
         if f := self._file("memory", "memory.max_usage_in_bytes"):
             with contextlib.suppress(OSError, ValueError):
                 peak = int(_read(f)) // 1024
+            with contextlib.suppress(OSError, ValueError):
+                current = int(_read(f.with_name("memory.usage_in_bytes"))) // 1024
             oom = _keyed(f.with_name("memory.oom_control")).get("oom_kill", 0)
-        return Usage(user_cpu_s=user_s, sys_cpu_s=sys_s, peak_memory_kib=peak, oom_kills=oom)
+        return Usage(user_cpu_s=user_s, sys_cpu_s=sys_s, peak_memory_kib=peak, oom_kills=oom, memory_kib=current)
 
 
 def _freeze_and_kill(group: JobCgroup, state: Path, frozen: str, thawed: str, deadline: float) -> bool:

@@ -5,6 +5,8 @@
     carod check-config FILE             validate a config, print the effective settings
     carod submit [options] CMD [ARG...] submit a job and follow it
     carod status [-l NODE] [--json]     the pool: nodes, free resources, jobs
+    carod q [--json]                    the jobs running in the pool (condor_q)
+    carod rm ID [ID...] [--reason TEXT] remove jobs: running ones are killed (condor_rm)
 
 Exit codes are listed in docs/operations.md.
 """
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -23,7 +27,7 @@ from pathlib import Path
 from carod import __version__, logs, machine, pool
 from carod import config as configuration
 from carod.classads import to_classad_text
-from carod.client import Client, ClientError, JobReply, pool_status
+from carod.client import Client, ClientError, JobReply, pool_status, remove
 from carod.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, ConfigError, StartupError
 from carod.server import Server
 
@@ -90,6 +94,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if not sep or not name.strip():
             return _fail(f"-a {item!r}: expected NAME=EXPR", 2)
         attributes[name.strip()] = expr.strip()
+    if args.follow:
+        attributes.setdefault("StreamOut", "TRUE")
+        attributes.setdefault("StreamErr", "TRUE")
     try:
         return asyncio.run(_submit(args, attributes))
     except ClientError as exc:
@@ -142,8 +149,18 @@ def _exit_status(final: JobReply) -> int:
 
 
 def _show(args: argparse.Namespace, reply: JobReply, started: float) -> None:
+    if reply.stream is not None:
+        _output(args, reply, started)
+        return
     state = reply.state
-    if reply.status == 2:
+    if reply.status == 2 and "RemoteWallClockTime" in reply.headers:
+        text = (
+            f"{state} on {reply.get('RemoteHost')} for {_seconds(reply.get('RemoteWallClockTime'))}: "
+            f"user {_seconds(reply.get('RemoteUserCpu'))}, sys {_seconds(reply.get('RemoteSysCpu'))}, "
+            f"memory {_mib(reply.get('ResidentSetSize'))} (peak {_mib(reply.get('ImageSize'))}), "
+            f"{reply.get('NumPids')} process(es)"
+        )
+    elif reply.status == 2:
         text = f"{state} on {reply.get('RemoteHost')} (pid {reply.get('JobPid')})"
     elif reply.status == 4:
         how = (
@@ -157,12 +174,37 @@ def _show(args: argparse.Namespace, reply: JobReply, started: float) -> None:
         )
     elif reply.status == 5:
         text = f"{state}: {reply.get('HoldReason')} (HoldReasonCode {reply.get('HoldReasonCode')})"
+    elif reply.status == 3:
+        text = f"{state}: {reply.get('RemoveReason')}"
     elif reply.status == 1:
         text = f"{state}: {reply.get('LastVacateReason')}"
     else:
         text = f"{state} (JobStatus {reply.status})"
     data = {"event": "reply", **{k: reply.get(k) for k in reply.headers}}
     _event(args, data, text, started)
+
+
+def _output(args: argparse.Namespace, reply: JobReply, started: float) -> None:
+    """Live output (--follow): the bytes as they are, or one JSON event per chunk."""
+    if args.json:
+        data: dict[str, object] = {
+            "event": "output",
+            "stream": reply.stream,
+            "skipped": reply.skipped,
+            "data": reply.body.decode("utf-8", "replace"),
+        }
+        _event(args, data, "", started)
+        return
+    target = sys.stderr if reply.stream == "stderr" else sys.stdout
+    if reply.skipped:
+        target.write(f"\n[... {reply.skipped} bytes skipped: the job writes faster than the node sends ...]\n")
+    target.flush()
+    target.buffer.write(reply.body)
+    target.buffer.flush()
+
+
+def _mib(value: object) -> str:
+    return f"{value / 1024:.1f} MiB" if isinstance(value, int | float) else "?"
 
 
 def _seconds(value: object) -> str:
@@ -175,6 +217,45 @@ def _event(args: argparse.Namespace, data: dict[str, object], text: str, started
         print(json.dumps({"elapsed_s": round(elapsed, 6), **data}, default=str), flush=True)
     else:
         print(f"[{elapsed:8.3f}s] {text}", flush=True)
+
+
+def cmd_q(args: argparse.Namespace) -> int:
+    queue = None if args.all_queues else args.queue
+    try:
+        status = asyncio.run(pool_status(args.url, exchange=args.pool_exchange, queue=queue, wait_s=args.wait))
+    except ClientError as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    jobs = [(advert.node, job) for advert in status.adverts.values() for job in advert.jobs]
+    if args.json:
+        for node, job in jobs:
+            print(json.dumps({"node": node, **job.to_json()}))
+        return EXIT_OK
+    sys.stdout.write(pool.queue_table(jobs, time.time()))
+    if status.silent:
+        print(f"({len(status.silent)} node(s) did not answer: {', '.join(sorted(status.silent))})")
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    by = f"{getpass.getuser()}@{socket.gethostname()}"
+    try:
+        found = asyncio.run(
+            remove(args.url, args.ids, reason=args.reason, by=by, exchange=args.pool_exchange, wait_s=args.wait)
+        )
+    except ClientError as exc:
+        return _fail(str(exc), EXIT_UNAVAILABLE)
+    missing = 0
+    for mid, answers in found.items():
+        if answers:
+            where = ", ".join(f"{a.node} ({a.state})" for a in answers)
+            print(f"{mid}: removed on {where}")
+        else:
+            missing += 1
+            print(
+                f"{mid}: no node has it now; the nodes that heard this will answer it Removed if it reaches them",
+                file=sys.stderr,
+            )
+    return EXIT_OK if not missing else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -246,20 +327,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-dir", help="where to unpack the results (default: job-<id>/)")
     p.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 124)")
     p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="stream the job's stdout/stderr as it runs (sets StreamOut/StreamErr), like condor_tail -f",
+    )
     p.add_argument("cmd")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("status", help="the pool: each node's state, free resources and jobs (condor_status)")
+    _pool_options(p)
+    p.add_argument("-l", "--long", metavar="NODE", help="the whole machine ad of one node")
+    p.add_argument("--json", action="store_true", help="one advert per line, as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("q", help="the jobs running in the pool, from the nodes' adverts (condor_q)")
+    _pool_options(p)
+    p.add_argument("--json", action="store_true", help="one job per line, as JSON")
+    p.set_defaults(func=cmd_q)
+
+    p = sub.add_parser("rm", help="remove jobs by message_id: running ones are killed and answered Removed")
+    _pool_options(p)
+    p.add_argument("--reason", default="", help="why (goes into the Removed reply's RemoveReason)")
+    p.add_argument("ids", nargs="+", metavar="ID", help="the jobs' message_ids")
+    p.set_defaults(func=cmd_rm)
+    return parser
+
+
+def _pool_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     p.add_argument("--queue", default="grid", help="the nodes consuming this job queue (default: grid)")
     p.add_argument("--all-queues", action="store_true", help="nodes of every job queue")
     p.add_argument("--pool-exchange", default="carod.nodes", help="the nodes' [pool] exchange")
-    p.add_argument("-l", "--long", metavar="NODE", help="the whole machine ad of one node")
-    p.add_argument("--json", action="store_true", help="one advert per line, as JSON")
     p.add_argument("--wait", type=float, default=2.0, help="seconds to wait for nodes to answer")
-    p.set_defaults(func=cmd_status)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

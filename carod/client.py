@@ -18,6 +18,7 @@ it did not arrive whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import uuid
@@ -32,7 +33,7 @@ import aiormq
 import classad2
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from carod import parts, pool
+from carod import control, parts, pool, replies
 from carod.errors import CarodError, JobHeld
 from carod.jobad import format_args_v2
 from carod.pool import Advert
@@ -80,6 +81,20 @@ class JobReply:
     @property
     def state(self) -> str:
         return str(self.get("JobState", ""))
+
+    @property
+    def stream(self) -> str | None:
+        """Live output (StreamOut/StreamErr): "stdout" or "stderr"; None for a reply."""
+        value = self.headers.get(replies.STREAM_HEADER)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return value if isinstance(value, str) else None
+
+    @property
+    def skipped(self) -> int:
+        """Live output: bytes left out just before this chunk (the job wrote faster than the node sends)."""
+        value = self.headers.get(replies.SKIPPED_HEADER)
+        return value if isinstance(value, int) else 0
 
     def unpack(self, directory: str | os.PathLike[str], *, max_mib: int = 100_000) -> int:
         """Unpack the result zip into ``directory`` (created if needed); returns bytes."""
@@ -335,6 +350,51 @@ async def pool_status(
             if name not in latest and name not in gone:
                 silent[name] = max(heard, silent.get(name, 0.0))
     return PoolStatus(latest, silent)
+
+
+async def remove(
+    url: str,
+    message_ids: Iterable[str],
+    *,
+    reason: str = "",
+    by: str = "",
+    exchange: str = "carod.nodes",
+    wait_s: float = 2.0,
+) -> dict[str, list[control.Answer]]:
+    """``carod rm``: ask every node to remove these jobs; which nodes had them (waits ``wait_s`` for answers)."""
+    ids = list(message_ids)
+    found: dict[str, list[control.Answer]] = {mid: [] for mid in ids}
+    done = asyncio.Event()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        try:
+            answer = control.decode_answer(message.body)
+        except control.ControlError:
+            return
+        if answer.message_id in found:
+            found[answer.message_id].append(answer)
+            if all(found.values()):
+                done.set()
+
+    try:
+        connection = await aio_pika.connect(url, timeout=10)
+    except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+        raise ClientError(f"cannot connect to the broker: {exc}") from exc
+    async with connection:
+        try:
+            channel = await connection.channel()
+            pool_exchange = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+            inbox = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            await inbox.consume(on_message, no_ack=True)
+            for mid in ids:
+                body = control.encode_request(control.Request("rm", mid, reason, by))
+                message = aio_pika.Message(body, content_type="application/json", reply_to=inbox.name)
+                await pool_exchange.publish(message, control.CONTROL_KEY)
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+            raise ClientError(f"cannot send the removal on exchange {exchange!r}: {exc}") from exc
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), wait_s)
+    return found
 
 
 def _all_answered(answers: list[Advert]) -> bool:

@@ -86,6 +86,15 @@ class NodeConfig:
     journal_retention_s: float = 86400.0
     log_level: str = "INFO"
     log_format: str = "text"
+    #: While a job runs, a JobStatus 2 reply with its usage this often; 0 = only when it starts.
+    update_interval_s: float = 30.0
+    #: Live output (StreamOut/StreamErr): new output is looked for this often...
+    stream_interval_s: float = 0.5
+    #: ...and sent in chunks of at most this size...
+    stream_chunk_kib: int = 64
+    #: ...at most this much per second per job; a job writing faster has the middle skipped
+    #: (its whole output is still in the result zip).
+    stream_rate_kib_s: int = 256
 
 
 @dataclass(frozen=True)
@@ -123,11 +132,22 @@ class PoolConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus exposition (docs/operations.md)."""
+
+    #: Serve /metrics on this TCP port; 0 = off.
+    port: int = 0
+    #: The address to listen on (0.0.0.0 for all).
+    address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
 class Config:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Extra or overriding machine-ad attributes: (name, ClassAd expression).
     machine: tuple[tuple[str, str], ...] = ()
     source: str = "<defaults>"
@@ -143,7 +163,13 @@ class Config:
         return self.broker.prefetch or slots
 
 
-_SECTIONS: dict[str, type] = {"broker": BrokerConfig, "node": NodeConfig, "sandbox": SandboxConfig, "pool": PoolConfig}
+_SECTIONS: dict[str, type] = {
+    "broker": BrokerConfig,
+    "node": NodeConfig,
+    "sandbox": SandboxConfig,
+    "pool": PoolConfig,
+    "metrics": MetricsConfig,
+}
 #: Keys that moved, so an old config gets told where to.
 _RENAMED = {
     ("sandbox", "default_memory_mib"): "[node] default_request_memory_mib (the memory a job without RequestMemory "
@@ -231,7 +257,7 @@ def _check(config: Config) -> None:
     for key in ("sandbox_root", "state_dir"):
         if not getattr(n, key).is_absolute():
             raise ConfigError(f"[node] {key}: must be an absolute path")
-    for key in ("drain_timeout_s", "kill_grace_s", "redelivery_wait_s"):
+    for key in ("drain_timeout_s", "kill_grace_s", "redelivery_wait_s", "update_interval_s"):
         if getattr(n, key) < 0:
             raise ConfigError(f"[node] {key}: must not be negative")
     for key in (
@@ -241,6 +267,9 @@ def _check(config: Config) -> None:
         "max_attempts",
         "journal_retention_s",
         "default_request_memory_mib",
+        "stream_interval_s",
+        "stream_chunk_kib",
+        "stream_rate_kib_s",
     ):
         if getattr(n, key) <= 0:
             raise ConfigError(f"[node] {key}: must be greater than 0")
@@ -250,6 +279,10 @@ def _check(config: Config) -> None:
         raise ConfigError(f"[node] log_format: must be one of {', '.join(LOG_FORMATS)}, got {n.log_format!r}")
     _check_sandbox(config.sandbox, n)
     _check_pool(config.pool)
+    if not 0 <= config.metrics.port <= 65535:
+        raise ConfigError(f"[metrics] port: must be 0 (off) or a TCP port up to 65535, got {config.metrics.port}")
+    if not config.metrics.address:
+        raise ConfigError("[metrics] address: must not be empty")
     try:
         classad2.ExprTree(n.start)
     except classad2.ClassAdException as exc:
@@ -323,6 +356,7 @@ def parse(text: str, *, source: str = "<string>", environ: Mapping[str, str] | N
         node=sections["node"],
         sandbox=sections["sandbox"],
         pool=sections["pool"],
+        metrics=sections["metrics"],
         machine=machine,
         source=source,
     )

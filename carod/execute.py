@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class Run:
     limits: JobLimits | None = None
     process: JobProcess | None = None
     skipped: tuple[str, ...] = field(default=())
+    #: live output: stream name -> a read-only descriptor of its file (carod.progress)
+    streams: dict[str, int] = field(default_factory=dict)
 
 
 class Executor:
@@ -100,7 +103,13 @@ class Executor:
                 raise JobHeld(
                     f"carod could not set up the job's limits: {exc}", HoldCode.FAILED_TO_CREATE_PROCESS
                 ) from exc
-        return executable, sandbox.open_stdio(spec, box, owner)
+        stdio = sandbox.open_stdio(spec, box, owner)
+        try:
+            run.streams = sandbox.open_streams(spec, stdio)
+        except JobHeld:
+            stdio.close()
+            raise
+        return executable, stdio
 
     async def watch(self, run: Run, kill_sig: int) -> tuple[ExitInfo, JobHeld | None]:
         """Until the job ends; a limit it broke comes back as JobHeld (the job is stopped)."""
@@ -146,6 +155,9 @@ class Executor:
         if run.ended:
             return
         run.ended = True
+        for fd in run.streams.values():
+            os.close(fd)
+        run.streams.clear()
         try:
             if run.process is not None:
                 run.process.kill()

@@ -36,6 +36,8 @@ class Job:
     process: JobProcess | None = None
     kill_sig: int = signal.SIGTERM
     evicted: str | None = None
+    #: set by carod rm: the reason (the job is stopped and answered Removed)
+    removed: str | None = None
     redelivered: asyncio.Event = field(default_factory=asyncio.Event)
     #: finished, waiting for a live delivery to answer on
     waiting: bool = False
@@ -111,4 +113,12 @@ def job_info(job: Job, spec: jobad.JobSpec, request: Request, started: float) ->
 
 def log_state(env: Envelope, state: str, job: Job, **fields: object) -> None:
     extra = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in fields.items())
-    log.info("job=%s state=%s elapsed_s=%.6f %s", env.label, state, job.elapsed_s(), extra)
+    elapsed = job.elapsed_s()
+    log.info(
+        "job=%s state=%s elapsed_s=%.6f %s",
+        env.label,
+        state,
+        elapsed,
+        extra,
+        extra={"message_id": env.label, "job_state": state, "elapsed_s": round(elapsed, 6), "fields": fields},
+    )

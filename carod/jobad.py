@@ -49,6 +49,14 @@ class JobSpec:
     request_memory_mib: float | None = None
     request_disk_kib: float | None = None
     allowed_execute_duration_s: float | None = None
+    #: StreamOut / StreamErr: send the file's new output while the job runs.
+    stream_out: bool = False
+    stream_err: bool = False
+
+
+#: Where stdout/stderr go when they are streamed and the job names no Out/Err (HTCondor's names).
+STREAMED_STDOUT = "_condor_stdout"
+STREAMED_STDERR = "_condor_stderr"
 
 
 def apply_defaults(ad: classad2.ClassAd) -> None:
@@ -85,13 +93,17 @@ def job_spec(ad: classad2.ClassAd) -> JobSpec:
     else:
         environment = ()
 
+    stream_out, stream_err = _bool(ad, "StreamOut"), _bool(ad, "StreamErr")
+    stdout, stderr = _stdio_path(ad, "Out"), _stdio_path(ad, "Err")
     return JobSpec(
         cmd=cmd,
         arguments=arguments,
         environment=environment,
         stdin=_stdio_path(ad, "In"),
-        stdout=_stdio_path(ad, "Out"),
-        stderr=_stdio_path(ad, "Err"),
+        stdout=STREAMED_STDOUT if stream_out and stdout is None else stdout,
+        stderr=STREAMED_STDERR if stream_err and stderr is None else stderr,
+        stream_out=stream_out,
+        stream_err=stream_err,
         transfer_output=_transfer_output(ad),
         kill_sig=_kill_sig(ad),
         request_cpus=_number(ad, "RequestCpus", positive=True) or 1.0,
@@ -112,6 +124,16 @@ def _number(ad: classad2.ClassAd, name: str, *, positive: bool) -> float | None:
     if value != value or value in (float("inf"), float("-inf")) or (positive and value <= 0):
         raise JobHeld(f"the job's {name} = {text} must be a number greater than 0")
     return float(value)
+
+
+def _bool(ad: classad2.ClassAd, name: str) -> bool:
+    """A boolean attribute; False when unset."""
+    if name not in ad:
+        return False
+    value = evaluate(ad, name)
+    if not isinstance(value, bool):
+        raise JobHeld(f"the job's {name} = {ad.lookup(name)} must be TRUE or FALSE, not {value!r}")
+    return value
 
 
 def _string(ad: classad2.ClassAd, name: str) -> str | None:

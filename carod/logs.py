@@ -16,9 +16,15 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        # A job's state change (carod.job.log_state) carries its fields as well, for ELK and journald.
+        for key in ("message_id", "job_state", "elapsed_s"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if isinstance(fields := getattr(record, "fields", None), dict):
+            entry.update({k: v for k, v in fields.items() if k not in entry})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False, default=str)
 
 
 def setup(level: str = "INFO", fmt: str = "text") -> None:

@@ -29,6 +29,7 @@ from carod import classads, jobad, machine, replies, sandbox
 from carod.admission import Admission
 from carod.answer import Answerer
 from carod.broker import Broker, park, settle
+from carod.classads import Scalar
 from carod.config import Config
 from carod.errors import BrokerError, JobHeld
 from carod.execute import Executor, Run
@@ -45,9 +46,11 @@ from carod.journal import (
     JournalError,
 )
 from carod.message import parse_envelope
+from carod.metrics import Metrics
 from carod.pool import JobInfo, PoolView
+from carod.progress import Progress
 from carod.resources import Request
-from carod.runner import process_start_time
+from carod.runner import JobProcess, process_start_time
 
 log = logging.getLogger("carod.job")
 
@@ -69,6 +72,7 @@ class Node:
         journal: Journal,
         admission: Admission,
         pool: PoolView,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.machine_ad = machine_ad
@@ -78,6 +82,7 @@ class Node:
         self.admission = admission
         self.resources = admission.resources
         self.pool = pool
+        self.metrics = metrics
         self.name = config.node_name
         self.results_dir = executor.results_dir
         self.jobs: dict[int, Job] = {}
@@ -86,6 +91,9 @@ class Node:
         self.stopping = asyncio.Event()
         self.answer = Answerer(config, broker, journal, self.running, self.stopping)
         self._handed_back: dict[str, float] = {}
+        #: carod rm: message_id -> (reason, when), for jobs that reach this node later
+        self._removals: dict[str, tuple[str, float]] = {}
+        self._stops: set[asyncio.Task[replies.ExitInfo]] = set()
         self._disk_fixed = machine.disk_is_fixed(config)
         admission.disk_available = self.disk_available
 
@@ -158,6 +166,7 @@ class Node:
             # and do not ack; count it so that a job that always hits the bug
             # is eventually Held instead of looping.
             log.exception("job=%s internal error; the message goes back to the queue", envelope.label)
+            self.metrics.job_state("error", {})
             if mid is not None:
                 with contextlib.suppress(JournalError):
                     await self.journal.count_failure(mid)
@@ -172,7 +181,7 @@ class Node:
 
     async def _handle(self, job: Job) -> None:
         env = job.envelope
-        log_state(env, "received", job, offers=env.offers, redelivered=job.message.redelivered)
+        self._state(job, "received", offers=env.offers, redelivered=job.message.redelivered)
         if env.reply_to is None:
             log.warning("job=%s has no reply_to: nobody can be told about it; dropped", env.label)
             await settle(job.message, "ack", label=env.label)
@@ -183,6 +192,9 @@ class Node:
             return
         record, new = await self.journal.receive(env.message_id)
         if not new and await self._known(job, record):
+            return
+        if (removal := self._removals.get(env.message_id)) is not None:
+            await self.answer.final(job, self._removed(job, removal[0]))
             return
         if env.delivery_limited:
             held = JobHeld(
@@ -258,12 +270,15 @@ class Node:
         """The job fits this machine but not what is free now: wait, unless another node could start it sooner."""
         others = self._sooner_elsewhere(job, request)
         if not others and not self.stopping.is_set():
-            log_state(job.envelope, "waiting", job, note="for resources held by running jobs")
+            self._state(job, "waiting", note="for resources held by running jobs")
             if await self.admission.wait(job.ticket, request, lambda: self._ready(ad, request), job=job):
                 return True
             others = self._sooner_elsewhere(job, request)
+        if job.removed is not None:
+            await self.answer.final(job, self._removed(job, job.removed))
+            return False
         self._handed_back[job.message_id] = time.monotonic()
-        log_state(job.envelope, "handed-back", job, to=",".join(others) or "the queue (node stopping)")
+        self._state(job, "handed-back", to=",".join(others) or "the queue (node stopping)")
         await self.journal.forget(job.message_id)
         await settle(job.message, "requeue", label=job.envelope.label)
         return False
@@ -284,20 +299,20 @@ class Node:
         job.sequence = record.sequence
         job.run_count = record.attempts
         if record.state == REPLIED:
-            log_state(env, "duplicate", job, note="already answered; acknowledged")
+            self._state(job, "duplicate", note="already answered; acknowledged")
             await settle(job.message, "ack", label=env.label)
             return True
         if record.state == FINISHED:
             entry = await self.journal.pending_final(record.message_id)
             if entry is not None:
-                log_state(env, "resend", job, note="finished here before; sending its stored final reply")
+                self._state(job, "resend", note="finished here before; sending its stored final reply")
                 await self.answer.resend_final(job, entry)
             else:
                 await settle(job.message, "ack", label=env.label)
             return True
         if record.state in (RUNNING, INTERRUPTED):
             await self._clean_interrupted(record)
-            log_state(env, "interrupted", job, attempts=record.attempts)
+            self._state(job, "interrupted", attempts=record.attempts)
         limit = self.config.node.max_attempts
         if record.attempts >= limit:
             held = JobHeld(
@@ -352,11 +367,11 @@ class Node:
             if self._may_hand_back(job, now):
                 # Straight back to the queue, where a node that matches can take it now.
                 self._handed_back[job.message_id] = now
-                log_state(env, "passed", job, reason=reason, to=",".join(elsewhere))
+                self._state(job, "passed", reason=reason, to=",".join(elsewhere))
                 await settle(job.message, "requeue", label=env.label)
             elif await self._park(job, env.offers):
                 # Bounced between nodes that do not match it: wait in the delay queue, not counted.
-                log_state(env, "declined", job, reason=reason, offers=env.offers, waits_for=",".join(elsewhere))
+                self._state(job, "declined", reason=reason, offers=env.offers, waits_for=",".join(elsewhere))
             return
         offers = env.offers + 1
         limit = self.config.broker.max_offers
@@ -370,12 +385,11 @@ class Node:
             await self.answer.final(job, self._held(job, held))
             return
         if await self._park(job, offers):
-            log_state(env, "declined", job, reason=reason, offers=offers)
+            self._state(job, "declined", reason=reason, offers=offers)
 
     # ------------------------------------------------------------ running
 
     async def _run(self, job: Job, spec: jobad.JobSpec, request: Request) -> None:
-        env = job.envelope
         run = await self.executor.begin()
         try:
             try:
@@ -394,10 +408,9 @@ class Node:
             job.info = job_info(job, spec, request, process.start_time)
             job.process = process
             await self.journal.set_pid(job.message_id, process.pid, process_start_time(process.pid))
-            log_state(
-                env,
-                "running",
+            self._state(
                 job,
+                "running",
                 pid=process.pid,
                 user=run.user.name,
                 run=job.run_count,
@@ -412,7 +425,18 @@ class Node:
                 run_count=job.run_count,
             )
             await self.answer.send(job, running)
-            info, exceeded = await self.executor.watch(run, job.kill_sig)
+            if job.removed is not None:  # carod rm came while it started
+                self._stop(job)
+            progress = self._progress(job, run, process)
+            try:
+                info, exceeded = await self.executor.watch(run, job.kill_sig)
+                await progress.finish()
+            finally:
+                progress.cancel()
+            if job.removed is not None:
+                await self._end(job, run)
+                await self.answer.final(job, self._removed(job, job.removed, info=info))
+                return
             if job.evicted is not None:
                 await self._end(job, run)
                 await self._evicted(job)
@@ -426,6 +450,78 @@ class Node:
             # With a live process only when the task was cancelled (forced
             # exit): the job dies with it and the broker requeues it.
             await self._end(job, run)
+
+    def _progress(self, job: Job, run: Run, process: JobProcess) -> Progress:
+        """Periodic updates and live output while the job runs (carod.progress)."""
+
+        def update(usage: replies.Usage) -> replies.Reply:
+            return replies.update(
+                sequence=job.next_sequence(),
+                node=self.name,
+                start_date=process.start_time,
+                pid=process.pid,
+                usage=usage,
+                run_count=job.run_count,
+            )
+
+        async def send(reply: replies.Reply) -> None:
+            await self.answer.send(job, reply)
+
+        async def publish(headers: dict[str, Scalar], body: bytes) -> bool:
+            return await self.answer.output(job, headers, body)
+
+        progress = Progress(
+            self.config.node, process, run.streams, update=update, send=send, publish=publish, label=job.envelope.label
+        )
+        progress.start()
+        return progress
+
+    # ------------------------------------------------------------ removing (carod rm)
+
+    def remove(self, message_id: str, reason: str) -> str | None:
+        """Stop the job and answer it Removed. Returns what it was doing here; None when it is not here.
+
+        Remembered for ``journal_retention_s`` either way: a job still in
+        the queue is answered Removed when it reaches this node.
+        """
+        now = time.monotonic()
+        if len(self._removals) > 10_000:
+            keep_s = self.config.node.journal_retention_s
+            self._removals = {k: v for k, v in self._removals.items() if now - v[1] <= keep_s}
+        self._removals[message_id] = (reason, now)
+        job = self.running.get(message_id)
+        if job is None:
+            return None
+        if job.process is not None and job.info is None:
+            return "finished"  # its final reply is on its way
+        job.removed = reason
+        if job.process is not None:
+            self._stop(job)
+            return "running"
+        for waiting in self.admission.waiting():
+            if waiting.job is job:
+                waiting.give_up()
+                return "waiting"
+        return "received"
+
+    def _stop(self, job: Job) -> None:
+        if job.process is None:
+            return
+        stop = asyncio.create_task(job.process.stop(job.kill_sig, self.config.node.kill_grace_s))
+        self._stops.add(stop)
+        stop.add_done_callback(self._stops.discard)
+
+    def _removed(self, job: Job, reason: str, *, info: replies.ExitInfo | None = None) -> replies.Reply:
+        ran = {"duration_s": round(info.duration_s, 6)} if info is not None else {}
+        self._state(job, "removed", reason=reason, **ran)
+        return replies.removed(
+            sequence=job.next_sequence(),
+            node=self.name,
+            now=time.time(),
+            reason=reason,
+            info=info,
+            run_count=job.run_count,
+        )
 
     async def _end(self, job: Job, run: Run) -> None:
         """The run is over: clean it up, then free its resources for the next job."""
@@ -467,10 +563,9 @@ class Node:
             run_count=job.run_count,
             skipped=results.skipped,
         )
-        log_state(
-            job.envelope,
-            "exited",
+        self._state(
             job,
+            "exited",
             exit_code=info.exit_code,
             exit_signal=info.exit_signal,
             duration_s=round(info.duration_s, 6),
@@ -483,7 +578,7 @@ class Node:
         reply = replies.idle(
             sequence=job.next_sequence(), node=self.name, now=time.time(), reason=reason, run_count=job.run_count
         )
-        log_state(job.envelope, "evicted", job, reason=reason)
+        self._state(job, "evicted", reason=reason)
         await self.answer.send(job, reply)
         # Not an interruption: the next delivery runs it afresh.
         await self.journal.set_state(job.message_id, RECEIVED)
@@ -491,8 +586,14 @@ class Node:
 
     # ------------------------------------------------------------ replies
 
+    def _state(self, job: Job, state: str, **fields: object) -> None:
+        """One job state change: its log line and its metrics."""
+        log_state(job.envelope, state, job, **fields)
+        self.metrics.job_state(state, fields)
+
     def _held(self, job: Job, held: JobHeld, *, info: replies.ExitInfo | None = None) -> replies.Reply:
-        log_state(job.envelope, "held", job, code=int(held.code), reason=held.reason)
+        ran = {"duration_s": round(info.duration_s, 6)} if info is not None else {}
+        self._state(job, "held", code=int(held.code), reason=held.reason, **ran)
         return replies.held(
             sequence=job.next_sequence(),
             node=self.name,

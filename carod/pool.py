@@ -278,6 +278,26 @@ def status_table(adverts: Mapping[str, Advert], silent: Mapping[str, float], now
     return "\n".join(lines) + "\n"
 
 
+def queue_table(jobs: Iterable[tuple[str, JobInfo]], now: float) -> str:
+    """The jobs running in the pool as ``condor_q`` prints them: one line per job, then a count."""
+    lines = [f"{'ID':<36} {'Owner':<12} {'Node':<20} {'Run time':>9} {'Cpus':>5} {'Mem MiB':>8}  Cmd"]
+    count = 0
+    for node, job in sorted(jobs, key=lambda item: item[1].started):
+        count += 1
+        lines.append(
+            f"{job.message_id[:36]:<36} {(job.owner or '-')[:12]:<12} {node[:20]:<20} "
+            f"{_duration(now - job.started):>9} {job.cpus:>5g} {job.memory_mib:>8g}  {job.cmd}"
+        )
+    lines.append("")
+    lines.append(f"{count} job(s) running")
+    return "\n".join(lines) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def _of(free: float, total: float) -> str:
     return f"{free:g}/{total:g}"
 

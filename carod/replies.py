@@ -81,6 +81,49 @@ def running(*, sequence: int, node: str, now: float, start_date: float, pid: int
     return Reply(JobStatus.RUNNING, format_headers(attrs))
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What a running job uses now."""
+
+    wall_s: float
+    user_cpu_s: float
+    sys_cpu_s: float
+    #: memory in use now and the most so far (KiB)
+    memory_kib: int
+    peak_memory_kib: int
+    pids: int
+
+
+def update(*, sequence: int, node: str, start_date: float, pid: int, usage: Usage, run_count: int) -> Reply:
+    """A JobStatus 2 update while the job runs (its status has not changed since start_date)."""
+    attrs = _common(JobStatus.RUNNING, sequence, node, start_date, run_count)
+    attrs.update(
+        {
+            "JobStartDate": int(start_date),
+            "JobPid": pid,
+            "NumPids": usage.pids,
+            "RemoteWallClockTime": round(usage.wall_s, 6),
+            "RemoteUserCpu": round(usage.user_cpu_s, 6),
+            "RemoteSysCpu": round(usage.sys_cpu_s, 6),
+            "ResidentSetSize": usage.memory_kib,
+            "ImageSize": usage.peak_memory_kib,
+        }
+    )
+    return Reply(JobStatus.RUNNING, format_headers(attrs))
+
+
+#: Headers of a live-output message (not a reply: no JobStatus).
+STREAM_HEADER = "x-carod-stream"
+OFFSET_HEADER = "x-carod-offset"
+SKIPPED_HEADER = "x-carod-skipped"
+OUTPUT_TYPE = "carod.output"
+
+
+def output_headers(stream: str, offset: int, skipped: int) -> dict[str, Scalar]:
+    """A chunk of live output: which stream, where in the file it starts, bytes left out just before it."""
+    return {STREAM_HEADER: stream, OFFSET_HEADER: offset, SKIPPED_HEADER: skipped}
+
+
 def _exit_attrs(info: ExitInfo) -> dict[str, Scalar]:
     attrs: dict[str, Scalar] = {
         "ExitBySignal": info.by_signal,
@@ -139,6 +182,15 @@ def held(
     if info is not None:
         attrs.update(_exit_attrs(info))
     return Reply(JobStatus.HELD, format_headers(attrs), body_path)
+
+
+def removed(*, sequence: int, node: str, now: float, reason: str, info: ExitInfo | None, run_count: int) -> Reply:
+    """The job was removed (``carod rm``); it will not run again."""
+    attrs = _common(JobStatus.REMOVED, sequence, node, now, run_count)
+    attrs["RemoveReason"] = reason
+    if info is not None:
+        attrs.update(_exit_attrs(info))
+    return Reply(JobStatus.REMOVED, format_headers(attrs))
 
 
 def idle(*, sequence: int, node: str, now: float, reason: str, run_count: int) -> Reply:

@@ -40,7 +40,7 @@ from carod.holdcodes import HoldCode
 from carod.isolation import Layers
 from carod.jobad import JobSpec
 from carod.limits import JobLimits
-from carod.replies import ExitInfo
+from carod.replies import ExitInfo, Usage
 from carod.sandbox import Stdio, executable_by, untraversable
 from carod.users import JobUser
 
@@ -289,6 +289,19 @@ class JobProcess:
             self.kill()
             return await self.wait()
 
+    async def usage(self) -> Usage:
+        """What the job uses now: from its cgroup (a few small reads), else its process group's /proc entries."""
+        wall_s = time.monotonic() - self.started_monotonic
+        if self.cgroup is not None:
+            measured = self.cgroup.usage()
+            pids = len(self.cgroup.pids())
+            memory = measured.memory_kib or 0
+            return Usage(
+                wall_s, measured.user_cpu_s, measured.sys_cpu_s, memory, measured.peak_memory_kib or memory, pids
+            )
+        user_s, sys_s, rss_kib, pids = await asyncio.to_thread(_group_usage, self.pid)
+        return Usage(wall_s, user_s, sys_s, rss_kib, rss_kib, pids)
+
     def oom_kills(self) -> int:
         return self.cgroup.usage().oom_kills if self.cgroup is not None else 0
 
@@ -372,6 +385,28 @@ def _live_members(pgid: int) -> list[int]:
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
             members.append(int(name))
     return members
+
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+_PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def _group_usage(pgid: int) -> tuple[float, float, int, int]:
+    """CPU seconds (user, sys), resident KiB and process count of process group ``pgid`` now (blocking)."""
+    user = system = rss = 0
+    members = _live_members(pgid)
+    for pid in members:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        # utime, stime are fields 14, 15 and rss 24 of proc(5); here offset by the 2 before the state
+        user += int(fields[11])
+        system += int(fields[12])
+        rss += int(fields[21])
+    return user / _TICKS_PER_S, system / _TICKS_PER_S, rss * _PAGE_KIB, len(members)
 
 
 def _wait_group_dead(pgid: int, timeout_s: float) -> None:

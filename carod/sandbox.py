@@ -285,6 +285,32 @@ def open_stdio(spec: JobSpec, sandbox: Path, owner: Owner) -> Stdio:
     return Stdio(stdin, stdout, stderr, fds)
 
 
+def open_streams(spec: JobSpec, stdio: Stdio) -> dict[str, int]:
+    """Read-only descriptors of the Out/Err files the job streams (StreamOut/StreamErr).
+
+    Opened through carod's own write descriptors, so they stay on the files
+    carod created whatever the job later does to their names.
+    """
+    wanted: list[tuple[str, int]] = []
+    if spec.stream_out:
+        wanted.append(("stdout", stdio.stdout))
+    if spec.stream_err and not (spec.stream_out and stdio.stderr == stdio.stdout):
+        wanted.append(("stderr", stdio.stderr))
+    streams: dict[str, int] = {}
+    try:
+        for name, fd in wanted:
+            streams[name] = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        for fd in streams.values():
+            os.close(fd)
+        raise JobHeld(
+            f"carod could not open the job's output to stream it: {exc.strerror}",
+            HoldCode.UNABLE_TO_OPEN_OUTPUT,
+            exc.errno or 0,
+        ) from exc
+    return streams
+
+
 def _open_in(path: str | None, sandbox: Path) -> int:
     if path is None:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)

@@ -41,6 +41,7 @@ from carod.execute import Executor
 from carod.isolation import Layers
 from carod.journal import Journal, JournalError
 from carod.message import parse_envelope
+from carod.metrics import Metrics, Snapshot
 from carod.node import Node
 from carod.notify import Notifier
 from carod.pool import PoolView
@@ -73,6 +74,7 @@ class Server:
         self._housekeeping: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self.notifier = Notifier()
+        self.metrics = Metrics()
         self._slots = 0
 
     # ------------------------------------------------------------ public
@@ -96,6 +98,7 @@ class Server:
                 if task is not None:
                     task.cancel()
             self.notifier.close()
+            self.metrics.close()
             if self.admission is not None:
                 await self.admission.close()
             if self.broker is not None:
@@ -135,7 +138,7 @@ class Server:
         old = self.config
         kept = [
             f"[{section}] {f.name}"
-            for section in ("broker", "node", "sandbox")
+            for section in ("broker", "node", "sandbox", "pool", "metrics")
             for f in dataclasses.fields(getattr(old, section))
             if f.name not in _RELOADABLE
             and getattr(getattr(old, section), f.name) != getattr(getattr(new, section), f.name)
@@ -207,7 +210,14 @@ class Server:
         self.broker = Broker(config.broker, node_name=config.node_name, prefetch=prefetch)
         view = PoolView(config.broker.queue, config.node_name, config.pool.node_timeout_s)
         self.node = Node(
-            config, machine_ad, self.broker, Executor(config, layers, users), self.journal, self.admission, view
+            config,
+            machine_ad,
+            self.broker,
+            Executor(config, layers, users),
+            self.journal,
+            self.admission,
+            view,
+            self.metrics,
         )
         await self.node.recover()
         self.advertiser = Advertiser(config, self.node, self.broker, view)
@@ -218,7 +228,7 @@ class Server:
             consumer = await self.broker.consume(self._on_message)
         except BrokerError as exc:
             raise StartupError(str(exc), EXIT_UNAVAILABLE) from exc
-        self.broker.on_reconnect = self.admission.reset_deliveries
+        self.broker.on_reconnect = self._on_reconnect
         self.admission.start_flow(self.broker.set_flow, consumer)
         log.info(
             "carod %s ready: node=%s broker=%s queue=%s (%s) cpus=%g memory_mib=%g disk_kib=%g slots=%d prefetch=%d",
@@ -234,6 +244,9 @@ class Server:
             prefetch,
         )
         self._housekeeping = asyncio.create_task(self._expire_periodically())
+        if config.metrics.port:
+            self.metrics.watch(asyncio.get_running_loop(), self._snapshot)
+            self.metrics.serve(config.metrics.address, config.metrics.port)
 
     async def shutdown(self) -> None:
         if self.broker is None or self.node is None:
@@ -277,6 +290,32 @@ class Server:
         if waiting:
             text += f", {waiting} answer(s) waiting for a redelivery"
         return f"{text}; {broker}"
+
+    def _on_reconnect(self) -> None:
+        self.metrics.reconnects.inc()
+        if self.admission is not None:
+            self.admission.reset_deliveries()
+
+    async def _snapshot(self) -> Snapshot:
+        """The live gauges (carod.metrics), on the loop."""
+        if self.node is None or self.broker is None or self.journal is None or self.admission is None:
+            raise RuntimeError("carod is starting")
+        resources = self.node.resources
+        totals, free = resources.totals, resources.free()
+        _running, waiting = self.node.counts()
+        return Snapshot(
+            slots=totals.slots,
+            slots_busy=resources.running,
+            cpus=totals.cpus,
+            cpus_busy=totals.cpus - free.cpus,
+            memory_mib=totals.memory_mib,
+            memory_busy_mib=totals.memory_mib - free.memory_mib,
+            jobs_waiting=len(self.admission.waiting()),
+            answers_waiting=waiting,
+            outbox_depth=await self.journal.pending_count(),
+            broker_connected=self.broker.connected,
+            draining=self.should_exit,
+        )
 
     async def _expire_periodically(self) -> None:
         while True:

@@ -181,6 +181,7 @@ def config_text(
     machine: dict[str, str] | None = None,
     sandbox: dict[str, Any] | None = None,
     pool: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> str:
     b = {"url": BROKER_URL, "queue": queue, "binding_key": f"{queue}-key", "unmatched_delay_s": 0.05}
     b.update(broker or {})
@@ -198,6 +199,8 @@ def config_text(
         lines += ["[sandbox]", *(f"{k} = {v}" for k, v in sandbox.items())]
     if pool:
         lines += ["[pool]", *(f"{k} = {v}" for k, v in pool.items())]
+    if metrics:
+        lines += ["[metrics]", *(f"{k} = {v}" for k, v in metrics.items())]
     if machine:
         lines += ["[machine]", *(f"{k} = {v}" for k, v in machine.items())]
     return "\n".join(lines) + "\n"
