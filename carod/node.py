@@ -29,7 +29,6 @@ from carod import classads, jobad, machine, replies, sandbox
 from carod.admission import Admission
 from carod.answer import Answerer
 from carod.broker import Broker, park, settle
-from carod.classads import Scalar
 from carod.config import Config
 from carod.errors import BrokerError, JobHeld
 from carod.execute import Executor, Run
@@ -50,7 +49,7 @@ from carod.metrics import Metrics
 from carod.pool import JobInfo, PoolView
 from carod.progress import Progress
 from carod.resources import Request
-from carod.runner import JobProcess, process_start_time
+from carod.runner import process_start_time
 
 log = logging.getLogger("carod.job")
 
@@ -427,7 +426,7 @@ class Node:
             await self.answer.send(job, running)
             if job.removed is not None:  # carod rm came while it started
                 self._stop(job)
-            progress = self._progress(job, run, process)
+            progress = Progress.for_job(self.config.node, job, process, run.streams, self.answer, self.name)
             try:
                 info, exceeded = await self.executor.watch(run, job.kill_sig)
                 await progress.finish()
@@ -450,31 +449,6 @@ class Node:
             # With a live process only when the task was cancelled (forced
             # exit): the job dies with it and the broker requeues it.
             await self._end(job, run)
-
-    def _progress(self, job: Job, run: Run, process: JobProcess) -> Progress:
-        """Periodic updates and live output while the job runs (carod.progress)."""
-
-        def update(usage: replies.Usage) -> replies.Reply:
-            return replies.update(
-                sequence=job.next_sequence(),
-                node=self.name,
-                start_date=process.start_time,
-                pid=process.pid,
-                usage=usage,
-                run_count=job.run_count,
-            )
-
-        async def send(reply: replies.Reply) -> None:
-            await self.answer.send(job, reply)
-
-        async def publish(headers: dict[str, Scalar], body: bytes) -> bool:
-            return await self.answer.output(job, headers, body)
-
-        progress = Progress(
-            self.config.node, process, run.streams, update=update, send=send, publish=publish, label=job.envelope.label
-        )
-        progress.start()
-        return progress
 
     # ------------------------------------------------------------ removing (carod rm)
 

@@ -28,8 +28,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from carod import replies
+from carod.answer import Answerer
 from carod.classads import Scalar
 from carod.config import NodeConfig
+from carod.job import Job
 from carod.runner import JobProcess
 
 log = logging.getLogger("carod.job")
@@ -131,6 +133,32 @@ class Progress:
         self.label = label
         self._ended = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def for_job(
+        cls, config: NodeConfig, job: Job, process: JobProcess, streams: dict[str, int], answer: Answerer, node: str
+    ) -> Progress:
+        """Started: the updates and live output of ``job`` on ``node``, sent through ``answer``."""
+
+        def update(usage: replies.Usage) -> replies.Reply:
+            return replies.update(
+                sequence=job.next_sequence(),
+                node=node,
+                start_date=process.start_time,
+                pid=process.pid,
+                usage=usage,
+                run_count=job.run_count,
+            )
+
+        async def send(reply: replies.Reply) -> None:
+            await answer.send(job, reply)
+
+        async def publish(headers: dict[str, Scalar], body: bytes) -> bool:
+            return await answer.output(job, headers, body)
+
+        progress = cls(config, process, streams, update=update, send=send, publish=publish, label=job.envelope.label)
+        progress.start()
+        return progress
 
     def start(self) -> None:
         if self.streams or self.config.update_interval_s > 0:

@@ -247,6 +247,22 @@ async def queue_depth(name: str) -> int:
         return queue.declaration_result.message_count or 0
 
 
+async def wait_consumed(name: str, timeout_s: float = 30) -> None:
+    """Until queue ``name`` exists and has a consumer (a node that logs nothing at start is ready then)."""
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection, asyncio.timeout(timeout_s):
+        while True:
+            channel = await connection.channel()
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+                if queue.declaration_result.consumer_count:
+                    return
+                await channel.close()
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                pass  # not declared yet; the channel is closed by the broker
+            await asyncio.sleep(0.05)
+
+
 def write_config(base: Path, queue: str, **kwargs: object) -> Path:
     path = base / "carod.conf"
     path.write_text(config_text(queue, base, **kwargs))  # type: ignore[arg-type]
@@ -280,7 +296,8 @@ class Daemon:
         return await self.proc.wait()
 
 
-async def start_daemon(config: Path, env: dict[str, str] | None = None) -> Daemon:
+async def start_daemon(config: Path, env: dict[str, str] | None = None, *, ready: str | None = "ready") -> Daemon:
+    """carod in a process of its own; returned once it logs ``ready`` (None: at once)."""
     proc = await asyncio.create_subprocess_exec(
         *CAROD,
         "--config",
@@ -289,7 +306,8 @@ async def start_daemon(config: Path, env: dict[str, str] | None = None) -> Daemo
         env={**os.environ, "CAROD_BROKER_URL": BROKER_URL, **(env or {})},
     )
     daemon = Daemon(proc)
-    await daemon.wait_for_line("ready")
+    if ready is not None:
+        await daemon.wait_for_line(ready)
     return daemon
 
 
