@@ -408,6 +408,8 @@ def detect(mode: str, state_dir: Path) -> tuple[Cgroups | None, str]:
     if mode in ("auto", "v1"):
         try:
             v1 = _setup_v1(v1_mounts, own, name)
+            if v1 is None:
+                reasons.append("no cgroup v1 hierarchy is mounted")
         except OSError as exc:
             v1 = None
             reasons.append(f"cgroup v1 is not writable ({exc.strerror})")
@@ -417,7 +419,8 @@ def detect(mode: str, state_dir: Path) -> tuple[Cgroups | None, str]:
             return v1, ""
         if v1 is not None:
             v1.close()
-        reasons.append(f"cgroup v1 lacks {', '.join(sorted({'memory', 'pids', 'freezer'} - set(v1_mounts)))}")
+            missing = {"memory", "pids", "freezer"} - set(v1.controllers)
+            reasons.append(f"cgroup v1 lacks {', '.join(sorted(missing))}")
     if v2 is not None:
         return v2, "; ".join(reasons)
     if mode != "auto":

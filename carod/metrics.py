@@ -2,12 +2,12 @@
 
 One :class:`Metrics` per server, each with its own registry (several servers
 can run in one process, as in the tests). The HTTP endpoint is
-``prometheus_client``'s own server, in a thread of its own; it is off unless
-``[metrics] port`` is set. Gauges that describe the node now (slots and
+``prometheus_client``'s WSGI exposition on a threaded wsgiref server, in a
+thread of its own; it is off unless ``[metrics] port`` is set. Gauges that describe the node now (slots and
 resources busy, the outbox, the broker connection) are read on carod's
 event loop when a scrape arrives; a scrape therefore fails when that loop
-is stuck, which makes ``/metrics`` a liveness check as well
-(docs/operations.md lists every metric).
+is stuck (503, one log line), which makes ``/metrics`` a liveness check as
+well (docs/operations.md lists every metric).
 """
 
 from __future__ import annotations
@@ -15,12 +15,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -63,7 +69,8 @@ class Snapshot:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, scrape_timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
+        self.scrape_timeout_s = scrape_timeout_s
         self.registry = CollectorRegistry()
         r = self.registry
         self.received = Counter("carod_jobs_received", "Job deliveries received (redeliveries included)", registry=r)
@@ -114,16 +121,31 @@ class Metrics:
 
     def watch(self, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], Awaitable[Snapshot]]) -> None:
         """Read the live gauges through ``snapshot`` on ``loop`` at each scrape."""
-        self.registry.register(_LiveCollector(loop, snapshot))
+        self.registry.register(_LiveCollector(loop, snapshot, lambda: self.scrape_timeout_s))
 
     def serve(self, address: str, port: int) -> None:
         """Serve /metrics in a thread. Raises StartupError naming the key when it cannot listen."""
+        exposition = make_wsgi_app(self.registry)
+
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+            try:
+                body: Iterable[bytes] = exposition(environ, start_response)
+            except LoopStuck as exc:  # one log line, not a traceback per scrape
+                log.warning("metrics: scrape failed: %s", exc)
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+                return [f"{exc}\n".encode()]
+            return body
+
         try:
-            self._server, self._thread = start_http_server(port, address, registry=self.registry)
-        except OSError as exc:
+            family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+            server_class = type("MetricsServer", (_Server,), {"address_family": family})
+            self._server = make_server(address, port, app, server_class, handler_class=_QuietHandler)
+        except (OSError, socket.gaierror) as exc:
             raise StartupError(
                 f"[metrics] port: cannot listen on {address}:{port}: {exc.strerror or exc}", EXIT_CONFIG
             ) from exc
+        self._thread = threading.Thread(target=self._server.serve_forever, name="carod-metrics", daemon=True)
+        self._thread.start()
         log.info("metrics: http://%s:%d/metrics", address, self._server.server_port)
 
     @property
@@ -140,6 +162,19 @@ class Metrics:
             self._thread = None
 
 
+class LoopStuck(RuntimeError):
+    """carod's event loop did not answer a scrape in time."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """No line per scrape."""
+
+
 def _code_name(code: object) -> str:
     try:
         return HoldCode(int(code)).name.lower() if isinstance(code, int) else "unknown"
@@ -148,9 +183,15 @@ def _code_name(code: object) -> str:
 
 
 class _LiveCollector(Collector):
-    def __init__(self, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], Awaitable[Snapshot]]) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        snapshot: Callable[[], Awaitable[Snapshot]],
+        timeout_s: Callable[[], float],
+    ) -> None:
         self.loop = loop
         self.snapshot = snapshot
+        self.timeout_s = timeout_s
 
     def describe(self) -> list[GaugeMetricFamily]:
         return []  # read only at scrape time, on the loop
@@ -162,12 +203,13 @@ class _LiveCollector(Collector):
         try:
             future = asyncio.run_coroutine_threadsafe(read(), self.loop)
         except RuntimeError as exc:  # the loop is closed: carod is stopping
-            raise RuntimeError("carod is not running") from exc
+            raise LoopStuck("carod is not running") from exc
+        timeout_s = self.timeout_s()
         try:
-            s = future.result(SCRAPE_TIMEOUT_S)
+            s = future.result(timeout_s)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise RuntimeError(f"carod's event loop did not answer within {SCRAPE_TIMEOUT_S}s") from None
+            raise LoopStuck(f"carod's event loop did not answer within {timeout_s}s") from None
 
         def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, text, value=value)

@@ -7,12 +7,24 @@ import json
 import os
 import signal
 import socket
+import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import BROKER_URL, CAROD, Submitter, q, queue_depth, start_daemon, wait_consumed, write_config
+from tests.helpers import (
+    BROKER_URL,
+    CAROD,
+    Submitter,
+    q,
+    queue_depth,
+    start_daemon,
+    start_node,
+    wait_consumed,
+    write_config,
+)
 
 
 def free_port() -> int:
@@ -173,3 +185,28 @@ async def test_check_config_names_new_keys(base: Path) -> None:
     code, out, err = await carod("check-config", str(good))
     assert code == 0, err
     assert "[metrics]\nport = 9100\naddress = 127.0.0.1\n" in out and "update_interval_s = 30.0" in out
+
+
+async def test_a_scrape_fails_while_the_event_loop_is_stuck(queue: str, base: Path) -> None:
+    port = free_port()
+    running = await start_node(queue, base, metrics={"port": port})
+    try:
+        running.server.metrics.scrape_timeout_s = 0.3
+        assert (await asyncio.to_thread(scrape, port))["carod_broker_connected", ()] == 1
+        # Block carod's loop (this test's own) while a thread scrapes: 503, not a hang, not a traceback.
+        codes: list[int] = []
+        scraper = threading.Thread(target=lambda: codes.append(status_of(port)))
+        scraper.start()  # the loop is blocked from here until the scrape has its answer
+        scraper.join(timeout=30)
+        assert codes == [503]
+        assert (await asyncio.to_thread(scrape, port))["carod_slots", ()] == 2  # and it answers again
+    finally:
+        await running.stop()
+
+
+def status_of(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
