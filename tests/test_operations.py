@@ -18,8 +18,10 @@ from tests.helpers import (
     BROKER_URL,
     CAROD,
     Submitter,
+    needs_ctl,
     q,
     queue_depth,
+    rabbitmqctl,
     start_daemon,
     start_node,
     wait_consumed,
@@ -210,3 +212,22 @@ def status_of(port: int) -> int:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+@needs_ctl
+async def test_reconnects_are_counted(base: Path, queue: str) -> None:
+    port = free_port()
+    daemon = await start_daemon(write_config(base, queue, metrics={"port": port}))
+    try:
+        await asyncio.to_thread(rabbitmqctl, "close_all_connections", "carod metrics test")
+        await daemon.wait_for_line("reconnected to the broker")
+        durable = await Submitter.open(queue)
+        try:  # it consumes again, and says so
+            assert (await durable.run({"Cmd": q("/bin/true")}))[-1].status == 4
+        finally:
+            await durable.close()
+        m = await asyncio.to_thread(scrape, port)
+    finally:
+        assert await daemon.stop() == 0
+    assert m["carod_broker_reconnects_total", ()] >= 1
+    assert m["carod_broker_connected", ()] == 1
