@@ -27,7 +27,7 @@ from pathlib import Path
 from carod import __version__, logs, machine, pool
 from carod import config as configuration
 from carod.classads import to_classad_text
-from carod.client import Client, ClientError, JobReply, pool_status, remove
+from carod.client import Client, ClientError, JobReply, PoolStatus, pool_status, remove
 from carod.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, ConfigError, StartupError
 from carod.server import Server
 
@@ -219,12 +219,19 @@ def _event(args: argparse.Namespace, data: dict[str, object], text: str, started
         print(f"[{elapsed:8.3f}s] {text}", flush=True)
 
 
-def cmd_q(args: argparse.Namespace) -> int:
+def _pool_status(args: argparse.Namespace) -> PoolStatus | int:
+    """The nodes' answers (carod status, carod q), or the exit code when the broker cannot be asked."""
     queue = None if args.all_queues else args.queue
     try:
-        status = asyncio.run(pool_status(args.url, exchange=args.pool_exchange, queue=queue, wait_s=args.wait))
+        return asyncio.run(pool_status(args.url, exchange=args.pool_exchange, queue=queue, wait_s=args.wait))
     except ClientError as exc:
         return _fail(str(exc), EXIT_UNAVAILABLE)
+
+
+def cmd_q(args: argparse.Namespace) -> int:
+    status = _pool_status(args)
+    if isinstance(status, int):
+        return status
     jobs = [(advert.node, job) for advert in status.adverts.values() for job in advert.jobs]
     if args.json:
         for node, job in jobs:
@@ -259,11 +266,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    queue = None if args.all_queues else args.queue
-    try:
-        status = asyncio.run(pool_status(args.url, exchange=args.pool_exchange, queue=queue, wait_s=args.wait))
-    except ClientError as exc:
-        return _fail(str(exc), EXIT_UNAVAILABLE)
+    status = _pool_status(args)
+    if isinstance(status, int):
+        return status
     now = time.time()
     if args.long is not None:
         advert = status.adverts.get(args.long)

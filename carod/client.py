@@ -23,7 +23,7 @@ import io
 import os
 import uuid
 import zipfile
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -318,19 +318,10 @@ async def pool_status(
             answers.append(advert)
             arrived.set()
 
-    try:
-        connection = await aio_pika.connect(url, timeout=10)
-    except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
-        raise ClientError(f"cannot connect to the broker: {exc}") from exc
-    async with connection:
+    async with _pool_inbox(url, exchange, on_message, listen=f"{pool.ADVERT_KEY_PREFIX}#") as (pool_exchange, inbox):
         try:
-            channel = await connection.channel()
-            pool_exchange = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-            inbox = await channel.declare_queue("", exclusive=True, auto_delete=True)
-            await inbox.bind(pool_exchange, routing_key=f"{pool.ADVERT_KEY_PREFIX}#")
-            await inbox.consume(on_message, no_ack=True)
             await pool_exchange.publish(aio_pika.Message(b"", reply_to=inbox.name, expiration=wait_s), pool.QUERY_KEY)
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+        except _BROKER_ERRORS as exc:
             raise ClientError(f"cannot query the pool on exchange {exchange!r}: {exc}") from exc
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
@@ -376,25 +367,46 @@ async def remove(
             if all(found.values()):
                 done.set()
 
+    async with _pool_inbox(url, exchange, on_message) as (pool_exchange, inbox):
+        try:
+            for mid in ids:
+                body = control.encode_request(control.Request("rm", mid, reason, by))
+                message = aio_pika.Message(body, content_type="application/json", reply_to=inbox.name)
+                await pool_exchange.publish(message, control.CONTROL_KEY)
+        except _BROKER_ERRORS as exc:
+            raise ClientError(f"cannot send the removal on exchange {exchange!r}: {exc}") from exc
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), wait_s)
+    return found
+
+
+_BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError)
+
+
+@contextlib.asynccontextmanager
+async def _pool_inbox(
+    url: str,
+    exchange: str,
+    on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+    *,
+    listen: str | None = None,
+) -> AsyncIterator[tuple[aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractQueue]]:
+    """A connection, the pool exchange and a private queue consumed by ``on_message`` (bound to ``listen``)."""
     try:
         connection = await aio_pika.connect(url, timeout=10)
-    except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+    except _BROKER_ERRORS as exc:
         raise ClientError(f"cannot connect to the broker: {exc}") from exc
     async with connection:
         try:
             channel = await connection.channel()
             pool_exchange = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
             inbox = await channel.declare_queue("", exclusive=True, auto_delete=True)
+            if listen is not None:
+                await inbox.bind(pool_exchange, routing_key=listen)
             await inbox.consume(on_message, no_ack=True)
-            for mid in ids:
-                body = control.encode_request(control.Request("rm", mid, reason, by))
-                message = aio_pika.Message(body, content_type="application/json", reply_to=inbox.name)
-                await pool_exchange.publish(message, control.CONTROL_KEY)
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
-            raise ClientError(f"cannot send the removal on exchange {exchange!r}: {exc}") from exc
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), wait_s)
-    return found
+        except _BROKER_ERRORS as exc:
+            raise ClientError(f"cannot use the pool exchange {exchange!r}: {exc}") from exc
+        yield pool_exchange, inbox
 
 
 def _all_answered(answers: list[Advert]) -> bool:

@@ -373,18 +373,21 @@ def _live_members(pgid: int) -> list[int]:
     """PIDs in process group ``pgid`` that are not yet zombies."""
     members = []
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ... ; comm may contain spaces and parentheses
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+        fields = _stat_fields(int(name)) if name.isdigit() else None
+        if fields is not None and len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
             members.append(int(name))
     return members
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name, from the state on (None: gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # pid (comm) state ppid pgrp ... ; comm may contain spaces and parentheses
+    return stat[stat.rfind(b")") + 2 :].split()
 
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -396,12 +399,9 @@ def _group_usage(pgid: int) -> tuple[float, float, int, int]:
     user = system = rss = 0
     members = _live_members(pgid)
     for pid in members:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
+        fields = _stat_fields(pid)
+        if fields is None or len(fields) < 22:
             continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
         # utime, stime are fields 14, 15 and rss 24 of proc(5); here offset by the 2 before the state
         user += int(fields[11])
         system += int(fields[12])
@@ -448,13 +448,8 @@ async def _exited(pid: int) -> None:
 
 def process_start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (clock ticks since boot), to tell it from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return fields[19].decode() if len(fields) > 19 else None
+    fields = _stat_fields(pid)
+    return fields[19].decode() if fields is not None and len(fields) > 19 else None
 
 
 def kill_leftover(pid: int, start_time: str | None) -> bool:
