@@ -176,13 +176,43 @@ class Answerer:
         await self._publish(job, reply.headers, b"")
         await self.journal.confirmed(entry.id, job.message_id, final=False)
 
-    async def output(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> bool:
-        """A chunk of live output (carod.progress), confirmed; not journaled. False: nobody can receive it."""
-        return await self._publish(job, headers, body, message_type=replies.OUTPUT_TYPE)
+    async def progress(self, job: Job, reply: replies.Reply) -> bool:
+        """A periodic update (carod.progress): journaled for its Sequence, published once, dropped on failure.
 
-    async def _publish(
+        Unlike :meth:`send` it never waits for the broker to come back: a
+        later update supersedes it, and the final reply must not wait behind it.
+        """
+        address = job.envelope.reply_to
+        if address is None:
+            return False
+        entry = await self.journal.add_reply(
+            job.message_id, address.exchange, address.routing_key, dict(reply.headers), None, final=False
+        )
+        try:
+            return await self._publish_once(job, reply.headers, b"")
+        finally:
+            await self.journal.confirmed(entry.id, job.message_id, final=False)  # sent or given up
+
+    async def output(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> bool:
+        """A chunk of live output (carod.progress), published once, not journaled. False: not delivered."""
+        return await self._publish_once(job, headers, body, message_type=replies.OUTPUT_TYPE)
+
+    async def _publish_once(
         self, job: Job, headers: Mapping[str, Scalar], body: bytes, *, message_type: str | None = None
     ) -> bool:
+        env = job.envelope
+        if env.reply_to is None:
+            return False
+        try:
+            await self.broker.publish_reply(
+                env.reply_to, correlation_id=env.message_id, headers=headers, body=body, message_type=message_type
+            )
+        except BrokerError as exc:  # ReplyUndeliverable included
+            log.info("job=%s progress message dropped: %s", env.label, exc)
+            return False
+        return True
+
+    async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> bool:
         """Publish a non-final reply until the broker confirms it. False: nobody can receive it."""
         env = job.envelope
         if env.reply_to is None:
@@ -190,9 +220,7 @@ class Answerer:
         attempt = 0
         while True:
             try:
-                await self.broker.publish_reply(
-                    env.reply_to, correlation_id=env.message_id, headers=headers, body=body, message_type=message_type
-                )
+                await self.broker.publish_reply(env.reply_to, correlation_id=env.message_id, headers=headers, body=body)
                 return True
             except ReplyUndeliverable as exc:
                 log.warning("job=%s reply cannot be delivered: %s", env.label, exc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import getpass
 import json
 import os
@@ -184,14 +185,21 @@ def _show(args: argparse.Namespace, reply: JobReply, started: float) -> None:
     _event(args, data, text, started)
 
 
+_DECODERS: dict[str, codecs.IncrementalDecoder] = {}
+
+
 def _output(args: argparse.Namespace, reply: JobReply, started: float) -> None:
     """Live output (--follow): the bytes as they are, or one JSON event per chunk."""
     if args.json:
+        # One decoder per stream: a character split between two chunks is decoded whole.
+        decoder = _DECODERS.setdefault(str(reply.stream), codecs.getincrementaldecoder("utf-8")("replace"))
+        if reply.skipped:
+            decoder.reset()
         data: dict[str, object] = {
             "event": "output",
             "stream": reply.stream,
             "skipped": reply.skipped,
-            "data": reply.body.decode("utf-8", "replace"),
+            "data": decoder.decode(reply.body),
         }
         _event(args, data, "", started)
         return
@@ -215,8 +223,8 @@ def _event(args: argparse.Namespace, data: dict[str, object], text: str, started
     elapsed = time.monotonic() - started
     if args.json:
         print(json.dumps({"elapsed_s": round(elapsed, 6), **data}, default=str), flush=True)
-    else:
-        print(f"[{elapsed:8.3f}s] {text}", flush=True)
+    else:  # with --follow the job's own output owns stdout
+        print(f"[{elapsed:8.3f}s] {text}", file=sys.stderr if args.follow else sys.stdout, flush=True)
 
 
 def _pool_status(args: argparse.Namespace) -> PoolStatus | int:
@@ -244,7 +252,11 @@ def cmd_q(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    by = f"{getpass.getuser()}@{socket.gethostname()}"
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a uid with no passwd entry (containers)
+        user = str(os.getuid())
+    by = f"{user}@{socket.gethostname()}"
     try:
         found = asyncio.run(
             remove(args.url, args.ids, reason=args.reason, by=by, exchange=args.pool_exchange, wait_s=args.wait)

@@ -11,6 +11,7 @@ between them. Problems the job caused come out as :class:`JobHeld`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -156,7 +157,8 @@ class Executor:
             return
         run.ended = True
         for fd in run.streams.values():
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
         run.streams.clear()
         try:
             if run.process is not None:

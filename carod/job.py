@@ -38,6 +38,8 @@ class Job:
     evicted: str | None = None
     #: set by carod rm: the reason (the job is stopped and answered Removed)
     removed: str | None = None
+    #: its process has ended (from here on it is answered as it ended, not removed)
+    exited: bool = False
     redelivered: asyncio.Event = field(default_factory=asyncio.Event)
     #: finished, waiting for a live delivery to answer on
     waiting: bool = False

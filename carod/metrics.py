@@ -130,7 +130,7 @@ class Metrics:
         def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
             try:
                 body: Iterable[bytes] = exposition(environ, start_response)
-            except LoopStuck as exc:  # one log line, not a traceback per scrape
+            except ScrapeFailed as exc:  # one log line, not a traceback per scrape
                 log.warning("metrics: scrape failed: %s", exc)
                 start_response("503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
                 return [f"{exc}\n".encode()]
@@ -162,8 +162,8 @@ class Metrics:
             self._thread = None
 
 
-class LoopStuck(RuntimeError):
-    """carod's event loop did not answer a scrape in time."""
+class ScrapeFailed(RuntimeError):
+    """A scrape cannot be answered: carod is starting or stopping, or its event loop is stuck."""
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -203,13 +203,13 @@ class _LiveCollector(Collector):
         try:
             future = asyncio.run_coroutine_threadsafe(read(), self.loop)
         except RuntimeError as exc:  # the loop is closed: carod is stopping
-            raise LoopStuck("carod is not running") from exc
+            raise ScrapeFailed("carod is not running") from exc
         timeout_s = self.timeout_s()
         try:
             s = future.result(timeout_s)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise LoopStuck(f"carod's event loop did not answer within {timeout_s}s") from None
+            raise ScrapeFailed(f"carod's event loop did not answer within {timeout_s}s") from None
 
         def gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, text, value=value)

@@ -127,6 +127,8 @@ class Node:
             )
 
     async def expire(self) -> None:
+        now, keep_s = time.monotonic(), self.config.node.journal_retention_s
+        self._removals = {k: v for k, v in self._removals.items() if now - v[1] <= keep_s}
         for path in await self.journal.expire(self.config.node.journal_retention_s):
             await asyncio.to_thread(Path(path).unlink, missing_ok=True)
 
@@ -192,7 +194,8 @@ class Node:
         record, new = await self.journal.receive(env.message_id)
         if not new and await self._known(job, record):
             return
-        if (removal := self._removals.get(env.message_id)) is not None:
+        removal = self._removals.get(env.message_id)
+        if removal is not None and time.monotonic() - removal[1] <= self.config.node.journal_retention_s:
             await self.answer.final(job, self._removed(job, removal[0]))
             return
         if env.delivery_limited:
@@ -220,6 +223,9 @@ class Node:
             return
         ready = self.admission.reserve_now(job.ticket, request, lambda: self._ready(ad, request))
         if not ready and not await self._wait_for_room(job, ad, request):
+            return
+        if job.removed is not None:  # carod rm while it was matched and admitted
+            await self.answer.final(job, self._removed(job, job.removed))
             return
         await self._run(job, spec, request)
 
@@ -426,9 +432,10 @@ class Node:
             await self.answer.send(job, running)
             if job.removed is not None:  # carod rm came while it started
                 self._stop(job)
-            progress = Progress.for_job(self.config.node, job, process, run.streams, self.answer, self.name)
+            progress = Progress.for_job(self.config, job, process, run.streams, self.answer)
             try:
                 info, exceeded = await self.executor.watch(run, job.kill_sig)
+                job.exited = True
                 await progress.finish()
             finally:
                 progress.cancel()
@@ -438,7 +445,7 @@ class Node:
                 return
             if job.evicted is not None:
                 await self._end(job, run)
-                await self._evicted(job)
+                await self._evicted(job, info)
                 return
             if exceeded is not None:
                 await self._end(job, run)
@@ -458,15 +465,11 @@ class Node:
         Remembered for ``journal_retention_s`` either way: a job still in
         the queue is answered Removed when it reaches this node.
         """
-        now = time.monotonic()
-        if len(self._removals) > 10_000:
-            keep_s = self.config.node.journal_retention_s
-            self._removals = {k: v for k, v in self._removals.items() if now - v[1] <= keep_s}
-        self._removals[message_id] = (reason, now)
+        self._removals[message_id] = (reason, time.monotonic())  # forgotten by expire()
         job = self.running.get(message_id)
         if job is None:
             return None
-        if job.process is not None and job.info is None:
+        if job.exited:
             return "finished"  # its final reply is on its way
         job.removed = reason
         if job.process is not None:
@@ -547,12 +550,12 @@ class Node:
         )
         await self.answer.final(job, reply)
 
-    async def _evicted(self, job: Job) -> None:
+    async def _evicted(self, job: Job, info: replies.ExitInfo) -> None:
         reason = job.evicted or "evicted"
         reply = replies.idle(
             sequence=job.next_sequence(), node=self.name, now=time.time(), reason=reason, run_count=job.run_count
         )
-        self._state(job, "evicted", reason=reason)
+        self._state(job, "evicted", reason=reason, duration_s=round(info.duration_s, 6))
         await self.answer.send(job, reply)
         # Not an interruption: the next delivery runs it afresh.
         await self.journal.set_state(job.message_id, RECEIVED)

@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from carod import replies
 from carod.answer import Answerer
 from carod.classads import Scalar
-from carod.config import NodeConfig
+from carod.config import Config, NodeConfig
 from carod.job import Job
+from carod.journal import JournalError
 from carod.runner import JobProcess
 
 log = logging.getLogger("carod.job")
@@ -55,6 +56,8 @@ class Tail:
 
     chunk_bytes: int
     offset: int = 0
+    #: bytes skipped that no chunk has reported yet (the budget ran out right after a skip)
+    unreported: int = 0
 
     def plan(self, size: int, budget: int, *, lag_limit: int, last: bool = False) -> list[Read]:
         """The reads for a file now ``size`` bytes long, within ``budget`` bytes.
@@ -66,17 +69,16 @@ class Tail:
         if size < self.offset:  # the job truncated its file: start again from its beginning
             self.offset = 0
         pending = size - self.offset
-        skipped = 0
         limit = min(lag_limit, budget) if last else lag_limit
         if pending > limit:
-            skipped = pending - limit
-            self.offset += skipped
+            self.unreported += pending - limit
+            self.offset += pending - limit
             pending = limit
         reads = []
         while pending > 0 and budget > 0:
             n = min(self.chunk_bytes, pending, budget)
-            reads.append(Read(self.offset, n, skipped))
-            skipped = 0
+            reads.append(Read(self.offset, n, self.unreported))
+            self.unreported = 0
             self.offset += n
             pending -= n
             budget -= n
@@ -101,7 +103,7 @@ class Bucket:
         self.tokens -= n
 
 
-Send = Callable[[replies.Reply], Awaitable[None]]
+Send = Callable[[replies.Reply], Awaitable[bool]]
 Publish = Callable[[dict[str, Scalar], bytes], Awaitable[bool]]
 
 
@@ -118,10 +120,11 @@ class Progress:
         send: Send,
         publish: Publish,
         label: str,
+        finish_timeout_s: float,
     ) -> None:
         self.config = config
         self.process = process
-        self.streams = streams
+        self.streams = dict(streams)  # a stream given up on is dropped here; the caller closes them all
         self.tails = {name: Tail(config.stream_chunk_kib * 1024) for name in streams}
         rate = config.stream_rate_kib_s * 1024
         capacity = max(rate, config.stream_chunk_kib * 1024)
@@ -131,32 +134,47 @@ class Progress:
         self._send = send
         self._publish = publish
         self.label = label
+        self.finish_timeout_s = finish_timeout_s
         self._ended = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
     def for_job(
-        cls, config: NodeConfig, job: Job, process: JobProcess, streams: dict[str, int], answer: Answerer, node: str
+        cls,
+        config: Config,
+        job: Job,
+        process: JobProcess,
+        streams: dict[str, int],
+        answer: Answerer,
     ) -> Progress:
         """Started: the updates and live output of ``job`` on ``node``, sent through ``answer``."""
 
         def update(usage: replies.Usage) -> replies.Reply:
             return replies.update(
                 sequence=job.next_sequence(),
-                node=node,
+                node=config.node_name,
                 start_date=process.start_time,
                 pid=process.pid,
                 usage=usage,
                 run_count=job.run_count,
             )
 
-        async def send(reply: replies.Reply) -> None:
-            await answer.send(job, reply)
+        async def send(reply: replies.Reply) -> bool:
+            return await answer.progress(job, reply)
 
         async def publish(headers: dict[str, Scalar], body: bytes) -> bool:
             return await answer.output(job, headers, body)
 
-        progress = cls(config, process, streams, update=update, send=send, publish=publish, label=job.envelope.label)
+        progress = cls(
+            config.node,
+            process,
+            streams,
+            update=update,
+            send=send,
+            publish=publish,
+            label=job.envelope.label,
+            finish_timeout_s=config.broker.confirm_timeout_s,
+        )
         progress.start()
         return progress
 
@@ -165,10 +183,20 @@ class Progress:
             self._task = asyncio.create_task(self._run())
 
     async def finish(self) -> None:
-        """The job has exited: send the rest of its output (within the rate), then stop."""
+        """The job has exited: send the rest of its output (within the rate), then stop.
+
+        Never raises and never waits long: the job's answer must not depend on its progress messages.
+        """
         self._ended.set()
-        if self._task is not None:
-            await self._task
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self.finish_timeout_s)
+        except TimeoutError:
+            self._task.cancel()
+            log.warning("job=%s the last live output was not sent within %.0fs", self.label, self.finish_timeout_s)
+        except Exception:  # a bug here must not cost the job its answer; nothing is acked here
+            log.exception("job=%s updates and live output failed; the job is answered all the same", self.label)
 
     def cancel(self) -> None:
         if self._task is not None:
@@ -186,13 +214,18 @@ class Progress:
                 await asyncio.wait_for(self._ended.wait(), max(0.0, wake - loop.time()))
             if self._ended.is_set():
                 break
-            if self.streams:
-                await self._output(last=False)
-            if loop.time() >= next_update:
-                await self._send(self._update(await self.process.usage()))
-                next_update = loop.time() + interval
+            try:
+                if self.streams:
+                    await self._output(last=False)
+                if loop.time() >= next_update:
+                    await self._send(self._update(await self.process.usage()))
+                    next_update = loop.time() + interval
+            except (OSError, JournalError) as exc:
+                log.warning("job=%s updates and live output stopped: %s", self.label, exc)
+                return
         if self.streams:
-            await self._output(last=True)
+            with contextlib.suppress(OSError):
+                await self._output(last=True)
 
     async def _output(self, *, last: bool) -> None:
         for name, fd in list(self.streams.items()):
@@ -207,6 +240,6 @@ class Progress:
                 self.bucket.spend(len(data))
                 headers = replies.output_headers(name, read.offset, read.skipped)
                 if not await self._publish(headers, data):
-                    log.warning("job=%s live output stopped: nobody can receive it", self.label)
+                    log.warning("job=%s live output stopped: a chunk could not be sent", self.label)
                     self.streams.clear()
                     return

@@ -41,7 +41,7 @@ from carod.execute import Executor
 from carod.isolation import Layers
 from carod.journal import Journal, JournalError
 from carod.message import parse_envelope
-from carod.metrics import Metrics, Snapshot
+from carod.metrics import Metrics, ScrapeFailed, Snapshot
 from carod.node import Node
 from carod.notify import Notifier
 from carod.pool import PoolView
@@ -198,6 +198,9 @@ class Server:
             await self.journal.open()
         except JournalError as exc:
             raise StartupError(f"[node] state_dir: {exc}", EXIT_CANTCREAT) from exc
+        if config.metrics.port:  # before any job is taken: a port in use stops carod here
+            self.metrics.watch(asyncio.get_running_loop(), self._snapshot)
+            self.metrics.serve(config.metrics.address, config.metrics.port)
         default = Request(1.0, float(config.node.default_request_memory_mib))
         if resources_left := Resources(totals).never_fits(default):
             log.warning(
@@ -244,9 +247,6 @@ class Server:
             prefetch,
         )
         self._housekeeping = asyncio.create_task(self._expire_periodically())
-        if config.metrics.port:
-            self.metrics.watch(asyncio.get_running_loop(), self._snapshot)
-            self.metrics.serve(config.metrics.address, config.metrics.port)
 
     async def shutdown(self) -> None:
         if self.broker is None or self.node is None:
@@ -299,7 +299,7 @@ class Server:
     async def _snapshot(self) -> Snapshot:
         """The live gauges (carod.metrics), on the loop."""
         if self.node is None or self.broker is None or self.journal is None or self.admission is None:
-            raise RuntimeError("carod is starting")
+            raise ScrapeFailed("carod is starting")
         resources = self.node.resources
         totals, free = resources.totals, resources.free()
         _running, waiting = self.node.counts()
