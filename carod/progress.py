@@ -147,7 +147,7 @@ class Progress:
         streams: dict[str, int],
         answer: Answerer,
     ) -> Progress:
-        """Started: the updates and live output of ``job`` on ``node``, sent through ``answer``."""
+        """Started: the updates and live output of ``job``, sent through ``answer``."""
 
         def update(usage: replies.Usage) -> replies.Reply:
             return replies.update(
