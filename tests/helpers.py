@@ -307,7 +307,12 @@ async def start_daemon(config: Path, env: dict[str, str] | None = None, *, ready
     )
     daemon = Daemon(proc)
     if ready is not None:
-        await daemon.wait_for_line(ready)
+        try:
+            await daemon.wait_for_line(ready)
+        except BaseException:
+            proc.kill()  # never leave a daemon that did not start behind
+            await proc.wait()
+            raise
     return daemon
 
 
