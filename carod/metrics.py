@@ -148,10 +148,6 @@ class Metrics:
         self._thread.start()
         log.info("metrics: http://%s:%d/metrics", address, self._server.server_port)
 
-    @property
-    def port(self) -> int | None:
-        return self._server.server_port if self._server is not None else None
-
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
