@@ -18,6 +18,7 @@ import json
 from dataclasses import dataclass
 
 from carod.errors import CarodError
+from carod.pool import json_object
 
 VERSION = 1
 CONTROL_KEY = "control"
@@ -63,7 +64,7 @@ def encode_request(request: Request) -> bytes:
 
 
 def decode_request(body: bytes) -> Request:
-    data = _object(body)
+    data = json_object(body, VERSION, ControlError)
     action, message_id = data.get("action"), data.get("message_id")
     if action not in ACTIONS:
         raise ControlError(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
@@ -82,20 +83,8 @@ def encode_answer(answer: Answer) -> bytes:
 
 
 def decode_answer(body: bytes) -> Answer:
-    data = _object(body)
+    data = json_object(body, VERSION, ControlError)
     node, message_id, state = data.get("node"), data.get("message_id"), data.get("state")
     if not all(isinstance(v, str) for v in (node, message_id, state)):
         raise ControlError("an answer needs node, message_id and state strings")
     return Answer(str(node), str(message_id), str(state))
-
-
-def _object(body: bytes) -> dict[str, object]:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ControlError(f"not JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ControlError("not a JSON object")
-    if data.get("v") != VERSION:
-        raise ControlError(f"unknown version {data.get('v')!r}")
-    return data

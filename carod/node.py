@@ -489,8 +489,7 @@ class Node:
         stop.add_done_callback(self._stops.discard)
 
     def _removed(self, job: Job, reason: str, *, info: replies.ExitInfo | None = None) -> replies.Reply:
-        ran = {"duration_s": round(info.duration_s, 6)} if info is not None else {}
-        self._state(job, "removed", reason=reason, **ran)
+        self._state(job, "removed", reason=reason, info=info)
         return replies.removed(
             sequence=job.next_sequence(),
             node=self.name,
@@ -555,7 +554,7 @@ class Node:
         reply = replies.idle(
             sequence=job.next_sequence(), node=self.name, now=time.time(), reason=reason, run_count=job.run_count
         )
-        self._state(job, "evicted", reason=reason, duration_s=round(info.duration_s, 6))
+        self._state(job, "evicted", reason=reason, info=info)
         await self.answer.send(job, reply)
         # Not an interruption: the next delivery runs it afresh.
         await self.journal.set_state(job.message_id, RECEIVED)
@@ -563,14 +562,15 @@ class Node:
 
     # ------------------------------------------------------------ replies
 
-    def _state(self, job: Job, state: str, **fields: object) -> None:
-        """One job state change: its log line and its metrics."""
+    def _state(self, job: Job, state: str, *, info: replies.ExitInfo | None = None, **fields: object) -> None:
+        """One job state change: its log line and its metrics (with how long it ran, when it did)."""
+        if info is not None:
+            fields["duration_s"] = round(info.duration_s, 6)
         log_state(job.envelope, state, job, **fields)
         self.metrics.job_state(state, fields)
 
     def _held(self, job: Job, held: JobHeld, *, info: replies.ExitInfo | None = None) -> replies.Reply:
-        ran = {"duration_s": round(info.duration_s, 6)} if info is not None else {}
-        self._state(job, "held", code=int(held.code), reason=held.reason, **ran)
+        self._state(job, "held", code=int(held.code), reason=held.reason, info=info)
         return replies.held(
             sequence=job.next_sequence(),
             node=self.name,

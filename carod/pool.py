@@ -102,16 +102,22 @@ def encode(advert: Advert) -> bytes:
     ).encode()
 
 
-def decode(body: bytes) -> Advert:
-    """Read an advert. Raises AdvertError naming what is wrong."""
+def json_object(body: bytes, version: int, error: type[CarodError]) -> dict[str, Any]:
+    """A JSON object with ``"v": version`` (adverts, control messages); raises ``error`` naming what is wrong."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise AdvertError(f"not JSON: {exc}") from exc
+        raise error(f"not JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise AdvertError("not a JSON object")
-    if data.get("v") != VERSION:
-        raise AdvertError(f"unknown advert version {data.get('v')!r}")
+        raise error("not a JSON object")
+    if data.get("v") != version:
+        raise error(f"unknown version {data.get('v')!r}")
+    return data
+
+
+def decode(body: bytes) -> Advert:
+    """Read an advert. Raises AdvertError naming what is wrong."""
+    data = json_object(body, VERSION, AdvertError)
     node, queue, state, ad_text = (data.get(k) for k in ("node", "queue", "state", "ad"))
     sent, period = data.get("sent"), data.get("period_s")
     if not isinstance(node, str) or not node or not isinstance(queue, str) or not isinstance(ad_text, str):
