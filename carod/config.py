@@ -153,6 +153,11 @@ class Config:
     source: str = "<defaults>"
 
     @property
+    def path(self) -> Path | None:
+        """The config file this was loaded from (None when it was not read from a file)."""
+        return None if self.source.startswith("<") else Path(self.source).absolute()
+
+    @property
     def node_name(self) -> str:
         return self.node.name or socket.gethostname()
 

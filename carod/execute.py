@@ -172,17 +172,23 @@ class Executor:
             self.users.release(run.user)
 
     async def clean_interrupted(self, pid: int | None, pid_start: str | None, box: str | None) -> bool:
-        """Kill the processes of a run carod lost track of. True when something was killed."""
+        """Kill the processes of a run carod lost track of. True when something was killed.
+
+        Never fails the node: what cannot be cleaned up is logged and left.
+        """
         killed = False
-        if pid is not None:
-            killed = await asyncio.to_thread(kill_leftover, pid, pid_start)
-        if box:
-            if self.layers.cgroups is not None:
+        try:
+            if pid is not None:
+                killed = await asyncio.to_thread(kill_leftover, pid, pid_start)
+            if box and self.layers.cgroups is not None:
                 group = self.layers.cgroups.job(f"job-{Path(box).name}")
                 if group.pids():
                     killed = True
                 await asyncio.to_thread(group.kill)
                 await asyncio.to_thread(group.remove)
+        except (OSError, CgroupError) as exc:
+            log.warning("could not clean up after an interrupted job (pid %s, sandbox %s): %s", pid, box, exc)
+        if box:
             await asyncio.to_thread(sandbox.remove, Path(box))
         return killed
 

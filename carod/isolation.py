@@ -2,7 +2,15 @@
 
 Every job is started through the same chain (docs/security.md)::
 
-    /bin/sh (gate, root)  ->  [bwrap (root)]  ->  setpriv (drops to the job user)  ->  Cmd
+    /bin/sh (gate, root) -> [bwrap (root)] -> setpriv (drops to the job user) -> env (job user) -> Cmd
+
+The root part of the chain (gate, bwrap, setpriv) never sees a byte the job
+chose in its environment or working directory: it runs with a fixed
+environment (:data:`ROOT_ENV`) in ``/``; the job's variables are arguments
+of ``env -i``, which runs as the job user after the switch, enters the
+sandbox (``-C``) and execs the job with exactly those variables. (The job's
+``Environment = "LD_PRELOAD=./evil.so"`` once ran its library's constructor
+as root in the gate and bwrap.)
 
 * the **gate** is a tiny shell that stops itself (SIGSTOP) until carod has
   moved it into the job's cgroup and set its rlimits, so no instruction of
@@ -34,6 +42,13 @@ from carod.users import JobUser
 
 MIB = 1024 * 1024
 SH = "/bin/sh"
+#: The whole environment of the root part of the chain: nothing of the job's.
+ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+#: The root part of the chain runs here, never in the job's sandbox.
+ROOT_CWD = "/"
+#: Runs a Cmd whose path contains "=" (``env`` would take it for a variable).
+EXEC_SCRIPT = 'exec "$0" "$@"'
+
 #: The gate stops itself until carod has put it under its limits and sends SIGCONT.
 #: (Should carod die meanwhile, the kernel sends the orphaned, stopped group SIGHUP.)
 GATE_SCRIPT = 'kill -STOP $$; exec "$@"'
@@ -56,6 +71,10 @@ class Layers:
     tmp_bytes: int
     hidden: tuple[Path, ...]
     setpriv: str
+    #: GNU env with -C (coreutils >= 8.28): sets the job's environment and directory as the job user.
+    env: str = "/usr/bin/env"
+    #: Files hidden from jobs (an empty read-only file is bound over each): carod's config.
+    hidden_files: tuple[Path, ...] = ()
     notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -79,6 +98,7 @@ def detect(config: Config) -> Layers:
         raise StartupError(
             "setpriv (util-linux) is not installed; carod needs it to drop jobs to their user", EXIT_NOPERM
         )
+    env = _find_env()
     bwrap: str | None = None
     if sandbox.isolation != "none":
         bwrap, why = _find_bwrap()
@@ -97,6 +117,16 @@ def detect(config: Config) -> Layers:
     elif why:
         notes.append(f"cgroup {cgroups.version} without the usual limits: {why}")
     hidden = tuple(dict.fromkeys([config.node.state_dir, config.node.sandbox_root]))
+    if config.path is not None:
+        try:
+            mode = config.path.stat().st_mode
+        except OSError:
+            mode = 0
+        if mode & 0o004:
+            notes.append(
+                f"the config file {config.path} is readable by every local user (mode {mode & 0o777:04o}) and "
+                "holds the broker's password: chmod 0640 it (jobs never see it: it is hidden from them)"
+            )
     return Layers(
         bwrap=bwrap,
         cgroups=cgroups,
@@ -104,7 +134,28 @@ def detect(config: Config) -> Layers:
         tmp_bytes=sandbox.tmp_mib * MIB,
         hidden=hidden,
         setpriv=setpriv,
+        env=env,
+        hidden_files=tuple(p for p in [config.path] if p is not None and p.is_file()),
         notes=tuple(notes),
+    )
+
+
+def _find_env() -> str:
+    """GNU env that can change directory (-C): it starts every job as the job user."""
+    path = shutil.which("env", path="/usr/bin:/bin")
+    if path is not None:
+        try:
+            done = subprocess.run(
+                [path, "-i", "-C", "/", "--", "/bin/true"], capture_output=True, timeout=10, check=False, cwd="/"
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            done = None
+        if done is not None and done.returncode == 0:
+            return path
+    raise StartupError(
+        "carod needs GNU env with -C (coreutils 8.28 or newer) to start jobs as their user; "
+        f"{path or 'env'} does not do it",
+        EXIT_NOPERM,
     )
 
 
@@ -128,8 +179,14 @@ def _find_bwrap() -> tuple[str | None, str]:
     return path, ""
 
 
-def command(layers: Layers, user: JobUser, box: Path, argv: list[str]) -> list[str]:
-    """The whole argv for one job: gate, bubblewrap, setpriv, then ``argv``."""
+def command(layers: Layers, user: JobUser, box: Path, argv: list[str], env: dict[str, str]) -> list[str]:
+    """The whole argv for one job: gate, bubblewrap, setpriv, env, then ``argv``.
+
+    Run it with :data:`ROOT_ENV` as its environment and :data:`ROOT_CWD` as
+    its directory. Everything the job chose (``argv``, ``env``) comes after
+    the last ``--`` of bwrap and setpriv, where they read no options, and
+    reaches a program only after the switch to the job user.
+    """
     chain = [SH, "-c", GATE_SCRIPT, "carod-gate"]
     if layers.bwrap:
         chain += [layers.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
@@ -141,7 +198,9 @@ def command(layers: Layers, user: JobUser, box: Path, argv: list[str]) -> list[s
             chain += ["--tmpfs", "/run"]
         for path in layers.hidden:
             chain += ["--tmpfs", str(path)]
-        chain += ["--bind", str(box), str(box), "--chdir", str(box)]
+        for path in layers.hidden_files:
+            chain += ["--ro-bind", "/dev/null", str(path)]
+        chain += ["--bind", str(box), str(box)]
         chain += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]
         if not layers.network:
             chain.append("--unshare-net")
@@ -150,7 +209,11 @@ def command(layers: Layers, user: JobUser, box: Path, argv: list[str]) -> list[s
     if user.switch:
         chain += [f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
         chain += ["--bounding-set=-all", "--inh-caps=-all"]
-    chain += ["--no-new-privs", "--", *argv]
+    chain += ["--no-new-privs", "--", layers.env, "-i", "-C", str(box), "--"]
+    chain += [f"{name}={value}" for name, value in env.items()]
+    if "=" in argv[0]:
+        chain += [SH, "-c", EXEC_SCRIPT]
+    chain += argv
     return chain
 
 

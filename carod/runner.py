@@ -5,8 +5,10 @@ thread (never through uvloop, which cannot close inherited descriptors; see
 docs/security.md) as the chain :func:`carod.isolation.command` builds:
 
 * Popen itself runs as root with ``close_fds`` (only 0, 1, 2 are inherited),
-  ``start_new_session`` (own session and process group, no controlling terminal), ``umask`` 077 and an environment built
-  only from the job's ``Environment`` on top of a minimal PATH/HOME/TMPDIR;
+  ``start_new_session`` (own session and process group, no controlling terminal), ``umask`` 077, in ``/`` with
+  a fixed environment (:data:`carod.isolation.ROOT_ENV`): the job's own environment (its ``Environment`` on top
+  of a minimal PATH/HOME/TMPDIR) and its sandbox as working directory are applied by ``env -i -C`` after the
+  switch to the job user, never seen by a root process;
 * while the gate is stopped, carod (in a worker thread: a cgroup v1 move can
   wait for other jobs' forks and exits) moves it into the job's cgroup and
   sets its rlimits (core 0; file size from RequestDisk; address space from
@@ -71,12 +73,29 @@ def command_path(spec: JobSpec, sandbox: Path) -> str:
 
 
 def check_command(spec: JobSpec, sandbox: Path, user: JobUser) -> str:
-    """The job's executable, checked the way exec would for the job user. Raises JobHeld. Blocking."""
+    """The job's executable, checked the way exec would for the job user. Raises JobHeld. Blocking.
+
+    carod runs as root, but it must not tell the job more than the job user
+    could find out: every directory on the way (and on the way to where its
+    links lead) is checked for the job user's search permission, top down,
+    before anything below it is looked at. So a Cmd under a directory the
+    job user cannot enter is "Permission denied" whether it exists or not.
+    """
     path = command_path(spec, sandbox)
 
     def held(why: str, code: int) -> JobHeld:
         return JobHeld(f"the job's command {spec.cmd!r} {why}", HoldCode.FAILED_TO_CREATE_PROCESS, code)
 
+    denied = held(f"cannot be executed by the job user {user.name!r} (Permission denied)", errno.EACCES)
+    parent = Path(path).parent
+    for chain in (parent, Path(os.path.realpath(parent))):
+        try:
+            if untraversable(chain, user.owner) is not None:
+                raise denied
+        except (FileNotFoundError, NotADirectoryError):
+            raise held("does not exist on this node", errno.ENOENT) from None
+        except OSError as exc:
+            raise held(f"cannot be opened: {exc.strerror}", exc.errno or 0) from exc
     try:
         # O_PATH opens nothing (a device's open() could have side effects);
         # only a regular file is then read, through that same descriptor.
@@ -89,6 +108,8 @@ def check_command(spec: JobSpec, sandbox: Path, user: JobUser) -> str:
         st = os.fstat(ref)
         if not stat.S_ISREG(st.st_mode):
             raise held("cannot be executed: it is not a regular file", errno.EACCES)
+        if not executable_by(st, user.owner):
+            raise denied
         fd = os.open(f"/proc/self/fd/{ref}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             head = os.read(fd, 4)
@@ -98,8 +119,6 @@ def check_command(spec: JobSpec, sandbox: Path, user: JobUser) -> str:
         raise held(f"cannot be read: {exc.strerror}", exc.errno or 0) from exc
     finally:
         os.close(ref)
-    if not executable_by(st, user.owner) or untraversable(Path(path).parent, user.owner) is not None:
-        raise held(f"cannot be executed by the job user {user.name!r} (Permission denied)", errno.EACCES)
     if head[:2] != b"#!" and head != b"\x7fELF":
         raise held(
             "cannot be executed: it is not a program or script this node can run (a script needs a #! line)",
@@ -159,9 +178,9 @@ class JobProcess:
         """Start ``argv`` as ``user`` in ``box`` through the chain. Raises JobHeld."""
         try:
             popen = subprocess.Popen(  # noqa: ASYNC220 - on the loop's thread on purpose (module docstring)
-                isolation.command(layers, user, box, argv),
-                cwd=box,
-                env=env,
+                isolation.command(layers, user, box, argv, env),
+                cwd=isolation.ROOT_CWD,
+                env=isolation.ROOT_ENV,
                 stdin=stdio.stdin,
                 stdout=stdio.stdout,
                 stderr=stdio.stderr,

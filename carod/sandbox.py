@@ -23,13 +23,13 @@ import io
 import os
 import re
 import secrets
-import shutil
 import stat
 import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from carod import safezip, tree
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
 from carod.jobad import JobSpec
@@ -39,6 +39,7 @@ _CHUNK = MIB
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _ZIP_DATE_MIN = (1980, 1, 1, 0, 0, 0)
 _ZIP_DATE_MAX = (2107, 12, 31, 23, 59, 58)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -89,21 +90,19 @@ def create(root: Path, message_id: str, owner: Owner) -> Path:
     return path
 
 
-def remove(path: Path) -> None:
-    """Delete a sandbox. rmtree is fd-based here and never follows a symlink."""
-    shutil.rmtree(path, ignore_errors=True)
+def remove(path: Path) -> bool:
+    """Delete a sandbox, however deep (carod.tree). Never raises: False (logged) if it could not."""
+    return tree.remove(path)
 
 
 # ---------------------------------------------------------------- input zip
 
 
 def _member_parts(name: str) -> list[str]:
-    if "\0" in name or "\\" in name or name.startswith("/"):
-        raise JobHeld(f"the input zip has an entry with an unsafe name: {name!r}", HoldCode.TRANSFER_INPUT_ERROR)
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts or not parts:
-        raise JobHeld(f"the input zip has an entry with an unsafe name: {name!r}", HoldCode.TRANSFER_INPUT_ERROR)
-    return parts
+    try:
+        return safezip.entry_parts(name)
+    except safezip.ZipRefused as exc:
+        raise JobHeld(f"the input zip {exc}", HoldCode.TRANSFER_INPUT_ERROR) from None
 
 
 def _member_kind(info: zipfile.ZipInfo) -> str:
@@ -135,6 +134,10 @@ def unpack_input(
 
 
 def _unpack(body: bytes, sandbox: Path, owner: Owner, *, max_files: int, max_bytes: int) -> int:
+    try:
+        safezip.count_entries(body, max_files)
+    except safezip.ZipRefused as exc:
+        raise JobHeld(f"the input zip {exc}", HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED) from None
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -426,9 +429,6 @@ def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: 
                         remaining -= len(chunk)
                 files += 1
     return Results(files=files, bytes=total, skipped=tuple(skipped))
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _open_under(root_fd: int, rel: str, flags: int) -> int:

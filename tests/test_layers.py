@@ -34,7 +34,7 @@ def layers(*, bwrap: bool, network: bool = False) -> Layers:
 
 
 def test_chain_without_bwrap_is_gate_then_setpriv_then_the_job() -> None:
-    argv = isolation.command(layers(bwrap=False), USER, BOX, ["/bin/echo", "hi"])
+    argv = isolation.command(layers(bwrap=False), USER, BOX, ["/bin/echo", "hi"], {})
     assert argv[:4] == ["/bin/sh", "-c", isolation.GATE_SCRIPT, "carod-gate"]
     setpriv = argv[4:]
     assert setpriv[0] == "/usr/bin/setpriv"
@@ -44,7 +44,7 @@ def test_chain_without_bwrap_is_gate_then_setpriv_then_the_job() -> None:
 
 
 def test_chain_with_bwrap_isolates_and_hides_carods_state() -> None:
-    argv = isolation.command(layers(bwrap=True), USER, BOX, ["/bin/true"])
+    argv = isolation.command(layers(bwrap=True), USER, BOX, ["/bin/true"], {})
     bwrap = argv[argv.index("/usr/bin/bwrap") : argv.index("/usr/bin/setpriv")]
     assert bwrap[1:4] == ["--ro-bind", "/", "/"]
     for flag in ("--unshare-pid", "--unshare-ipc", "--unshare-net", "--die-with-parent"):
@@ -58,14 +58,14 @@ def test_chain_with_bwrap_isolates_and_hides_carods_state() -> None:
 
 
 def test_chain_with_network_allowed_keeps_the_host_network() -> None:
-    argv = isolation.command(layers(bwrap=True, network=True), USER, BOX, ["/bin/true"])
+    argv = isolation.command(layers(bwrap=True, network=True), USER, BOX, ["/bin/true"], {})
     assert "--unshare-net" not in argv and "/run" not in argv
 
 
 def test_chain_when_carod_is_the_job_user_only_sets_no_new_privs() -> None:
     me = JobUser("me", os.getuid(), os.getgid(), switch=False)
-    argv = isolation.command(layers(bwrap=False), me, BOX, ["/bin/true"])
-    assert argv[4:] == ["/usr/bin/setpriv", "--no-new-privs", "--", "/bin/true"]
+    argv = isolation.command(layers(bwrap=False), me, BOX, ["/bin/true"], {})
+    assert argv[4:] == ["/usr/bin/setpriv", "--no-new-privs", "--", "/usr/bin/env", "-i", "-C", str(BOX), "--", "/bin/true"]
 
 
 GOOD_PROBE = """Name:\tcat

@@ -1,0 +1,298 @@
+"""Issue 14 attacks on the root side of the start chain and on clean-up, performed for real.
+
+Each test sends what an attacker would through a real carod on the real
+broker and asserts what a user sees: the replies, what ran as which user,
+what is left on disk, that the node serves the next job, and that carod
+starts again afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import signal
+import subprocess
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from carod import isolation
+from tests.helpers import (
+    RunningNode,
+    Submitter,
+    processes_with,
+    q,
+    raw_zip,
+    start_daemon,
+    start_node,
+    write_config,
+)
+
+SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out")}
+
+EVIL_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+
+__attribute__((constructor)) static void evil(void) {
+    int fd = open("/etc/shadow", O_RDONLY);
+    char path[256];
+    dprintf(2, "evil: uid=%d euid=%d shadow=%s\n", (int)getuid(), (int)geteuid(), fd >= 0 ? "open" : "denied");
+    snprintf(path, sizeof path, "%s/pwned-%d", EVIDENCE_DIR, (int)geteuid());
+    int out = open(path, O_WRONLY | O_CREAT, 0644);
+    if (out >= 0) close(out);
+}
+"""
+
+
+def sh(script: str, **attrs: object) -> dict[str, object]:
+    return {"Cmd": q("/bin/sh"), "Arguments": q(f"-c '{script}'"), "Out": q("out"), "Err": q("err"), **attrs}
+
+
+async def seed_runs(submitter: Submitter) -> None:
+    final = (await submitter.run(SEED))[-1]
+    assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
+    assert final.zip_read("job.out") == b"Hello Grid!\n"
+
+
+@pytest.fixture
+async def boxed(queue: str, base: Path) -> AsyncIterator[RunningNode]:
+    running = await start_node(queue, base, node={"kill_grace_s": 1})
+    yield running
+    await running.stop()
+
+
+def evil_library(base: Path) -> bytes:
+    """A shared library whose constructor reports who ran it, built with the host's C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler on this host to build the LD_PRELOAD library")
+    src = base / "evil.c"
+    src.write_text(EVIL_C)
+    lib = base / "evil.so"
+    subprocess.run(
+        [cc, "-shared", "-fPIC", f'-DEVIDENCE_DIR="{base}"', "-o", str(lib), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return lib.read_bytes()
+
+
+# ---------------------------------------------------------------- the job's environment never reaches root
+
+
+@pytest.mark.parametrize("attribute", ["Environment", "Env"])
+async def test_ld_preload_from_the_job_never_runs_as_root(
+    attribute: str, boxed: RunningNode, submitter: Submitter
+) -> None:
+    library = evil_library(boxed.base)
+    zipped = raw_zip(("evil.so", library, 0o100755))
+    done = await submitter.run({**sh("id -u"), attribute: q("LD_PRELOAD=./evil.so")}, body=zipped)
+    final = done[-1]
+    assert final.status == 4, final.headers
+    reports = [line for line in final.zip_read("err").decode().splitlines() if line.startswith("evil:")]
+    # The library is the job's own business: it runs in the job, as the job user...
+    assert reports, "the job's own LD_PRELOAD was not applied to the job"
+    job_uid = int(final.zip_read("out").decode().strip())
+    assert job_uid != 0
+    # ...and in nothing that runs as root: the gate, bwrap and setpriv never saw it.
+    for line in reports:
+        assert "uid=0 " not in line and "euid=0 " not in line, reports
+        assert "shadow=denied" in line, reports
+    assert not (boxed.base / "pwned-0").exists()
+    await seed_runs(submitter)
+
+
+async def test_root_chain_runs_with_a_fixed_environment_in_root() -> None:
+    """The job's variables and directory are arguments of env, after setpriv's last ``--``."""
+    layers = isolation.Layers(
+        bwrap="/usr/bin/bwrap",
+        cgroups=None,
+        network=False,
+        tmp_bytes=1024,
+        hidden=(),
+        setpriv="/usr/bin/setpriv",
+    )
+    from carod.users import JobUser
+
+    user = JobUser("nobody", 65534, 65534, switch=True)
+    box = Path("/srv/box")
+    argv = isolation.command(layers, user, box, ["/bin/true"], {"LD_PRELOAD": "./evil.so", "GCONV_PATH": "."})
+    setpriv = argv.index("/usr/bin/setpriv")
+    env_stage = argv.index("/usr/bin/env", setpriv)
+    assert argv[setpriv:env_stage].count("--") == 1 and argv[env_stage - 1] == "--"
+    job_part = ["/usr/bin/env", "-i", "-C", "/srv/box", "--", "LD_PRELOAD=./evil.so", "GCONV_PATH=.", "/bin/true"]
+    assert argv[env_stage:] == job_part
+    assert "--chdir" not in argv  # bwrap and setpriv run in /, not in the job's directory
+    assert set(isolation.ROOT_ENV) == {"PATH", "LC_ALL"} and isolation.ROOT_CWD == "/"
+
+
+async def test_job_variables_reach_the_job(boxed: RunningNode, submitter: Submitter) -> None:
+    done = await submitter.run(
+        sh('printf "%s|%s|%s" "$GREETING" "$PWD" "$(id -u)"', Environment=q("GREETING='hello world' X=1"))
+    )
+    final = done[-1]
+    assert final.status == 4, final.headers
+    greeting, cwd, uid = final.zip_read("out").decode().split("|")
+    assert greeting == "hello world" and cwd.startswith(str(boxed.base / "sandboxes")) and uid != "0"
+
+
+async def test_command_whose_name_has_an_equals_sign_runs(boxed: RunningNode, submitter: Submitter) -> None:
+    script = raw_zip(("a=b.sh", b'#!/bin/sh\necho ran "$@"\n', 0o100755))
+    done = await submitter.run({"Cmd": q("a=b.sh"), "Arguments": q("x"), "Out": q("out")}, body=script)
+    assert done[-1].status == 4, done[-1].headers
+    assert done[-1].zip_read("out") == b"ran x\n"
+
+
+# ---------------------------------------------------------------- Cmd is checked as the job user would see it
+
+
+async def test_command_check_does_not_tell_what_exists_where_the_job_user_cannot_look(
+    boxed: RunningNode, submitter: Submitter
+) -> None:
+    secret = boxed.base / "secret"
+    secret.mkdir(mode=0o700)
+    present = secret / "tool"
+    present.write_text("#!/bin/sh\necho hi\n")
+    present.chmod(0o755)
+    reasons = []
+    for cmd in (str(present), str(secret / "missing")):
+        final = (await submitter.run({"Cmd": q(cmd)}))[-1]
+        assert final.status == 5 and final.headers["HoldReasonCode"] == 6, final.headers
+        reasons.append(str(final.headers["HoldReason"]).replace(cmd, "CMD"))
+    assert reasons[0] == reasons[1]
+    assert "Permission denied" in reasons[0]
+    await seed_runs(submitter)
+
+
+# ---------------------------------------------------------------- deep trees
+
+
+async def test_input_zip_entry_thousands_of_bytes_deep_is_held(boxed: RunningNode, submitter: Submitter) -> None:
+    deep = "d/" * 2500 + "x"
+    final = (await submitter.run(SEED, body=raw_zip((deep, b"x", 0o100644))))[-1]
+    assert final.status == 5, final.headers
+    assert final.headers["HoldReasonCode"] == 13
+    assert "entry name of 5001 bytes" in str(final.headers["HoldReason"])
+    assert len(str(final.headers["HoldReason"])) < 500
+    nested = "/".join(["d"] * 150) + "/x"
+    final = (await submitter.run(SEED, body=raw_zip((nested, b"x", 0o100644))))[-1]
+    assert final.status == 5 and final.headers["HoldReasonCode"] == 13, final.headers
+    assert "nested 150 directories deep; this node accepts at most 100" in str(final.headers["HoldReason"])
+    await seed_runs(submitter)
+
+
+DEEP_TREE = "for i in $(seq 1200); do mkdir d && cd d || exit 1; done; echo deep > leaf; cd /; echo made"
+
+
+async def test_job_that_makes_a_1200_level_tree_is_answered_and_cleaned_up(
+    boxed: RunningNode, submitter: Submitter
+) -> None:
+    final = (await submitter.run(sh(DEEP_TREE, TransferOutput=q("out")), timeout_s=60))[-1]
+    assert final.status == 4, final.headers
+    assert final.zip_read("out") == b"made\n"
+    await seed_runs(submitter)
+    # The clean-up runs alongside the final reply: wait for it, bounded.
+    await until_empty(boxed.base / "sandboxes")
+
+
+async def test_carod_starts_again_after_a_crash_with_a_deep_tree_left_behind(queue: str, base: Path) -> None:
+    config = write_config(base, queue, node={"kill_grace_s": 1})
+    sandboxes = base / "sandboxes"
+    submitter = await Submitter.open(queue)
+    daemon = await start_daemon(config)
+    try:
+        mid = await submitter.send(sh(DEEP_TREE + "; exec sleep 6007"))
+        await submitter.wait_running(mid, timeout_s=30)
+        # The tree is complete once the job's leaf exists at the bottom: find it by walking down.
+        await _wait_for_deep_leaf(sandboxes)
+        daemon.proc.send_signal(signal.SIGKILL)
+        await daemon.proc.wait()
+        leftovers = list(sandboxes.iterdir())
+        assert leftovers, "the crash left no sandbox behind: the test proves nothing"
+        # carod starts again, removes the tree, and answers jobs.
+        daemon = await start_daemon(config)
+        assert not any(path.exists() for path in leftovers)
+        await seed_runs(submitter)
+    finally:
+        await daemon.stop()
+        await submitter.close()
+    assert processes_with("sleep 6007") == []
+
+
+async def until_empty(directory: Path, timeout_s: float = 30) -> None:
+    async with asyncio.timeout(timeout_s):
+        while list(directory.iterdir()):
+            await asyncio.sleep(0.05)
+
+
+async def _wait_for_deep_leaf(sandboxes: Path, timeout_s: float = 60) -> None:
+    def has_leaf() -> bool:
+        for box in sandboxes.iterdir():
+            fd = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                while True:
+                    try:
+                        os.stat("leaf", dir_fd=fd)
+                        return True
+                    except FileNotFoundError:
+                        pass
+                    try:
+                        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                    except FileNotFoundError:
+                        break
+                    os.close(fd)
+                    fd = nxt
+            finally:
+                os.close(fd)
+        return False
+
+    async with asyncio.timeout(timeout_s):
+        while not await asyncio.to_thread(has_leaf):
+            await asyncio.sleep(0.1)
+
+
+# ---------------------------------------------------------------- input zips bounded before they are parsed
+
+
+def many_entries(count: int) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for i in range(count):
+            archive.writestr(f"{i}", b"")
+    return buf.getvalue()
+
+
+async def test_input_zip_with_200000_entries_is_held_before_it_is_parsed(
+    boxed: RunningNode, submitter: Submitter
+) -> None:
+    final = (await submitter.run(SEED, body=many_entries(200_000), timeout_s=60))[-1]
+    assert final.status == 5, final.headers
+    assert final.headers["HoldReasonCode"] == 32
+    assert "200000 entries, more than this node's limit of 10000" in str(final.headers["HoldReason"])
+    await seed_runs(submitter)
+
+
+# ---------------------------------------------------------------- carod's config
+
+
+async def test_config_file_readable_by_all_is_hidden_from_jobs_and_warned_about(queue: str, base: Path) -> None:
+    config = write_config(base, queue)
+    config.write_text(config.read_text() + "# secret-password\n")
+    config.chmod(0o644)
+    submitter = await Submitter.open(queue)
+    daemon = await start_daemon(config)
+    try:
+        final = (await submitter.run(sh(f"cat {config}; echo rc=$?")))[-1]
+        assert final.status == 4, final.headers
+        assert "secret-password" not in final.zip_read("out").decode()
+        assert any("readable by every local user" in line and str(config) in line for line in daemon.log)
+    finally:
+        assert await daemon.stop() == 0
+        await submitter.close()
