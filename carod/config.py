@@ -107,6 +107,11 @@ class SandboxConfig:
     cgroups: str = "auto"
     #: Let jobs use the network (otherwise, with bubblewrap, they get only loopback).
     network: bool = False
+    #: Let jobs create user namespaces (e.g. for rootless containers); with bubblewrap they cannot by default.
+    user_namespaces: bool = False
+    #: Directories hidden from jobs (an empty tmpfs over each), e.g. where local services keep unix sockets
+    #: outside /run. With bubblewrap only.
+    hide_paths: tuple[str, ...] = ()
     #: Size of the job's private /tmp and /dev/shm (each), with bubblewrap.
     tmp_mib: int = 256
     #: One user per slot, so concurrent jobs cannot touch each other; empty = [node] job_user for all.
@@ -300,6 +305,9 @@ def _check(config: Config) -> None:
 
 
 def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
+    for path in s.hide_paths:
+        if not path.startswith("/") or path.rstrip("/") in ("", "/proc", "/dev"):
+            raise ConfigError(f"[sandbox] hide_paths: {path!r} must be an absolute path other than /, /proc and /dev")
     if s.isolation not in ISOLATIONS:
         raise ConfigError(f"[sandbox] isolation: must be one of {', '.join(ISOLATIONS)}, got {s.isolation!r}")
     if s.cgroups not in CGROUP_MODES:

@@ -29,11 +29,13 @@ as root in the gate and bwrap.)
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from carod import seccomp
 from carod.cgroup import CgroupError, Cgroups
 from carod.cgroup import detect as detect_cgroups
 from carod.config import Config
@@ -57,7 +59,8 @@ PROBE_SCRIPT = (
     "cat /proc/self/status; "
     'echo "ns-pid $(readlink /proc/self/ns/pid)"; '
     'echo "ns-net $(readlink /proc/self/ns/net)"; '
-    "if touch /usr/.carod-probe 2>/dev/null; then echo root-writable; rm -f /usr/.carod-probe; fi"
+    "if touch /usr/.carod-probe 2>/dev/null; then echo root-writable; rm -f /usr/.carod-probe; fi; "
+    "if unshare -U true 2>/dev/null; then echo userns-allowed; fi"
 )
 
 
@@ -75,13 +78,16 @@ class Layers:
     env: str = "/usr/bin/env"
     #: Files hidden from jobs (an empty read-only file is bound over each): carod's config.
     hidden_files: tuple[Path, ...] = ()
+    #: The seccomp filter bubblewrap loads (carod.seccomp): no user namespaces. None: not loaded.
+    seccomp: bytes | None = None
     notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
         parts = []
         if self.bwrap:
             net = "network allowed" if self.network else "no network"
-            parts.append(f"bubblewrap (read-only /, private /tmp, PID+IPC namespaces, {net})")
+            userns = "no user namespaces" if self.seccomp else "user namespaces allowed"
+            parts.append(f"bubblewrap (read-only /, private /tmp, PID+IPC namespaces, {net}, {userns})")
         else:
             parts.append("no bubblewrap")
         parts.append(self.cgroups.describe() if self.cgroups else "no cgroups (rlimits + process-group kill)")
@@ -116,7 +122,15 @@ def detect(config: Config) -> Layers:
         notes.append(f"no cgroups: {why}; limits fall back to rlimits")
     elif why:
         notes.append(f"cgroup {cgroups.version} without the usual limits: {why}")
-    hidden = tuple(dict.fromkeys([config.node.state_dir, config.node.sandbox_root]))
+    hidden = tuple(
+        dict.fromkeys([config.node.state_dir, config.node.sandbox_root, *(Path(p) for p in sandbox.hide_paths)])
+    )
+    filter_program: bytes | None = None
+    if bwrap and not sandbox.user_namespaces:
+        if seccomp.supported():
+            filter_program = seccomp.program()
+        else:
+            notes.append(f"jobs can create user namespaces: no seccomp filter for {platform.machine()}")
     if config.path is not None:
         try:
             mode = config.path.stat().st_mode
@@ -135,6 +149,7 @@ def detect(config: Config) -> Layers:
         hidden=hidden,
         setpriv=setpriv,
         env=env,
+        seccomp=filter_program,
         hidden_files=tuple(p for p in [config.path] if p is not None and p.is_file()),
         notes=tuple(notes),
     )
@@ -179,8 +194,12 @@ def _find_bwrap() -> tuple[str | None, str]:
     return path, ""
 
 
-def command(layers: Layers, user: JobUser, box: Path, argv: list[str], env: dict[str, str]) -> list[str]:
+def command(
+    layers: Layers, user: JobUser, box: Path, argv: list[str], env: dict[str, str], *, seccomp_fd: int | None = None
+) -> list[str]:
     """The whole argv for one job: gate, bubblewrap, setpriv, env, then ``argv``.
+
+    ``seccomp_fd``: a descriptor the chain inherits, holding :attr:`Layers.seccomp` (bwrap reads and closes it).
 
     Run it with :data:`ROOT_ENV` as its environment and :data:`ROOT_CWD` as
     its directory. Everything the job chose (``argv``, ``env``) comes after
@@ -204,6 +223,8 @@ def command(layers: Layers, user: JobUser, box: Path, argv: list[str], env: dict
         chain += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]
         if not layers.network:
             chain.append("--unshare-net")
+        if seccomp_fd is not None:
+            chain += ["--seccomp", str(seccomp_fd)]
         chain.append("--")
     chain.append(layers.setpriv)
     if user.switch:
@@ -224,8 +245,8 @@ def probe_problems(output: str, user: JobUser, layers: Layers) -> list[str]:
         if line.startswith("ns-"):
             key, _, value = line.partition(" ")
             fields[key] = value.strip()
-        elif line.strip() == "root-writable":
-            fields["root-writable"] = "yes"
+        elif line.strip() in ("root-writable", "userns-allowed"):
+            fields[line.strip()] = "yes"
         else:
             key, sep, value = line.partition(":")
             if sep:
@@ -253,4 +274,6 @@ def probe_problems(output: str, user: JobUser, layers: Layers) -> list[str]:
             problems.append("it shares carod's network namespace")
         if "root-writable" in fields:
             problems.append("it can write to /usr")
+        if layers.seccomp and "userns-allowed" in fields:
+            problems.append("it can create a user namespace")
     return problems

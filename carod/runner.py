@@ -176,9 +176,13 @@ class JobProcess:
         sweep: bool,
     ) -> JobProcess:
         """Start ``argv`` as ``user`` in ``box`` through the chain. Raises JobHeld."""
+        seccomp_fd: int | None = None
         try:
+            if layers.bwrap and layers.seccomp:
+                seccomp_fd = _filter_fd(layers.seccomp)
             popen = subprocess.Popen(  # noqa: ASYNC220 - on the loop's thread on purpose (module docstring)
-                isolation.command(layers, user, box, argv, env),
+                isolation.command(layers, user, box, argv, env, seccomp_fd=seccomp_fd),
+                pass_fds=() if seccomp_fd is None else (seccomp_fd,),
                 cwd=isolation.ROOT_CWD,
                 env=isolation.ROOT_ENV,
                 stdin=stdio.stdin,
@@ -192,6 +196,9 @@ class JobProcess:
             raise JobHeld(
                 f"carod could not start the job: {exc.strerror}", HoldCode.FAILED_TO_CREATE_PROCESS, exc.errno or 0
             ) from exc
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
         # Off the loop: a cgroup v1 move can wait for other jobs' forks and exits.
         release = asyncio.ensure_future(asyncio.to_thread(_release, popen, limits, cgroup))
         try:
@@ -340,6 +347,18 @@ def _release(popen: subprocess.Popen[bytes], limits: list[tuple[int, int]], cgro
     if cgroup is not None:
         cgroup.add(popen.pid)
     os.kill(popen.pid, signal.SIGCONT)
+
+
+def _filter_fd(program: bytes) -> int:
+    """A descriptor holding the seccomp filter, read from its start by bwrap (one per job)."""
+    fd = os.memfd_create("carod-seccomp", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, program)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def probe_limits() -> Limits:

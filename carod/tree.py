@@ -42,7 +42,10 @@ class _Level:
 
 
 def _remove_tree(path: Path) -> None:
-    parent_fd = os.open(path.parent, _DIR_FLAGS)
+    try:
+        parent_fd = os.open(path.parent, _DIR_FLAGS)
+    except FileNotFoundError:
+        return
     try:
         try:
             st = os.stat(path.name, dir_fd=parent_fd, follow_symlinks=False)

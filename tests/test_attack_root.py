@@ -296,3 +296,67 @@ async def test_config_file_readable_by_all_is_hidden_from_jobs_and_warned_about(
     finally:
         assert await daemon.stop() == 0
         await submitter.close()
+
+
+# ---------------------------------------------------------------- user namespaces and sockets outside /run
+
+USERNS = (
+    "unshare -U -r id -u; echo rc=$?; "
+    'python3 -c "import threading; t = threading.Thread(target=print, args=(7,)); t.start(); t.join()"'
+)
+
+
+def need_bwrap(node: RunningNode) -> None:
+    layers = node.server.layers
+    if layers is None or layers.bwrap is None:
+        pytest.skip("the host has no working bubblewrap (apt install bubblewrap); this layer is off")
+
+
+async def test_job_cannot_create_a_user_namespace(boxed: RunningNode, submitter: Submitter) -> None:
+    need_bwrap(boxed)
+    final = (await submitter.run(sh(USERNS)))[-1]
+    assert final.status == 4, final.headers
+    assert final.zip_read("out").decode().split() == ["rc=1", "7"]  # refused; threads still start
+    assert "Operation not permitted" in final.zip_read("err").decode()
+
+
+async def test_node_may_allow_user_namespaces(queue: str, base: Path, submitter: Submitter) -> None:
+    node = await start_node(queue, base, sandbox={"user_namespaces": "yes"})
+    try:
+        need_bwrap(node)
+        final = (await submitter.run(sh(USERNS)))[-1]
+        assert final.status == 4, final.headers
+        assert final.zip_read("out").decode().split() == ["0", "rc=0", "7"]
+    finally:
+        await node.stop()
+
+
+async def test_hidden_paths_keep_a_local_services_socket_from_jobs(
+    queue: str, base: Path, submitter: Submitter
+) -> None:
+    import socket
+    import tempfile
+
+    # Outside /tmp, which every job sees as its own private tmpfs anyway.
+    service = Path(tempfile.mkdtemp(prefix="carod-test-service-", dir="/var/tmp"))
+    service.chmod(0o755)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(service / "sock"))
+    os.chmod(service / "sock", 0o666)  # noqa: S103 - a local service anyone may use
+    listener.listen()
+    probe = f"test -S {service}/sock && echo socket-visible || echo socket-hidden"
+    try:
+        node = await start_node(queue, base)
+        try:
+            need_bwrap(node)
+            assert (await submitter.run(sh(probe)))[-1].zip_read("out") == b"socket-visible\n"
+        finally:
+            await node.stop()
+        node = await start_node(queue, base, sandbox={"hide_paths": str(service)})
+        try:
+            assert (await submitter.run(sh(probe)))[-1].zip_read("out") == b"socket-hidden\n"
+        finally:
+            await node.stop()
+    finally:
+        listener.close()
+        shutil.rmtree(service)

@@ -65,7 +65,17 @@ def test_chain_with_network_allowed_keeps_the_host_network() -> None:
 def test_chain_when_carod_is_the_job_user_only_sets_no_new_privs() -> None:
     me = JobUser("me", os.getuid(), os.getgid(), switch=False)
     argv = isolation.command(layers(bwrap=False), me, BOX, ["/bin/true"], {})
-    assert argv[4:] == ["/usr/bin/setpriv", "--no-new-privs", "--", "/usr/bin/env", "-i", "-C", str(BOX), "--", "/bin/true"]
+    assert argv[4:] == [
+        "/usr/bin/setpriv",
+        "--no-new-privs",
+        "--",
+        "/usr/bin/env",
+        "-i",
+        "-C",
+        str(BOX),
+        "--",
+        "/bin/true",
+    ]
 
 
 GOOD_PROBE = """Name:\tcat
