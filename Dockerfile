@@ -57,6 +57,9 @@ RUN useradd --no-log-init --no-create-home --uid 10000 --user-group \
 COPY --from=build /install /usr/local
 # The documented defaults. Mount your own file over it, or set CAROD_<SECTION>_<KEY>.
 COPY etc/carod.conf /etc/carod/carod.conf
+# It can hold the broker's password: readable by root and the carod group only
+# (jobs never see it: carod hides it from them).
+RUN chown root:carod /etc/carod/carod.conf && chmod 0640 /etc/carod/carod.conf
 
 # Prometheus metrics on every address of the container (publish them with
 # -p 9100:9100); the HEALTHCHECK scrapes them over loopback. The environment
