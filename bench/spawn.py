@@ -100,7 +100,7 @@ def warm(layers: Layers, box: Path, runs: int) -> tuple[float, float]:
         # The job user's shell, inside bubblewrap, waits on its stdin (the pipe), then execs the job.
         waiter = [SH, "-c", 'read -r _; exec "$@" </dev/null', "carod-warm", TRUE]
         p = subprocess.Popen(
-            command(layers, user, box, waiter)[4:],  # without the gate
+            command(layers, user, box, waiter, {})[4:],  # without the gate
             close_fds=True,
             stdin=r,
             start_new_session=True,
@@ -145,11 +145,11 @@ def main() -> None:
     except ImportError:
         pass
     rows += [
-        ("setpriv", _chain(command(no_bwrap, user, box, [TRUE])[4:], gate=False)),
-        ("gate + setpriv (carod without bwrap)", _chain(command(no_bwrap, user, box, [TRUE]), gate=True)),
+        ("setpriv", _chain(command(no_bwrap, user, box, [TRUE], {})[4:], gate=False)),
+        ("gate + setpriv (carod without bwrap)", _chain(command(no_bwrap, user, box, [TRUE], {}), gate=True)),
     ]
     if bwrap:
-        rows.append(("gate + bwrap + setpriv (carod, cold)", _chain(command(layers, user, box, [TRUE]), gate=True)))
+        rows.append(("gate + bwrap + setpriv (carod, cold)", _chain(command(layers, user, box, [TRUE], {}), gate=True)))
     print(f"{'':44} {'p50 ms':>8} {'p90 ms':>8}")
     for label, fn in rows:
         p50, p90 = time_it(fn, args.runs)
