@@ -44,7 +44,7 @@ from typing import Any
 import classad2
 
 from carod import adcost
-from carod.classads import Undefined, evaluate_in_match
+from carod.classads import Undefined, evaluate, evaluate_in_match
 from carod.errors import CarodError, JobHeld
 from carod.holdcodes import HoldCode
 
@@ -67,30 +67,30 @@ class EvaluatorError(CarodError):
 # ---------------------------------------------------------------- the child
 
 
-def preflight(job_text: str, machine_text: str) -> dict[str, Any]:
+def preflight(job_text: str, machine: classad2.ClassAd) -> dict[str, Any]:
     """Evaluate and reduce a job ad (in the child). Returns ``{"ad": text}`` or ``{"held": reason}``."""
     job = classad2.parseOne(job_text)
-    machine = classad2.parseOne(machine_text)
+    reduced: dict[str, str] = {}
     values: dict[str, object] = {}
     for name in list(job.keys()):
         _mark(f"job {name}")
-        values[name] = evaluate_in_match(job, machine, name)  # what the library gives up on is ERROR
-    for name in MACHINE_POLICY:
-        if name in machine:
-            _mark(f"machine {name}")
-            evaluate_in_match(machine, job, name)
-    _mark("")
-    reduced: dict[str, str] = {}
-    for name, value in values.items():
         expr = job.lookup(name)
         try:
             depends = any(ref for ref in job.externalRefs(expr))
         except (classad2.ClassAdException, ValueError):
             depends = True  # e.g. a cycle: left as it is, and adcost says why it is not bounded
-        if depends:
-            reduced[name] = str(expr)  # about the machine: evaluated at each match, so it must be bounded
-            continue
-        text = _literal(value)  # the same value with any machine: only MY attributes are involved
+        if depends:  # about the machine: evaluated at each match, so it must be bounded (below)
+            evaluate_in_match(job, machine, name)  # what the library gives up on is ERROR
+            reduced[name] = str(expr)
+        else:  # the same value with any machine: only MY attributes are involved
+            values[name] = evaluate(job, name)
+    for name in MACHINE_POLICY:
+        if name in machine and any(ref for ref in machine.externalRefs(machine.lookup(name))):
+            _mark(f"machine {name}")  # it reads the job's attributes
+            evaluate_in_match(machine, job, name)
+    _mark("")
+    for name, value in values.items():
+        text = _literal(value)
         if len(text) > MAX_VALUE_BYTES:
             return {
                 "held": f"the job's {name} evaluates to a value of {len(text)} bytes; "
@@ -143,13 +143,16 @@ def main(argv: list[str]) -> int:
     limit = _vm_size_kib() * 1024 + memory_mib * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    machine = classad2.ClassAd()
     while True:
         head = stdin.read(_LEN.size)
         if len(head) < _LEN.size:
             return 0
         request = json.loads(stdin.read(_LEN.unpack(head)[0]))
         try:
-            answer = preflight(request["job"], request["machine"])
+            if request.get("machine") is not None:  # None: the same as the last request's
+                machine = classad2.parseOne(request["machine"])
+            answer = preflight(request["job"], machine)
         except MemoryError:
             answer = {"memory": True}
         except (classad2.ClassAdException, ValueError) as exc:
@@ -173,6 +176,8 @@ class Evaluator:
         self.timeout_s = timeout_s
         self.memory_mib = memory_mib
         self._proc: asyncio.subprocess.Process | None = None
+        #: the machine ad text the child has (it is sent only when it changed)
+        self._machine_sent: str | None = None
         self._lock = asyncio.Lock()
         fd = os.memfd_create("carod-evaluator", 0)
         os.ftruncate(fd, _PAGE)
@@ -184,6 +189,7 @@ class Evaluator:
 
     async def start(self) -> None:
         """Start the child. Raises EvaluatorError."""
+        self._machine_sent = None
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -216,10 +222,13 @@ class Evaluator:
 
     async def preflight(self, job: classad2.ClassAd, machine: classad2.ClassAd) -> classad2.ClassAd:
         """The job ad reduced by the child (see the module doc). Raises JobHeld."""
-        request = json.dumps({"job": str(job), "machine": str(machine)}).encode()
+        machine_text = str(machine)
         async with self._lock:
             if self._proc is None or self._proc.returncode is not None:
                 await self.start()
+            same = machine_text == self._machine_sent
+            request = json.dumps({"job": str(job), "machine": None if same else machine_text}).encode()
+            self._machine_sent = machine_text
             proc = self._proc
             self._page[0:2] = b"\0\0"
             started = time.monotonic()
