@@ -35,6 +35,7 @@ import json
 import logging
 import mmap
 import os
+import pwd
 import resource
 import struct
 import sys
@@ -56,6 +57,8 @@ MAX_VALUE_BYTES = 64 * 1024
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 _PAGE = 4096
 _LEN = struct.Struct(">I")
+#: How long the child may take to start and say it is ready.
+_START_TIMEOUT_S = 30.0
 #: Attributes of the machine ad evaluated against the job.
 MACHINE_POLICY = ("Start", "Requirements", "Rank")
 
@@ -136,13 +139,23 @@ def _vm_size_kib() -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m carod.evaluator MEMORY_MIB PAGE_FD``: answer requests on stdin until it closes."""
+    """``python -m carod.evaluator MEMORY_MIB PAGE_FD [UID GID]``: answer requests on stdin until it closes.
+
+    Started by root, it becomes UID:GID (no groups, so no capabilities) before it reads a request.
+    """
     global _page
     memory_mib, page_fd = int(argv[0]), int(argv[1])
     _page = mmap.mmap(page_fd, _PAGE)
     limit = _vm_size_kib() * 1024 + memory_mib * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if len(argv) >= 4 and os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(int(argv[3]))
+        os.setuid(int(argv[2]))
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    ready = json.dumps({"ready": os.getpid()}).encode()
+    stdout.write(_LEN.pack(len(ready)) + ready)
+    stdout.flush()
     machine = classad2.ClassAd()
     while True:
         head = stdin.read(_LEN.size)
@@ -172,9 +185,17 @@ def main(argv: list[str]) -> int:
 class Evaluator:
     """carod's handle on the child: one request at a time, each bounded in time; a fresh child after a failure."""
 
-    def __init__(self, *, timeout_s: float, memory_mib: int) -> None:
+    def __init__(self, *, timeout_s: float, memory_mib: int, user: str | None = None) -> None:
+        """``user``: run the child as this user when carod runs as root (the job user: it needs no rights)."""
         self.timeout_s = timeout_s
         self.memory_mib = memory_mib
+        self._ids: list[str] = []
+        if user is not None and os.geteuid() == 0:
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                entry = pwd.getpwnam("nobody")
+            self._ids = [str(entry.pw_uid), str(entry.pw_gid)]
         self._proc: asyncio.subprocess.Process | None = None
         #: the machine ad text the child has (it is sent only when it changed)
         self._machine_sent: str | None = None
@@ -197,13 +218,20 @@ class Evaluator:
                 "carod.evaluator",
                 str(self.memory_mib),
                 str(self._page_fd),
+                *self._ids,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 pass_fds=(self._page_fd,),
+                cwd="/",
+                env=_child_env(),
             )
-        except OSError as exc:
+            if self._proc.stdout is None:
+                raise EOFError("no pipe")
+            await asyncio.wait_for(self._read(self._proc.stdout), _START_TIMEOUT_S)  # {"ready": pid}
+        except (OSError, EOFError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
+            await self._kill()
             command = f"{sys.executable} -m carod.evaluator"
-            raise EvaluatorError(f"cannot start the ClassAd evaluator ({command}): {exc}") from exc
+            raise EvaluatorError(f"cannot start the ClassAd evaluator ({command}): {exc!r}") from exc
 
     @property
     def pid(self) -> int | None:
@@ -234,6 +262,9 @@ class Evaluator:
             started = time.monotonic()
             try:
                 answer = await asyncio.wait_for(self._ask(proc, request), self.timeout_s)
+            except asyncio.CancelledError:
+                self._abandon()  # its answer would be read as the next job's
+                raise
             except TimeoutError:
                 what = self._what()
                 await self._replace(f"took more than {self.timeout_s:g}s")
@@ -278,7 +309,9 @@ class Evaluator:
             raise EOFError("the evaluator is not running")
         proc.stdin.write(_LEN.pack(len(request)) + request)
         await proc.stdin.drain()
-        stdout = proc.stdout
+        return await self._read(proc.stdout)
+
+    async def _read(self, stdout: asyncio.StreamReader) -> dict[str, Any]:
         head = await stdout.readexactly(_LEN.size)
         size = _LEN.unpack(head)[0]
         if size > MAX_REPLY_BYTES:
@@ -304,6 +337,13 @@ class Evaluator:
         with contextlib.suppress(EvaluatorError):
             await self.start()
 
+    def _abandon(self) -> None:
+        """Kill the child without waiting for it; the next request starts a fresh one."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
     async def _kill(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
@@ -318,6 +358,14 @@ class Evaluator:
             await self._kill()
         self._page.close()
         os.close(self._page_fd)
+
+
+def _child_env() -> dict[str, str]:
+    """The child's environment: none of carod's (it may hold the broker's credentials)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
 
 
 if __name__ == "__main__":

@@ -89,7 +89,9 @@ class Node:
         self._handed_back = HandBacks()
         #: carod rm of jobs that may reach this node later
         self.removals = Removals(config.node.max_removals, config.node.journal_retention_s)
-        self.evaluator = Evaluator(timeout_s=config.node.eval_timeout_s, memory_mib=config.node.eval_memory_mib)
+        self.evaluator = Evaluator(
+            timeout_s=config.node.eval_timeout_s, memory_mib=config.node.eval_memory_mib, user=config.node.job_user
+        )
         self._stops: set[asyncio.Task[replies.ExitInfo]] = set()
         self._disk_fixed = machine.disk_is_fixed(config)
         admission.disk_available = self.disk_available
