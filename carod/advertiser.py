@@ -117,6 +117,7 @@ class Advertiser:
             request = control.decode_request(message.body)
         except control.ControlError as exc:
             self.dropped.drop("a control request", self.config.pool.exchange, exc, time.monotonic())
+            self.node.metrics.pool_dropped.labels(kind="control").inc()
             return
         state = self.node.remove(request.message_id, request.remove_reason())
         if state is None:
@@ -157,3 +158,4 @@ class Advertiser:
                     self.node.reconsider()
         except AdvertError as exc:
             self.dropped.drop("an advert", self.config.pool.exchange, exc, now)
+            self.node.metrics.pool_dropped.labels(kind="advert").inc()

@@ -40,7 +40,8 @@ import resource
 import struct
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import classad2
 
@@ -48,6 +49,10 @@ from carod import adcost
 from carod.classads import Undefined, evaluate, evaluate_in_match
 from carod.errors import CarodError, JobHeld
 from carod.holdcodes import HoldCode
+
+if TYPE_CHECKING:  # not imported by the child
+    from carod.config import Config
+    from carod.metrics import Metrics
 
 log = logging.getLogger("carod.evaluator")
 
@@ -185,10 +190,13 @@ def main(argv: list[str]) -> int:
 class Evaluator:
     """carod's handle on the child: one request at a time, each bounded in time; a fresh child after a failure."""
 
-    def __init__(self, *, timeout_s: float, memory_mib: int, user: str | None = None) -> None:
+    def __init__(
+        self, *, timeout_s: float, memory_mib: int, user: str | None = None, metrics: Metrics | None = None
+    ) -> None:
         """``user``: run the child as this user when carod runs as root (the job user: it needs no rights)."""
         self.timeout_s = timeout_s
         self.memory_mib = memory_mib
+        self.metrics = metrics
         self._ids: list[str] = []
         if user is not None and os.geteuid() == 0:
             try:
@@ -207,6 +215,12 @@ class Evaluator:
         #: children killed or lost, and job ads sent to the child (for tests and logs)
         self.restarts = 0
         self.preflights = 0
+
+    @classmethod
+    def for_node(cls, config: Config, metrics: Metrics | None = None) -> Evaluator:
+        """With ``[node] eval_timeout_s`` and ``eval_memory_mib``, the child running as ``[node] job_user``."""
+        node = config.node
+        return cls(timeout_s=node.eval_timeout_s, memory_mib=node.eval_memory_mib, user=node.job_user, metrics=metrics)
 
     async def start(self) -> None:
         """Start the child. Raises EvaluatorError."""
@@ -237,16 +251,27 @@ class Evaluator:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    async def job_ad(self, job: classad2.ClassAd, machine: classad2.ClassAd) -> classad2.ClassAd:
+    async def job_ad(self, job: classad2.ClassAd, machine: Callable[[], classad2.ClassAd]) -> classad2.ClassAd:
         """The ad carod handles in-process. Raises JobHeld.
 
         ``job`` itself when :func:`carod.adcost.problem` bounds it from its text
-        (the fast path: no round trip); otherwise the child's reduced ad.
+        (the fast path: no round trip, ``machine`` not called); otherwise the
+        child's reduced ad, evaluated against ``machine()``.
         """
         if adcost.problem({name: str(job.lookup(name)) for name in job}) is None:
             return job
         self.preflights += 1
-        return await self.preflight(job, machine)
+        outcome = "held"
+        try:
+            reduced = await self.preflight(job, machine())
+            outcome = "ok"
+            return reduced
+        except EvaluatorError:
+            outcome = "failed"
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.evaluations.labels(outcome=outcome).inc()
 
     async def preflight(self, job: classad2.ClassAd, machine: classad2.ClassAd) -> classad2.ClassAd:
         """The job ad reduced by the child (see the module doc). Raises JobHeld."""

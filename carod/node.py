@@ -89,9 +89,7 @@ class Node:
         self._handed_back = HandBacks()
         #: carod rm of jobs that may reach this node later
         self.removals = Removals(config.node.max_removals, config.node.journal_retention_s)
-        self.evaluator = Evaluator(
-            timeout_s=config.node.eval_timeout_s, memory_mib=config.node.eval_memory_mib, user=config.node.job_user
-        )
+        self.evaluator = Evaluator.for_node(config, metrics)
         self._stops: set[asyncio.Task[replies.ExitInfo]] = set()
         self._disk_fixed = machine.disk_is_fixed(config)
         admission.disk_available = self.disk_available
@@ -211,7 +209,7 @@ class Node:
             return
         try:
             # Evaluated on this loop only when bounded; else reduced by the bounded evaluator first.
-            ad = await self.evaluator.job_ad(classads.ad_from_headers(job.message.headers or {}), self.live_ad())
+            ad = await self.evaluator.job_ad(classads.ad_from_headers(job.message.headers or {}), self.live_ad)
             jobad.apply_defaults(ad)
             spec = jobad.job_spec(ad)
         except JobHeld as held:
@@ -460,8 +458,8 @@ class Node:
     def remove(self, message_id: str, reason: str) -> str | None:
         """Stop the job and answer it Removed. Returns what it was doing here; None when it is not here.
 
-        Remembered for ``journal_retention_s`` either way: a job still in
-        the queue is answered Removed when it reaches this node.
+        Remembered (``journal_retention_s``, at most ``max_removals``) either
+        way: a job still in the queue is answered Removed when it reaches this node.
         """
         self.removals.add(message_id, reason, time.monotonic())  # forgotten by expire()
         job = self.running.get(message_id)
