@@ -64,6 +64,8 @@ LINEAR_FUNCTIONS = frozenset(
         "min",
         "max",
         "time",
+        "abstime",
+        "reltime",
         # strings
         "strcat",
         "substr",

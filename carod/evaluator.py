@@ -318,9 +318,13 @@ class Evaluator:
         if not isinstance(text, str):
             raise JobHeld("the ClassAd evaluator gave no answer for the job", HoldCode.JOB_POLICY_UNDEFINED)
         try:
-            return classad2.parseOne(text)
+            reduced = classad2.parseOne(text)
         except (classad2.ClassAdException, ValueError) as exc:
             raise JobHeld(f"the job ad reduced by the evaluator does not parse ({exc})") from exc
+        # Checked again here: carod trusts no answer of the child's to be cheap to evaluate.
+        if adcost.problem({name: str(reduced.lookup(name)) for name in reduced}) is not None:
+            raise EvaluatorError("the ClassAd evaluator answered with an ad that is not bounded")
+        return reduced
 
     def _memory_held(self, what: str) -> JobHeld:
         return JobHeld(

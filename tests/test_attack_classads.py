@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import classad2
 import pytest
 
 from carod import adcost, pool
+from carod.classads import ad_from_headers, evaluate
+from carod.evaluator import Evaluator
 from carod.holdcodes import HoldCode
 from tests.helpers import BROKER_URL, RunningNode, Submitter, q, start_daemon, start_node, unique, write_config
 
@@ -108,8 +111,8 @@ async def test_exponential_time_without_functions_is_held(evalnode: RunningNode,
     assert time.monotonic() - started < 15
     # The hung child was killed and replaced; the next costly-looking ad is evaluated by the new one.
     assert evaluator.pid != child
-    fine = await submitter.run({**SEED, "Label": 'sprintf("%s-%d", "run", 7)'})
-    assert fine[-1].status == 4, fine[-1].headers
+    fine = await submitter.run({**SEED, "Cmd": 'replaceAll("x", "/bin/xcho", "e")'})  # /bin/echo, via the child
+    assert fine[-1].status == 4 and fine[-1].zip_read("job.out") == b"Hello Grid!\n", fine[-1].headers
     await assert_seed_runs(submitter)
 
 
@@ -239,6 +242,36 @@ async def test_a_job_only_a_forged_node_matches_is_still_held(
         stop.set()
         await ghost
         await running.stop()
+
+
+# ---------------------------------------------------------------- the evaluator on its own
+
+
+async def test_evaluator_fast_path_reduction_and_cancellation() -> None:
+    machine = classad2.parseOne('[Name = "m"; Memory = 4096; Cpus = 2; Start = TARGET.RequestMemory < 2048]')
+    asked: list[bool] = []
+
+    def live() -> classad2.ClassAd:
+        asked.append(True)
+        return machine
+
+    evaluator = Evaluator(timeout_s=10, memory_mib=256)
+    await evaluator.start()
+    try:
+        plain = ad_from_headers({"Cmd": q("/bin/echo"), "RequestMemory": 64, "Requirements": "TARGET.Memory > 1"})
+        assert await evaluator.job_ad(plain, live) is plain and not asked  # no round trip, no machine ad
+        costly = ad_from_headers({"Cmd": 'replaceAll("x", "/bin/xcho", "e")', "Requirements": "TARGET.Memory > 1"})
+        reduced = await evaluator.job_ad(costly, live)
+        assert asked and evaluate(reduced, "Cmd") == "/bin/echo"
+        assert str(reduced.lookup("Requirements")) == "TARGET.Memory > 1"  # about the machine: kept
+        # A request given up half-way (the job's task cancelled) must not leave its answer for the next job.
+        child = evaluator.pid
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(evaluator.preflight(ad_from_headers(sum_doublings(26)), machine), 0.3)
+        again = await evaluator.preflight(costly, machine)
+        assert evaluate(again, "Cmd") == "/bin/echo" and evaluator.pid != child
+    finally:
+        await evaluator.close()
 
 
 # ---------------------------------------------------------------- the pure bound
