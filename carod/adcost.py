@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 #: Evaluation steps (tokens, references inlined) one attribute may cost to be evaluated on carod's event loop.
-MAX_STEPS = 4096
+MAX_STEPS = 1024
 #: String-literal bytes (references inlined) one attribute may carry to be evaluated on the event loop.
 MAX_BYTES = 256 * 1024
 

@@ -68,6 +68,10 @@ class Advertiser:
 
     async def start(self) -> None:
         """Listen to the pool and start advertising. Raises BrokerError."""
+        try:
+            pool.checked_ad(self.advert())
+        except AdvertError as exc:
+            log.warning("other nodes will drop this node's adverts (they cannot pass jobs to it): %s", exc)
         await self.broker.open_pool(self.config.pool.exchange, self._on_message)
         await self._publish()
         self._task = asyncio.create_task(self._advertise())

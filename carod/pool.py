@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,7 @@ MAX_ATTRIBUTES = 512
 #: Longest expression text of one advertised attribute.
 MAX_EXPR_BYTES = 4096
 #: Most references to the job one advertised Start/Requirements/Rank may make (references inlined).
-MAX_JOB_REFERENCES = 16
+MAX_JOB_REFERENCES = 8
 #: A job is handed back to the queue (for a node with room) at most this often per node...
 HAND_BACK_AGAIN_S = 30.0
 #: ...and only while the broker has delivered it fewer times than this since it was queued.
@@ -232,15 +233,30 @@ def idle(ad: classad2.ClassAd) -> classad2.ClassAd:
     return copy
 
 
+#: Most time one job's matching against the other nodes may take; the next call starts where this one stopped.
+MATCH_BUDGET_S = 0.01
+
+
 class PoolView:
     """The nodes of one job queue heard from within ``timeout_s``, at most ``max_nodes`` of them."""
 
-    def __init__(self, queue: str, self_name: str, timeout_s: float, max_nodes: int = 256) -> None:
+    def __init__(
+        self,
+        queue: str,
+        self_name: str,
+        timeout_s: float,
+        max_nodes: int = 256,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.queue = queue
         self.self_name = self_name
         self.timeout_s = timeout_s
         self.max_nodes = max_nodes
         self.peers: dict[str, Peer] = {}
+        #: measures the match budget (a parameter so tests can drive it)
+        self.clock = clock
+        self._next = 0
 
     def heard(self, advert: Advert, now: float) -> bool:
         """Take an advert in. False when it is not about another node of this queue.
@@ -280,14 +296,25 @@ class PoolView:
         return self._takers(job, request, now, idle=True)
 
     def _takers(self, job: classad2.ClassAd, request: Request, now: float, *, idle: bool) -> list[str]:
-        """Nodes heard within ``timeout_s`` (``now``: monotonic) that are taking jobs and would take this one."""
+        """Nodes heard within ``timeout_s`` (``now``: monotonic) that are taking jobs and would take this one.
+
+        At most :data:`MATCH_BUDGET_S` of matching per call, starting where the last call
+        stopped: many costly adverts cannot make one job's matching long, nor hide the others for good.
+        """
         takers = []
-        for name, peer in self.peers.items():
+        names = list(self.peers)
+        start, deadline = self._next % max(1, len(names)), self.clock() + MATCH_BUDGET_S
+        for i in range(len(names)):
+            name = names[(start + i) % len(names)]
+            peer = self.peers[name]
             ad = peer.idle_ad if idle else peer.ad
             if now - peer.heard > self.timeout_s or peer.advert.state != RUNNING:
                 continue
             if fits(ad, request) and classads.match(job, ad).ok:
                 takers.append(name)
+            if self.clock() > deadline:
+                self._next = start + i + 1
+                break
         return takers
 
 

@@ -24,6 +24,7 @@ from carod import adcost, pool
 from carod.classads import ad_from_headers, evaluate
 from carod.evaluator import Evaluator
 from carod.holdcodes import HoldCode
+from carod.resources import Request
 from tests.helpers import BROKER_URL, RunningNode, Submitter, q, start_daemon, start_node, unique, write_config
 
 SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out"), "Requirements": "TRUE"}
@@ -310,3 +311,14 @@ def test_forged_advert_checks() -> None:
     with pytest.raises(pool.AdvertError, match="max_nodes"):
         view.heard(pool.Advert("b", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=1)
     assert view.heard(pool.Advert("b", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=11)  # "a" timed out
+
+
+def test_matching_against_many_adverts_is_time_boxed() -> None:
+    ticks = iter(range(1_000_000))
+    view = pool.PoolView("grid", "me", timeout_s=10, clock=lambda: float(next(ticks)))  # each reading: 1 s later
+    for name in ("a", "b", "c"):
+        assert view.heard(pool.Advert(name, "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=0)
+    job = ad_from_headers({"Cmd": q("/bin/true"), "Requirements": "TARGET.HasGPU"})
+    # Over budget after each node: one node per call, taking turns, so none is hidden for good.
+    seen = [view.could_ever_run(job, Request(1, 128), now=1) for _ in range(4)]
+    assert seen == [["a"], ["b"], ["c"], ["a"]]
