@@ -6,9 +6,11 @@ of 2**n copies. :func:`problem` reads each attribute's expression text and
 works out an upper bound of what evaluating it can do, with every reference
 to another attribute of the same ad inlined (as the evaluator does):
 
-* ``steps``: tokens evaluated (the evaluator visits each node once per inlining);
-* ``bytes``: string-literal bytes those tokens carry (what ``strcat`` and the
-  other linear string functions can build from them).
+* ``steps``: operators, names and function calls evaluated (the evaluator
+  visits each node once per inlining);
+* ``bytes``: the data literals build: string bytes, and 16 for each literal
+  or list element (what ``strcat`` and the other linear functions can build
+  from them).
 
 An ad is *bounded* when every attribute stays within both limits and calls only
 :data:`LINEAR_FUNCTIONS` (functions whose result is no larger than their
@@ -104,6 +106,10 @@ _TOKEN = re.compile(
     """,
     re.VERBOSE | re.DOTALL,
 )
+#: What a literal value or list element counts towards ``bytes`` besides its text.
+_VALUE_BYTES = 16
+#: Tokens that only group (their cost is the nodes inside them).
+_GROUPING = frozenset("(){}[]")
 #: Saturate bounds here: a 2**4000 expansion needs no exact figure.
 _CEILING = 1 << 62
 
@@ -112,7 +118,9 @@ _CEILING = 1 << 62
 class Cost:
     """The bound for one attribute (references inlined), or why there is none."""
 
+    #: operators, names and function calls evaluated, references inlined
     steps: int
+    #: data built by literals, references inlined
     bytes: int
     #: references to the other ad (``TARGET.X``, or a name this ad does not define), inlined
     foreign: int = 0
@@ -138,11 +146,13 @@ def _read(text: str, names: frozenset[str], forbidden: frozenset[str]) -> _Own:
     steps, size, foreign, refs = 0, 0, 0, []
     unbounded: str | None = None
     for i, (kind, value) in enumerate(tokens):
-        steps += 1
         prev = tokens[i - 1] if i else (None, "")
-        if kind == "str":
-            size += len(value)
-        elif kind in ("name", "qname"):
+        if kind in ("str", "num") or value == ",":  # data: what a literal (or a list element) builds
+            size += (len(value) if kind == "str" else 0) + _VALUE_BYTES
+            continue
+        if value not in _GROUPING:
+            steps += 1  # an operator, a name or a function call: one node of the evaluation
+        if kind in ("name", "qname"):
             name = (value[1:-1] if kind == "qname" else value).lower()
             following = tokens[i + 1][1] if i + 1 < len(tokens) else ""
             if kind == "name" and following == "(":
@@ -235,7 +245,7 @@ def problem(
         if cost.steps > max_steps:
             return name, f"takes up to {_amount(cost.steps)} evaluation steps (at most {max_steps})"
         if cost.bytes > max_bytes:
-            return name, f"can build up to {_amount(cost.bytes)} bytes of strings (at most {max_bytes})"
+            return name, f"can build up to {_amount(cost.bytes)} bytes of values (at most {max_bytes})"
     return None
 
 
