@@ -261,17 +261,20 @@ class Evaluator:
         if adcost.problem({name: str(job.lookup(name)) for name in job}) is None:
             return job
         self.preflights += 1
-        outcome = "held"
         try:
             reduced = await self.preflight(job, machine())
-            outcome = "ok"
-            return reduced
-        except EvaluatorError:
-            outcome = "failed"
+        except JobHeld:
+            self._count("held")
             raise
-        finally:
-            if self.metrics is not None:
-                self.metrics.evaluations.labels(outcome=outcome).inc()
+        except EvaluatorError:
+            self._count("failed")
+            raise
+        self._count("ok")
+        return reduced
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.evaluations.labels(outcome=outcome).inc()
 
     async def preflight(self, job: classad2.ClassAd, machine: classad2.ClassAd) -> classad2.ClassAd:
         """The job ad reduced by the child (see the module doc). Raises JobHeld."""

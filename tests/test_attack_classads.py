@@ -322,3 +322,13 @@ def test_matching_against_many_adverts_is_time_boxed() -> None:
     # Over budget after each node: one node per call, taking turns, so none is hidden for good.
     seen = [view.could_ever_run(job, Request(1, 128), now=1) for _ in range(4)]
     assert seen == [["a"], ["b"], ["c"], ["a"]]
+
+
+def test_a_node_not_heard_recently_does_not_count() -> None:
+    view = pool.PoolView("grid", "me", timeout_s=10)
+    assert view.heard(pool.Advert("ghost", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=0)
+    job = ad_from_headers({"Cmd": q("/bin/true"), "Requirements": "TARGET.HasGPU"})
+    assert view.could_ever_run(job, Request(1, 128), now=9) == ["ghost"]
+    # Not yet expired from the view (the advertiser's loop does that), but silent too long: it does not count.
+    assert view.could_ever_run(job, Request(1, 128), now=11) == []
+    assert view.could_run_now(job, Request(1, 128), now=11) == []
