@@ -29,9 +29,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-#: Evaluation steps (tokens, references inlined) one attribute may cost to be evaluated on carod's event loop.
+#: Evaluation steps (operators, names, calls; references inlined) one attribute may take on carod's event loop.
 MAX_STEPS = 1024
-#: String-literal bytes (references inlined) one attribute may carry to be evaluated on the event loop.
+#: Literal data (string bytes, 16 per value; references inlined) one attribute may build on the event loop.
 MAX_BYTES = 256 * 1024
 
 #: Functions whose result is no larger than their arguments (plus a constant) and whose

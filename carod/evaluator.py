@@ -177,7 +177,7 @@ def main(argv: list[str]) -> int:
             answer = {"held": f"the job ad could not be read back ({exc})"}
         except Exception as exc:  # a bug here, not the job's doing: carod requeues the job
             answer = {"bug": repr(exc)[:1000]}
-        data = json.dumps(answer).encode()
+        data = json.dumps({**answer, "id": request.get("id")}).encode()
         stdout.write(_LEN.pack(len(data)) + data)
         stdout.flush()
         if answer.get("memory"):
@@ -208,6 +208,7 @@ class Evaluator:
         #: the machine ad text the child has (it is sent only when it changed)
         self._machine_sent: str | None = None
         self._lock = asyncio.Lock()
+        self._sequence = 0
         fd = os.memfd_create("carod-evaluator", 0)
         os.ftruncate(fd, _PAGE)
         self._page_fd = fd
@@ -224,9 +225,11 @@ class Evaluator:
 
     async def start(self) -> None:
         """Start the child. Raises EvaluatorError."""
+        self._abandon()
         self._machine_sent = None
+        command = f"{sys.executable} -m carod.evaluator"
         try:
-            self._proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "carod.evaluator",
@@ -239,13 +242,20 @@ class Evaluator:
                 cwd="/",
                 env=_child_env(),
             )
-            if self._proc.stdout is None:
-                raise EOFError("no pipe")
-            await asyncio.wait_for(self._read(self._proc.stdout), _START_TIMEOUT_S)  # {"ready": pid}
-        except (OSError, EOFError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-            await self._kill()
-            command = f"{sys.executable} -m carod.evaluator"
+        except OSError as exc:
             raise EvaluatorError(f"cannot start the ClassAd evaluator ({command}): {exc!r}") from exc
+        try:
+            if proc.stdout is None:
+                raise EOFError("no pipe")
+            await asyncio.wait_for(self._read(proc.stdout), _START_TIMEOUT_S)  # {"ready": pid}
+        except (EOFError, TimeoutError, ValueError) as exc:
+            _kill_now(proc)
+            await proc.wait()
+            raise EvaluatorError(f"cannot start the ClassAd evaluator ({command}): {exc!r}") from exc
+        except BaseException:
+            _kill_now(proc)  # cancelled: never keep a child whose first answer was not read
+            raise
+        self._proc = proc
 
     @property
     def pid(self) -> int | None:
@@ -283,7 +293,10 @@ class Evaluator:
             if self._proc is None or self._proc.returncode is not None:
                 await self.start()
             same = machine_text == self._machine_sent
-            request = json.dumps({"job": str(job), "machine": None if same else machine_text}).encode()
+            self._sequence += 1
+            request = json.dumps(
+                {"id": self._sequence, "job": str(job), "machine": None if same else machine_text}
+            ).encode()
             self._machine_sent = machine_text
             proc = self._proc
             self._page[0:2] = b"\0\0"
@@ -306,6 +319,9 @@ class Evaluator:
                 what = self._what()
                 await self._replace(f"died ({exc!r})")
                 raise self._memory_held(what) from exc
+            if answer.get("id") != self._sequence:  # never another job's answer
+                await self._replace(f"answered request {answer.get('id')!r} to request {self._sequence}")
+                raise EvaluatorError("the ClassAd evaluator's answer was not for this job")
             if "bug" in answer:
                 await self._replace(f"failed: {answer['bug']}")
                 raise EvaluatorError(f"the ClassAd evaluator failed: {answer['bug']}")
@@ -372,9 +388,8 @@ class Evaluator:
     def _abandon(self) -> None:
         """Kill the child without waiting for it; the next request starts a fresh one."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        if proc is not None:
+            _kill_now(proc)
 
     async def _kill(self) -> None:
         proc, self._proc = self._proc, None
@@ -390,6 +405,12 @@ class Evaluator:
             await self._kill()
         self._page.close()
         os.close(self._page_fd)
+
+
+def _kill_now(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
 
 def _child_env() -> dict[str, str]:
