@@ -364,7 +364,7 @@ class Node:
         elsewhere = self.pool.could_ever_run(ad, request, now)
         await self.journal.forget(job.message_id)
         over_s = time.time() - env.first_offer if env.first_offer is not None else 0.0
-        if elsewhere and over_s <= self.config.broker.max_pass_s:  # passes are bounded: adverts may be forged
+        if elsewhere and pool.may_pass(over_s, self.config.broker.max_pass_s):  # adverts may be forged
             if self._handed_back.may(job.message_id, env.deliveries, now):
                 # Straight back to the queue, where a node that matches can take it now.
                 self._handed_back.mark(job.message_id, now)

@@ -335,6 +335,19 @@ class HandBacks:
         self._last[message_id] = now
 
 
+#: Clocks of the nodes (which stamp x-carod-first-offer) may differ by this much.
+CLOCK_SKEW_S = 300.0
+
+
+def may_pass(over_s: float, max_pass_s: float) -> bool:
+    """Pass a job on without counting a decline, ``over_s`` after its first decline?
+
+    Only within ``max_pass_s``; and not when the first decline lies in the future
+    (a header the submitter forged to be passed on for ever).
+    """
+    return -CLOCK_SKEW_S <= over_s <= max_pass_s
+
+
 def unclaimed(nodes: list[str], max_pass_s: float) -> str:
     """The end of an unmatched job's hold reason when adverts said other nodes would run it."""
     if not nodes:

@@ -330,3 +330,9 @@ def test_a_node_not_heard_recently_does_not_count() -> None:
     # Not yet expired from the view (the advertiser's loop does that), but silent too long: it does not count.
     assert view.could_ever_run(job, Request(1, 128), now=11) == []
     assert view.could_run_now(job, Request(1, 128), now=11) == []
+
+
+def test_passes_on_are_bounded_even_with_a_forged_first_offer() -> None:
+    assert pool.may_pass(0, 3600) and pool.may_pass(3600, 3600)
+    assert not pool.may_pass(3601, 3600)  # passed on for too long: declines count again
+    assert not pool.may_pass(-86400, 3600)  # x-carod-first-offer set a day ahead by the submitter
