@@ -29,6 +29,29 @@ log = logging.getLogger("carod.pool")
 
 #: At most one advert per this many seconds, however often jobs change.
 _MIN_GAP_S = 0.2
+#: Dropped adverts and control requests are logged at most once per this many seconds (with a count).
+_DROP_LOG_S = 60.0
+#: Waiting jobs are reconsidered at most this often, however many adverts arrive.
+_RECONSIDER_GAP_S = 0.5
+
+
+class DropLog:
+    """One warning per ``every_s`` for dropped messages, counting the ones not logged (pure: times passed in)."""
+
+    def __init__(self, every_s: float = _DROP_LOG_S) -> None:
+        self.every_s = every_s
+        self._last = float("-inf")
+        self.dropped = 0
+        self._quiet = 0
+
+    def drop(self, what: str, exchange: str, exc: Exception, now: float) -> None:
+        self.dropped += 1
+        if now - self._last < self.every_s:
+            self._quiet += 1
+            return
+        more = f" ({self._quiet} more dropped since the last report)" if self._quiet else ""
+        log.warning("dropped %s on %s: %s%s", what, exchange, str(exc)[:300], more)
+        self._last, self._quiet = now, 0
 
 
 class Advertiser:
@@ -40,9 +63,15 @@ class Advertiser:
         self.state = pool.RUNNING
         self._task: asyncio.Task[None] | None = None
         self._key = ADVERT_KEY_PREFIX + config.node_name
+        self.dropped = DropLog()
+        self._reconsidered = float("-inf")
 
     async def start(self) -> None:
         """Listen to the pool and start advertising. Raises BrokerError."""
+        try:
+            pool.checked_ad(self.advert())
+        except AdvertError as exc:
+            log.warning("other nodes will drop this node's adverts (they cannot pass jobs to it): %s", exc)
         await self.broker.open_pool(self.config.pool.exchange, self._on_message)
         await self._publish()
         self._task = asyncio.create_task(self._advertise())
@@ -91,7 +120,8 @@ class Advertiser:
         try:
             request = control.decode_request(message.body)
         except control.ControlError as exc:
-            log.warning("ignored an unreadable control request on %s: %s", self.config.pool.exchange, exc)
+            self.dropped.drop("a control request", self.config.pool.exchange, exc, time.monotonic())
+            self.node.metrics.pool_dropped.labels(kind="control").inc()
             return
         state = self.node.remove(request.message_id, request.remove_reason())
         if state is None:
@@ -121,11 +151,15 @@ class Advertiser:
         if message.routing_key == control.CONTROL_KEY:
             await self._control(message)
             return
+        now = time.monotonic()
         try:
-            advert = pool.decode(message.body)
-            if self.view.heard(advert, time.monotonic()):
+            advert = pool.decode(message.body, max_bytes=self.config.pool.max_advert_kib * 1024)
+            if self.view.heard(advert, now):
                 if advert.state == pool.OFFLINE:
-                    log.info("node %s left the pool", advert.node)
-                self.node.reconsider()
+                    log.info("node %s left the pool", advert.node[:64])
+                if now - self._reconsidered >= _RECONSIDER_GAP_S:
+                    self._reconsidered = now
+                    self.node.reconsider()
         except AdvertError as exc:
-            log.warning("ignored an unreadable advert on %s: %s", self.config.pool.exchange, exc)
+            self.dropped.drop("an advert", self.config.pool.exchange, exc, now)
+            self.node.metrics.pool_dropped.labels(kind="advert").inc()

@@ -97,7 +97,15 @@ def evaluate(ad: classad2.ClassAd, attribute: str) -> Any:
     """Evaluate one attribute of ``ad``; UNDEFINED/ERROR become markers."""
     if attribute not in ad:
         return UNDEFINED
-    return _python(ad.lookup(attribute).eval(ad))
+    return _python(_eval(ad.lookup(attribute), ad))
+
+
+def _eval(expr: classad2.ExprTree, scope: classad2.ClassAd, target: classad2.ClassAd | None = None) -> Any:
+    """``expr.eval``; an evaluation the library gives up on (its step or depth limit) is ERROR, as HTCondor's."""
+    try:
+        return expr.eval(scope) if target is None else expr.eval(scope, target)
+    except classad2.ClassAdException:
+        return classad2.Value.Error
 
 
 def _python(value: object) -> Any:
@@ -134,11 +142,11 @@ def evaluate_in_match(my: classad2.ClassAd, target: classad2.ClassAd, attribute:
     for ref in refs:
         if "." not in ref and ref in target and ref not in my:
             # Evaluated where it is defined (MY = target), as the negotiator does.
-            value = target.lookup(ref).eval(target, my)
+            value = _eval(target.lookup(ref), target, my)
             if isinstance(value, classad2.Value):
                 value = classad2.ExprTree("error" if value == classad2.Value.Error else "undefined")
             scope[ref] = value
-    return _python(expr.eval(scope, target))
+    return _python(_eval(expr, scope, target))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,9 @@ class BrokerConfig:
     unmatched_delay_s: float = 1.0
     #: After this many declines by any node, the job is Held as unmatched.
     max_offers: int = 60
+    #: A job declined here that another node advertises it would run is passed on (its declines
+    #: not counted) for at most this long after its first decline; then every decline counts.
+    max_pass_s: float = 3600.0
     #: Quorum queues: deliveries of one message (requeues, node crashes) before the
     #: broker dead-letters it and a node answers it Held; 0 = no limit.
     delivery_limit: int = 20
@@ -84,6 +87,12 @@ class NodeConfig:
     redelivery_wait_s: float = 600.0
     #: How long the journal remembers finished jobs (to recognise redeliveries).
     journal_retention_s: float = 86400.0
+    #: carod rm of jobs not here: at most this many remembered (for journal_retention_s), oldest dropped first.
+    max_removals: int = 10_000
+    #: A job ad carod cannot bound by reading it is evaluated in a child process for at most
+    #: this long (seconds) and with at most this much memory (MiB); a job over either is Held.
+    eval_timeout_s: float = 1.0
+    eval_memory_mib: int = 256
     log_level: str = "INFO"
     log_format: str = "text"
     #: While a job runs, a JobStatus 2 reply with its usage this often; 0 = only when it starts.
@@ -134,6 +143,10 @@ class PoolConfig:
     advertise_interval_s: float = 5.0
     #: A node not heard from for this long is dropped from the pool.
     node_timeout_s: float = 30.0
+    #: An advert larger than this (KiB) is dropped unread.
+    max_advert_kib: int = 256
+    #: Other nodes remembered at most; adverts of further nodes are dropped.
+    max_nodes: int = 256
 
 
 @dataclass(frozen=True)
@@ -248,7 +261,7 @@ def _check(config: Config) -> None:
     for key in ("prefetch", "max_offers", "delivery_limit"):
         if getattr(b, key) < 0:
             raise ConfigError(f"[broker] {key}: must not be negative")
-    for key in ("confirm_timeout_s", "connect_timeout_s", "reconnect_interval_s"):
+    for key in ("confirm_timeout_s", "connect_timeout_s", "reconnect_interval_s", "max_pass_s"):
         if getattr(b, key) <= 0:
             raise ConfigError(f"[broker] {key}: must be greater than 0")
     if b.unmatched_delay_s < 0:
@@ -280,6 +293,9 @@ def _check(config: Config) -> None:
         "stream_interval_s",
         "stream_chunk_kib",
         "stream_rate_kib_s",
+        "max_removals",
+        "eval_timeout_s",
+        "eval_memory_mib",
     ):
         if getattr(n, key) <= 0:
             raise ConfigError(f"[node] {key}: must be greater than 0")
@@ -332,7 +348,7 @@ def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
 def _check_pool(p: PoolConfig) -> None:
     if not p.exchange or p.exchange.startswith("amq."):
         raise ConfigError(f"[pool] exchange: must be a name of carod's own (not empty, not amq.*), got {p.exchange!r}")
-    for key in ("advertise_interval_s", "node_timeout_s"):
+    for key in ("advertise_interval_s", "node_timeout_s", "max_advert_kib", "max_nodes"):
         if getattr(p, key) <= 0:
             raise ConfigError(f"[pool] {key}: must be greater than 0")
     if p.node_timeout_s <= p.advertise_interval_s:

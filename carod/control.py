@@ -9,12 +9,20 @@ The node running (or holding) the job answers to the request's
 ``reply_to`` with ``{"v": 1, "node": "n1", "message_id": "...", "state": "running"}``;
 nodes that do not have it stay silent, and remember the removal for
 ``[node] journal_retention_s`` in case the job reaches them later
-(docs/operations.md, "Removing jobs").
+(docs/operations.md, "Removing jobs"): at most ``[node] max_removals`` of
+them, the oldest forgotten first (:class:`Removals`).
+
+Anyone who may publish to the pool exchange may remove any job (docs/security.md);
+what one request can cost a node is bounded: a body of at most
+:data:`MAX_REQUEST_BYTES` (refused before it is decoded), a ``message_id`` of at
+most :data:`MAX_ID_BYTES` (AMQP's own limit for a message id: a longer one
+cannot name a job), a reason of at most :data:`MAX_REASON` characters.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from carod.errors import CarodError
@@ -25,6 +33,12 @@ CONTROL_KEY = "control"
 ACTIONS = ("rm",)
 #: Longest reason kept (it goes into the Removed reply's RemoveReason).
 MAX_REASON = 500
+#: Longest ``by`` kept.
+MAX_BY = 100
+#: Longest message_id, in UTF-8 bytes: an AMQP 0-9-1 message-id is a short string.
+MAX_ID_BYTES = 255
+#: Largest request body read at all.
+MAX_REQUEST_BYTES = 8 * 1024
 
 
 class ControlError(CarodError):
@@ -64,16 +78,56 @@ def encode_request(request: Request) -> bytes:
 
 
 def decode_request(body: bytes) -> Request:
+    """Read a request. Raises ControlError naming what is wrong (a body over MAX_REQUEST_BYTES is not decoded)."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise ControlError(f"a body of {len(body)} bytes (at most {MAX_REQUEST_BYTES})")
     data = json_object(body, VERSION, ControlError)
     action, message_id = data.get("action"), data.get("message_id")
     if action not in ACTIONS:
-        raise ControlError(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
+        raise ControlError(f"unknown action {str(action)[:40]!r} (known: {', '.join(ACTIONS)})")
     if not isinstance(message_id, str) or not message_id:
         raise ControlError("no message_id")
+    if len(message_id.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES:
+        raise ControlError(f"a message_id longer than {MAX_ID_BYTES} bytes cannot name a job")
     reason, by = data.get("reason", ""), data.get("by", "")
     if not isinstance(reason, str) or not isinstance(by, str):
         raise ControlError("reason and by must be strings")
-    return Request(action, message_id, reason[:MAX_REASON], by[:100])
+    return Request(action, message_id, reason[:MAX_REASON], by[:MAX_BY])
+
+
+class Removals:
+    """Removals of jobs not (yet) here: message_id -> reason, for ``keep_s``, at most ``max_count`` (oldest dropped)."""
+
+    def __init__(self, max_count: int, keep_s: float) -> None:
+        self.max_count = max_count
+        self.keep_s = keep_s
+        self._items: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        #: removals forgotten early because there were too many
+        self.dropped = 0
+
+    def add(self, message_id: str, reason: str, now: float) -> None:
+        self._items.pop(message_id, None)
+        self._items[message_id] = (reason, now)
+        while len(self._items) > self.max_count:
+            self._items.popitem(last=False)
+            self.dropped += 1
+
+    def get(self, message_id: str, now: float) -> str | None:
+        """The reason, while the removal is remembered."""
+        item = self._items.get(message_id)
+        if item is None or now - item[1] > self.keep_s:
+            return None
+        return item[0]
+
+    def expire(self, now: float) -> None:
+        while self._items:
+            _, when = next(iter(self._items.values()))
+            if now - when <= self.keep_s:
+                return
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def encode_answer(answer: Answer) -> bytes:

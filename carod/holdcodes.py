@@ -9,6 +9,8 @@ class HoldCode(enum.IntEnum):
     UNSPECIFIED = 0
     USER_REQUEST = 1
     JOB_POLICY = 3
+    #: a job policy (here: the job ad itself) could not be evaluated
+    JOB_POLICY_UNDEFINED = 21
     FAILED_TO_CREATE_PROCESS = 6
     UNABLE_TO_OPEN_OUTPUT = 7
     UNABLE_TO_OPEN_INPUT = 8

@@ -94,6 +94,18 @@ class Metrics:
             registry=r,
         )
         self.reconnects = Counter("carod_broker_reconnects", "Broker connections re-established", registry=r)
+        self.evaluations = Counter(
+            "carod_classad_evaluations",
+            "Job ads evaluated in the bounded evaluator (their text did not bound their cost), by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.pool_dropped = Counter(
+            "carod_pool_messages_dropped",
+            "Adverts and control requests dropped (too large, too costly to evaluate, unreadable)",
+            ["kind"],
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

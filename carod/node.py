@@ -25,12 +25,14 @@ from pathlib import Path
 import classad2
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import classads, jobad, machine, replies, sandbox
+from carod import classads, jobad, machine, pool, replies, sandbox
 from carod.admission import Admission
 from carod.answer import Answerer
 from carod.broker import Broker, park, settle
 from carod.config import Config
-from carod.errors import BrokerError, JobHeld
+from carod.control import Removals
+from carod.errors import EXIT_SOFTWARE, BrokerError, JobHeld, StartupError
+from carod.evaluator import Evaluator, EvaluatorError
 from carod.execute import Executor, Run
 from carod.holdcodes import HoldCode
 from carod.job import Job, job_info, log_state, set_requests
@@ -46,17 +48,12 @@ from carod.journal import (
 )
 from carod.message import parse_envelope
 from carod.metrics import Metrics
-from carod.pool import JobInfo, PoolView
+from carod.pool import HandBacks, JobInfo, PoolView
 from carod.progress import Progress
 from carod.resources import Request
 from carod.runner import process_start_time
 
 log = logging.getLogger("carod.job")
-
-#: A job is handed back to the queue (for a node with room) at most this often per node...
-_HAND_BACK_AGAIN_S = 30.0
-#: ...and only while the broker has delivered it fewer times than this since it was queued.
-_HAND_BACK_DELIVERIES = 3
 
 
 class Node:
@@ -89,9 +86,10 @@ class Node:
         #: set when the node shuts down: answers waiting for a redelivery stay in the journal
         self.stopping = asyncio.Event()
         self.answer = Answerer(config, broker, journal, self.running, self.stopping)
-        self._handed_back: dict[str, float] = {}
-        #: carod rm: message_id -> (reason, when), for jobs that reach this node later
-        self._removals: dict[str, tuple[str, float]] = {}
+        self._handed_back = HandBacks()
+        #: carod rm of jobs that may reach this node later
+        self.removals = Removals(config.node.max_removals, config.node.journal_retention_s)
+        self.evaluator = Evaluator.for_node(config, metrics)
         self._stops: set[asyncio.Task[replies.ExitInfo]] = set()
         self._disk_fixed = machine.disk_is_fixed(config)
         admission.disk_available = self.disk_available
@@ -99,7 +97,11 @@ class Node:
     # ------------------------------------------------------------ start-up
 
     async def recover(self) -> None:
-        """Before consuming: clean up after a crash, as the journal tells it."""
+        """Before consuming: clean up after a crash, as the journal tells it; start the ClassAd evaluator."""
+        try:
+            await self.evaluator.start()
+        except EvaluatorError as exc:
+            raise StartupError(str(exc), EXIT_SOFTWARE) from exc
         killed = await self.executor.clean_host()
         if killed:
             log.warning("killed %d process(es) left by jobs of an earlier carod", killed)
@@ -127,8 +129,7 @@ class Node:
             )
 
     async def expire(self) -> None:
-        now, keep_s = time.monotonic(), self.config.node.journal_retention_s
-        self._removals = {k: v for k, v in self._removals.items() if now - v[1] <= keep_s}
+        self.removals.expire(time.monotonic())
         for path in await self.journal.expire(self.config.node.journal_retention_s):
             await asyncio.to_thread(Path(path).unlink, missing_ok=True)
 
@@ -194,9 +195,9 @@ class Node:
         record, new = await self.journal.receive(env.message_id)
         if not new and await self._known(job, record):
             return
-        removal = self._removals.get(env.message_id)
-        if removal is not None and time.monotonic() - removal[1] <= self.config.node.journal_retention_s:
-            await self.answer.final(job, self._removed(job, removal[0]))
+        removal = self.removals.get(env.message_id, time.monotonic())
+        if removal is not None:
+            await self.answer.final(job, self._removed(job, removal))
             return
         if env.delivery_limited:
             held = JobHeld(
@@ -207,7 +208,8 @@ class Node:
             await self.answer.final(job, self._held(job, held))
             return
         try:
-            ad = classads.ad_from_headers(job.message.headers or {})
+            # Evaluated on this loop only when bounded; else reduced by the bounded evaluator first.
+            ad = await self.evaluator.job_ad(classads.ad_from_headers(job.message.headers or {}), self.live_ad)
             jobad.apply_defaults(ad)
             spec = jobad.job_spec(ad)
         except JobHeld as held:
@@ -258,18 +260,12 @@ class Node:
         disk = self.disk_available()  # one statvfs for both checks
         return self.resources.fits(request, disk) and classads.match(ad, self.live_ad(disk_available_kib=disk)).ok
 
-    def _may_hand_back(self, job: Job, now: float) -> bool:
-        """Requeue it for another node? Not again soon from here, nor once the broker counts 3 deliveries."""
-        if len(self._handed_back) > 10_000:
-            self._handed_back = {k: t for k, t in self._handed_back.items() if now - t <= _HAND_BACK_AGAIN_S}
-        last = self._handed_back.get(job.message_id)
-        return job.envelope.deliveries < _HAND_BACK_DELIVERIES and (last is None or now - last > _HAND_BACK_AGAIN_S)
-
     def _sooner_elsewhere(self, job: Job, request: Request) -> list[str]:
         """Other nodes that advertise room for the job now and match it."""
-        if job.ad is None or not self._may_hand_back(job, time.monotonic()):
+        now = time.monotonic()
+        if job.ad is None or not self._handed_back.may(job.message_id, job.envelope.deliveries, now):
             return []
-        return self.pool.could_run_now(job.ad, request)
+        return self.pool.could_run_now(job.ad, request, now)
 
     async def _wait_for_room(self, job: Job, ad: classad2.ClassAd, request: Request) -> bool:
         """The job fits this machine but not what is free now: wait, unless another node could start it sooner."""
@@ -282,7 +278,7 @@ class Node:
         if job.removed is not None:
             await self.answer.final(job, self._removed(job, job.removed))
             return False
-        self._handed_back[job.message_id] = time.monotonic()
+        self._handed_back.mark(job.message_id, time.monotonic())
         self._state(job, "handed-back", to=",".join(others) or "the queue (node stopping)")
         await self.journal.forget(job.message_id)
         await settle(job.message, "requeue", label=job.envelope.label)
@@ -364,14 +360,14 @@ class Node:
 
     async def _decline(self, job: Job, ad: classad2.ClassAd, reason: str, request: Request) -> None:
         """Not for this node. Another node's advert matches it: pass it on. None does: count an offer, park it."""
-        env = job.envelope
-        elsewhere = self.pool.could_ever_run(ad, request)
+        env, now = job.envelope, time.monotonic()
+        elsewhere = self.pool.could_ever_run(ad, request, now)
         await self.journal.forget(job.message_id)
-        if elsewhere:
-            now = time.monotonic()
-            if self._may_hand_back(job, now):
+        over_s = time.time() - env.first_offer if env.first_offer is not None else 0.0
+        if elsewhere and pool.may_pass(over_s, self.config.broker.max_pass_s):  # adverts may be forged
+            if self._handed_back.may(job.message_id, env.deliveries, now):
                 # Straight back to the queue, where a node that matches can take it now.
-                self._handed_back[job.message_id] = now
+                self._handed_back.mark(job.message_id, now)
                 self._state(job, "passed", reason=reason, to=",".join(elsewhere))
                 await settle(job.message, "requeue", label=env.label)
             elif await self._park(job, env.offers):
@@ -381,10 +377,10 @@ class Node:
         offers = env.offers + 1
         limit = self.config.broker.max_offers
         if limit and offers >= limit:
-            over_s = time.time() - env.first_offer if env.first_offer is not None else 0.0
             held = JobHeld(
                 f"no execute node matched the job's Requirements after {offers} offers over {over_s:.0f} seconds "
-                f"(Requirements = {classads.expr_text(ad, 'Requirements')}; last node {self.name}: {reason})",
+                f"(Requirements = {classads.expr_text(ad, 'Requirements')}; last node {self.name}: {reason})"
+                + pool.unclaimed(elsewhere, self.config.broker.max_pass_s),
                 HoldCode.UNSPECIFIED,
             )
             await self.answer.final(job, self._held(job, held))
@@ -462,10 +458,10 @@ class Node:
     def remove(self, message_id: str, reason: str) -> str | None:
         """Stop the job and answer it Removed. Returns what it was doing here; None when it is not here.
 
-        Remembered for ``journal_retention_s`` either way: a job still in
-        the queue is answered Removed when it reaches this node.
+        Remembered (``journal_retention_s``, at most ``max_removals``) either
+        way: a job still in the queue is answered Removed when it reaches this node.
         """
-        self._removals[message_id] = (reason, time.monotonic())  # forgotten by expire()
+        self.removals.add(message_id, reason, time.monotonic())  # forgotten by expire()
         job = self.running.get(message_id)
         if job is None:
             return None

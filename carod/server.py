@@ -103,6 +103,8 @@ class Server:
                 await self.admission.close()
             if self.broker is not None:
                 await self.broker.close()
+            if self.node is not None:
+                await self.node.evaluator.close()
             if self.journal is not None:
                 await self.journal.close()
             if self.layers is not None and self.layers.cgroups is not None:
@@ -211,7 +213,7 @@ class Server:
             default = Request(min(1.0, totals.cpus), min(default.memory_mib, totals.memory_mib))
         self.admission = Admission(Resources(totals), default, max_prefetch=prefetch)
         self.broker = Broker(config.broker, node_name=config.node_name, prefetch=prefetch)
-        view = PoolView(config.broker.queue, config.node_name, config.pool.node_timeout_s)
+        view = PoolView(config.broker.queue, config.node_name, config.pool.node_timeout_s, config.pool.max_nodes)
         self.node = Node(
             config,
             machine_ad,

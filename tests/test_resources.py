@@ -189,9 +189,9 @@ def test_pool_view_knows_who_could_run_a_job() -> None:
     assert view.heard(advert("idle", cpus=2, total_cpus=2), now=5)
     assert view.heard(advert("leaving", pool.DRAINING), now=5)
     job = ad_from_headers({"Cmd": '"/bin/true"', "Requirements": "TARGET.TotalCpus >= 2"})
-    assert view.could_run_now(job, Request(1, 128)) == ["idle"]
-    assert sorted(view.could_ever_run(job, Request(2, 128))) == ["busy", "idle"]
-    assert view.could_ever_run(job, Request(4, 128)) == []  # bigger than any node
+    assert view.could_run_now(job, Request(1, 128), now=6) == ["idle"]
+    assert sorted(view.could_ever_run(job, Request(2, 128), now=6)) == ["busy", "idle"]
+    assert view.could_ever_run(job, Request(4, 128), now=6) == []  # bigger than any node
     assert set(view.last_heard()) == {"busy", "idle", "leaving"}
     assert view.expire(now=12) == ["busy"]
     view.heard(advert("idle", pool.OFFLINE), now=13)

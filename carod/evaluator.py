@@ -1,0 +1,425 @@
+"""The bounded evaluator: a child process that evaluates the ClassAds carod cannot bound by reading them.
+
+A job ad whose cost :mod:`carod.adcost` cannot bound from its text (a call to
+``sprintf``, a chain of ``strcat`` doublings, ...) is never evaluated on
+carod's event loop. At the job's arrival it goes, with this node's machine
+ad, to a long-lived child (``python -m carod.evaluator``, started with carod)
+that runs under ``RLIMIT_AS`` (``[node] eval_memory_mib`` above what it needs
+to start) and answers within ``[node] eval_timeout_s`` or is killed and
+replaced. The child does the pre-flight (:func:`preflight`):
+
+* evaluates every attribute of the job ad in the match context (MY = job,
+  TARGET = machine), and the machine's ``Start``, ``Requirements`` and
+  ``Rank`` against the job;
+* replaces every attribute that does not depend on the machine (no
+  ``TARGET`` reference, direct or through other attributes) by its value,
+  which must be at most :data:`MAX_VALUE_BYTES`;
+* checks that what is left (expressions about the machine) is bounded by
+  construction (:func:`carod.adcost.problem`), since carod evaluates those
+  at every match.
+
+carod continues with the reduced ad in-process as before. A job that breaks a
+bound is answered Held (:class:`carod.errors.JobHeld`, HoldReasonCode 21)
+naming the attribute; a dead or hung child costs that job and nothing else.
+
+Frames on the pipes: a 4-byte big-endian length and a JSON object. The
+attribute being evaluated is written to a shared page (a memfd), so carod can
+name it when the child is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import mmap
+import os
+import pwd
+import resource
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import classad2
+
+from carod import adcost
+from carod.classads import Undefined, evaluate, evaluate_in_match
+from carod.errors import CarodError, JobHeld
+from carod.holdcodes import HoldCode
+
+if TYPE_CHECKING:  # not imported by the child
+    from carod.config import Config
+    from carod.metrics import Metrics
+
+log = logging.getLogger("carod.evaluator")
+
+#: Largest value an attribute may evaluate to (it replaces the expression in the ad carod keeps).
+MAX_VALUE_BYTES = 64 * 1024
+#: Largest reduced ad the child may send back.
+MAX_REPLY_BYTES = 4 * 1024 * 1024
+_PAGE = 4096
+_LEN = struct.Struct(">I")
+#: How long the child may take to start and say it is ready.
+_START_TIMEOUT_S = 30.0
+#: Attributes of the machine ad evaluated against the job.
+MACHINE_POLICY = ("Start", "Requirements", "Rank")
+
+
+class EvaluatorError(CarodError):
+    """The evaluator child could not be started."""
+
+
+# ---------------------------------------------------------------- the child
+
+
+def preflight(job_text: str, machine: classad2.ClassAd) -> dict[str, Any]:
+    """Evaluate and reduce a job ad (in the child). Returns ``{"ad": text}`` or ``{"held": reason}``."""
+    job = classad2.parseOne(job_text)
+    reduced: dict[str, str] = {}
+    values: dict[str, object] = {}
+    for name in list(job.keys()):
+        _mark(f"job {name}")
+        expr = job.lookup(name)
+        try:
+            depends = any(ref for ref in job.externalRefs(expr))
+        except (classad2.ClassAdException, ValueError):
+            depends = True  # e.g. a cycle: left as it is, and adcost says why it is not bounded
+        if depends:  # about the machine: evaluated at each match, so it must be bounded (below)
+            evaluate_in_match(job, machine, name)  # what the library gives up on is ERROR
+            reduced[name] = str(expr)
+        else:  # the same value with any machine: only MY attributes are involved
+            values[name] = evaluate(job, name)
+    for name in MACHINE_POLICY:
+        if name in machine and any(ref for ref in machine.externalRefs(machine.lookup(name))):
+            _mark(f"machine {name}")  # it reads the job's attributes
+            evaluate_in_match(machine, job, name)
+    _mark("")
+    for name, value in values.items():
+        text = _literal(value)
+        if len(text) > MAX_VALUE_BYTES:
+            return {
+                "held": f"the job's {name} evaluates to a value of {len(text)} bytes; "
+                f"a job attribute's value may be at most {MAX_VALUE_BYTES} bytes"
+            }
+        reduced[name] = text
+    found = adcost.problem(reduced)
+    if found is not None:
+        name, why = found
+        return {
+            "held": f"the job's {name} depends on the machine (TARGET) and {why}; carod evaluates such an "
+            "expression at every match, so it must stay small and use only simple functions "
+            '(docs/protocol.md, "Bounded evaluation")'
+        }
+    return {"ad": "[" + "; ".join(f"{name} = {text}" for name, text in reduced.items()) + "]"}
+
+
+def _literal(value: object) -> str:
+    if isinstance(value, Undefined):
+        return "error" if value.error else "undefined"
+    holder = classad2.ClassAd()
+    holder["v"] = value
+    return str(holder.lookup("v"))
+
+
+_page: mmap.mmap | None = None
+
+
+def _mark(what: str) -> None:
+    """Say what is being evaluated, for carod to name it if the child is killed."""
+    if _page is not None:
+        data = what.encode("utf-8", "replace")[: _PAGE - 2]
+        _page[2 : 2 + len(data)] = data
+        _page[0:2] = len(data).to_bytes(2, "big")
+
+
+def _vm_size_kib() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``python -m carod.evaluator MEMORY_MIB PAGE_FD [UID GID]``: answer requests on stdin until it closes.
+
+    Started by root, it becomes UID:GID (no groups, so no capabilities) before it reads a request.
+    """
+    global _page
+    memory_mib, page_fd = int(argv[0]), int(argv[1])
+    _page = mmap.mmap(page_fd, _PAGE)
+    limit = _vm_size_kib() * 1024 + memory_mib * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if len(argv) >= 4 and os.geteuid() == 0:
+        os.setgroups([])
+        os.setgid(int(argv[3]))
+        os.setuid(int(argv[2]))
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    ready = json.dumps({"ready": os.getpid()}).encode()
+    stdout.write(_LEN.pack(len(ready)) + ready)
+    stdout.flush()
+    machine = classad2.ClassAd()
+    while True:
+        head = stdin.read(_LEN.size)
+        if len(head) < _LEN.size:
+            return 0
+        request = json.loads(stdin.read(_LEN.unpack(head)[0]))
+        try:
+            if request.get("machine") is not None:  # None: the same as the last request's
+                machine = classad2.parseOne(request["machine"])
+            answer = preflight(request["job"], machine)
+        except MemoryError:
+            answer = {"memory": True}
+        except (classad2.ClassAdException, ValueError) as exc:
+            answer = {"held": f"the job ad could not be read back ({exc})"}
+        except Exception as exc:  # a bug here, not the job's doing: carod requeues the job
+            answer = {"bug": repr(exc)[:1000]}
+        data = json.dumps({**answer, "id": request.get("id")}).encode()
+        stdout.write(_LEN.pack(len(data)) + data)
+        stdout.flush()
+        if answer.get("memory"):
+            return 0  # a fresh child for the next job
+
+
+# ---------------------------------------------------------------- carod's side
+
+
+class Evaluator:
+    """carod's handle on the child: one request at a time, each bounded in time; a fresh child after a failure."""
+
+    def __init__(
+        self, *, timeout_s: float, memory_mib: int, user: str | None = None, metrics: Metrics | None = None
+    ) -> None:
+        """``user``: run the child as this user when carod runs as root (the job user: it needs no rights)."""
+        self.timeout_s = timeout_s
+        self.memory_mib = memory_mib
+        self.metrics = metrics
+        self._ids: list[str] = []
+        if user is not None and os.geteuid() == 0:
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                entry = pwd.getpwnam("nobody")
+            self._ids = [str(entry.pw_uid), str(entry.pw_gid)]
+        self._proc: asyncio.subprocess.Process | None = None
+        #: the machine ad text the child has (it is sent only when it changed)
+        self._machine_sent: str | None = None
+        self._lock = asyncio.Lock()
+        self._sequence = 0
+        fd = os.memfd_create("carod-evaluator", 0)
+        os.ftruncate(fd, _PAGE)
+        self._page_fd = fd
+        self._page = mmap.mmap(fd, _PAGE)
+        #: children killed or lost, and job ads sent to the child (for tests and logs)
+        self.restarts = 0
+        self.preflights = 0
+
+    @classmethod
+    def for_node(cls, config: Config, metrics: Metrics | None = None) -> Evaluator:
+        """With ``[node] eval_timeout_s`` and ``eval_memory_mib``, the child running as ``[node] job_user``."""
+        node = config.node
+        return cls(timeout_s=node.eval_timeout_s, memory_mib=node.eval_memory_mib, user=node.job_user, metrics=metrics)
+
+    async def start(self) -> None:
+        """Start the child. Raises EvaluatorError."""
+        self._abandon()
+        self._machine_sent = None
+        command = f"{sys.executable} -m carod.evaluator"
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "carod.evaluator",
+                str(self.memory_mib),
+                str(self._page_fd),
+                *self._ids,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                pass_fds=(self._page_fd,),
+                cwd="/",
+                env=_child_env(),
+            )
+        except OSError as exc:
+            raise EvaluatorError(f"cannot start the ClassAd evaluator ({command}): {exc!r}") from exc
+        try:
+            if proc.stdout is None:
+                raise EOFError("no pipe")
+            await asyncio.wait_for(self._read(proc.stdout), _START_TIMEOUT_S)  # {"ready": pid}
+        except (EOFError, TimeoutError, ValueError) as exc:
+            _kill_now(proc)
+            await proc.wait()
+            raise EvaluatorError(f"cannot start the ClassAd evaluator ({command}): {exc!r}") from exc
+        except BaseException:
+            _kill_now(proc)  # cancelled: never keep a child whose first answer was not read
+            raise
+        self._proc = proc
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def job_ad(self, job: classad2.ClassAd, machine: Callable[[], classad2.ClassAd]) -> classad2.ClassAd:
+        """The ad carod handles in-process. Raises JobHeld.
+
+        ``job`` itself when :func:`carod.adcost.problem` bounds it from its text
+        (the fast path: no round trip, ``machine`` not called); otherwise the
+        child's reduced ad, evaluated against ``machine()``.
+        """
+        if adcost.problem({name: str(job.lookup(name)) for name in job}) is None:
+            return job
+        self.preflights += 1
+        try:
+            reduced = await self.preflight(job, machine())
+        except JobHeld:
+            self._count("held")
+            raise
+        except EvaluatorError:
+            self._count("failed")
+            raise
+        self._count("ok")
+        return reduced
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.evaluations.labels(outcome=outcome).inc()
+
+    async def preflight(self, job: classad2.ClassAd, machine: classad2.ClassAd) -> classad2.ClassAd:
+        """The job ad reduced by the child (see the module doc). Raises JobHeld."""
+        machine_text = str(machine)
+        async with self._lock:
+            if self._proc is None or self._proc.returncode is not None:
+                await self.start()
+            same = machine_text == self._machine_sent
+            self._sequence += 1
+            request = json.dumps(
+                {"id": self._sequence, "job": str(job), "machine": None if same else machine_text}
+            ).encode()
+            self._machine_sent = machine_text
+            proc = self._proc
+            self._page[0:2] = b"\0\0"
+            started = time.monotonic()
+            try:
+                answer = await asyncio.wait_for(self._ask(proc, request), self.timeout_s)
+            except asyncio.CancelledError:
+                self._abandon()  # its answer would be read as the next job's
+                raise
+            except TimeoutError:
+                what = self._what()
+                await self._replace(f"took more than {self.timeout_s:g}s")
+                raise JobHeld(
+                    f"the job's ClassAd took more than {self.timeout_s:g} s to evaluate ({what}); "
+                    f"carod evaluates a job ad for at most [node] eval_timeout_s = {self.timeout_s:g} s",
+                    HoldCode.JOB_POLICY_UNDEFINED,
+                ) from None
+            except (EOFError, ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+                # Died without an answer: the C++ library aborts when an allocation fails under RLIMIT_AS.
+                what = self._what()
+                await self._replace(f"died ({exc!r})")
+                raise self._memory_held(what) from exc
+            if answer.get("id") != self._sequence:  # never another job's answer
+                await self._replace(f"answered request {answer.get('id')!r} to request {self._sequence}")
+                raise EvaluatorError("the ClassAd evaluator's answer was not for this job")
+            if "bug" in answer:
+                await self._replace(f"failed: {answer['bug']}")
+                raise EvaluatorError(f"the ClassAd evaluator failed: {answer['bug']}")
+            if answer.get("memory"):
+                what = self._what()
+                await self._replace("ran out of memory")
+                raise self._memory_held(what)
+            log.debug("pre-flight took %.6fs", time.monotonic() - started)
+        held = answer.get("held")
+        if isinstance(held, str):
+            raise JobHeld(held, HoldCode.JOB_POLICY_UNDEFINED)
+        text = answer.get("ad")
+        if not isinstance(text, str):
+            raise JobHeld("the ClassAd evaluator gave no answer for the job", HoldCode.JOB_POLICY_UNDEFINED)
+        try:
+            reduced = classad2.parseOne(text)
+        except (classad2.ClassAdException, ValueError) as exc:
+            raise JobHeld(f"the job ad reduced by the evaluator does not parse ({exc})") from exc
+        # Checked again here: carod trusts no answer of the child's to be cheap to evaluate.
+        if adcost.problem({name: str(reduced.lookup(name)) for name in reduced}) is not None:
+            raise EvaluatorError("the ClassAd evaluator answered with an ad that is not bounded")
+        return reduced
+
+    def _memory_held(self, what: str) -> JobHeld:
+        return JobHeld(
+            f"the job's ClassAd took more than {self.memory_mib} MiB to evaluate ({what}); carod evaluates a job "
+            f"ad with at most [node] eval_memory_mib = {self.memory_mib} MiB",
+            HoldCode.JOB_POLICY_UNDEFINED,
+        )
+
+    async def _ask(self, proc: asyncio.subprocess.Process | None, request: bytes) -> dict[str, Any]:
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            raise EOFError("the evaluator is not running")
+        proc.stdin.write(_LEN.pack(len(request)) + request)
+        await proc.stdin.drain()
+        return await self._read(proc.stdout)
+
+    async def _read(self, stdout: asyncio.StreamReader) -> dict[str, Any]:
+        head = await stdout.readexactly(_LEN.size)
+        size = _LEN.unpack(head)[0]
+        if size > MAX_REPLY_BYTES:
+            raise ValueError(f"an answer of {size} bytes")
+        data = json.loads(await stdout.readexactly(size))
+        if not isinstance(data, dict):
+            raise ValueError("an answer that is not an object")
+        return data
+
+    def _what(self) -> str:
+        size = int.from_bytes(self._page[0:2], "big")
+        name = self._page[2 : 2 + size].decode("utf-8", "replace")
+        if not name:
+            return "while reading the ad"
+        side, _, attribute = name.partition(" ")
+        return f"attribute {attribute}" if side == "job" else f"this machine's {attribute} against the job"
+
+    async def _replace(self, why: str) -> None:
+        """Kill the child (it is not trusted any more) and start a fresh one."""
+        self.restarts += 1
+        log.warning("the ClassAd evaluator %s: killed and restarted", why)
+        await self._kill()
+        with contextlib.suppress(EvaluatorError):
+            await self.start()
+
+    def _abandon(self) -> None:
+        """Kill the child without waiting for it; the next request starts a fresh one."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _kill_now(proc)
+
+    async def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._kill()
+        self._page.close()
+        os.close(self._page_fd)
+
+
+def _kill_now(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+
+def _child_env() -> dict[str, str]:
+    """The child's environment: none of carod's (it may hold the broker's credentials)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+    if "PYTHONPATH" in os.environ:
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

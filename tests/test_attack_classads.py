@@ -1,0 +1,338 @@
+"""Issue 14: ClassAds that cost without bound to evaluate, in job ads and in forged pool adverts.
+
+Each test performs the attack against a real carod and a real broker and
+asserts what a user sees: the job is Held with a reason naming the bound and
+the attribute (HoldReasonCode 21), the node's memory stays small, and the
+node goes on running the seed job. The pure bound (carod.adcost) is tested
+without a broker at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import classad2
+import pytest
+
+from carod import adcost, pool
+from carod.classads import ad_from_headers, evaluate
+from carod.evaluator import Evaluator
+from carod.holdcodes import HoldCode
+from carod.resources import Request
+from tests.helpers import BROKER_URL, RunningNode, Submitter, q, start_daemon, start_node, unique, write_config
+
+SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out"), "Requirements": "TRUE"}
+HELD = 5
+
+
+def strcat_doublings(levels: int, width: int = 60_000) -> dict[str, Any]:
+    """The reported attack: A0 a long literal, A<n> = strcat(A<n-1>, A<n-1>), Requirements reads the last one."""
+    ad: dict[str, Any] = {"Cmd": q("/bin/echo"), "A0": q("x" * width)}
+    for i in range(1, levels + 1):
+        ad[f"A{i}"] = f"strcat(A{i - 1}, A{i - 1})"
+    ad["Requirements"] = f"size(A{levels}) > 0"
+    return ad
+
+
+def sum_doublings(levels: int) -> dict[str, Any]:
+    """Exponential time with no function at all: A<n> = A<n-1> + A<n-1> (evaluation does not memoise)."""
+    ad: dict[str, Any] = {"Cmd": q("/bin/echo"), "A0": 1}
+    for i in range(1, levels + 1):
+        ad[f"A{i}"] = f"A{i - 1} + A{i - 1}"
+    ad["Requirements"] = f"A{levels} > 0"
+    return ad
+
+
+def vm_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def assert_held_for_evaluation(replies: list[Any], *needles: str) -> str:
+    final = replies[-1]
+    assert final.status == HELD, final.headers
+    assert final.headers["HoldReasonCode"] == int(HoldCode.JOB_POLICY_UNDEFINED)
+    reason = str(final.headers["HoldReason"])
+    for needle in needles:
+        assert needle in reason, reason
+    return reason
+
+
+async def assert_seed_runs(sub: Submitter) -> None:
+    done = (await sub.run(SEED, timeout_s=30))[-1]
+    assert done.status == 4, done.headers
+    assert done.headers["ExitCode"] == 0
+    assert done.zip_read("job.out") == b"Hello Grid!\n"
+
+
+# ---------------------------------------------------------------- job ads
+
+
+async def test_strcat_doublings_are_held_and_carod_stays_small(queue: str, base: Path, submitter: Submitter) -> None:
+    config = write_config(base, queue, node={"eval_timeout_s": 2, "eval_memory_mib": 256})
+    daemon = await start_daemon(config)
+    try:
+        before_kib = vm_kib(daemon.proc.pid, "VmRSS")
+        replies = await submitter.run(strcat_doublings(12), timeout_s=60)
+        reason = assert_held_for_evaluation(replies, "the job's ClassAd took more than", "to evaluate", "attribute A")
+        assert "256 MiB" in reason or "2 s" in reason, reason
+        # carod itself never built the strings: its peak RSS is what it was, give or take (the attack took +618 MiB).
+        peak_kib = vm_kib(daemon.proc.pid, "VmHWM")
+        assert peak_kib < before_kib + 64 * 1024, (before_kib, peak_kib)
+        await assert_seed_runs(submitter)
+        assert await daemon.stop() == 0
+        # ...and it starts again cleanly and serves.
+        daemon = await start_daemon(config)
+        await assert_seed_runs(submitter)
+    finally:
+        assert await daemon.stop() == 0, "".join(daemon.log[-20:])
+
+
+@pytest.fixture
+async def evalnode(queue: str, base: Path) -> AsyncIterator[RunningNode]:
+    running = await start_node(queue, base, node={"eval_timeout_s": 1, "eval_memory_mib": 256})
+    yield running
+    await running.stop()
+
+
+async def test_exponential_time_without_functions_is_held(evalnode: RunningNode, submitter: Submitter) -> None:
+    evaluator = evalnode.server.node.evaluator  # type: ignore[union-attr]
+    child = evaluator.pid
+    replies = await submitter.run(sum_doublings(30), timeout_s=30)
+    assert_held_for_evaluation(replies, "took more than 1 s to evaluate", "attribute A")
+    # The hung child was killed and replaced; the next costly-looking ad is evaluated by the new one.
+    assert evaluator.pid != child
+    fine = await submitter.run({**SEED, "Cmd": 'replaceAll("x", "/bin/xcho", "e")'})  # /bin/echo, via the child
+    assert fine[-1].status == 4 and fine[-1].zip_read("job.out") == b"Hello Grid!\n", fine[-1].headers
+    await assert_seed_runs(submitter)
+
+
+async def test_replace_all_quadratic_is_held_for_memory(queue: str, base: Path, submitter: Submitter) -> None:
+    # A time bound the quadratic blow-up cannot reach first, even on a busy host: the memory bound stops it.
+    running = await start_node(queue, base, node={"eval_timeout_s": 30, "eval_memory_mib": 64})
+    try:
+        job = {"Cmd": q("/bin/echo"), "S": q("x" * 20_000), "Junk": 'replaceAll(".", S, S)'}
+        replies = await submitter.run(job, timeout_s=60)
+        assert_held_for_evaluation(replies, "took more than 64 MiB to evaluate", "attribute Junk")
+        await assert_seed_runs(submitter)
+    finally:
+        await running.stop()
+
+
+async def test_sprintf_width(evalnode: RunningNode, submitter: Submitter) -> None:
+    evaluator = evalnode.server.node.evaluator  # type: ignore[union-attr]
+    # Evaluated once, in the child: the ClassAd library answers ERROR (it does for any sprintf), so the job runs.
+    before = evaluator.preflights
+    replies = await submitter.run({**SEED, "Junk": 'sprintf("%999999999d", 1)'})
+    assert replies[-1].status == 4, replies[-1].headers
+    assert evaluator.preflights == before + 1
+    # About the machine, it would be evaluated at every match: refused, with the reason.
+    about_machine = {**SEED, "Requirements": 'sprintf("%999999999d", TARGET.Memory) != ""'}
+    assert_held_for_evaluation(
+        await submitter.run(about_machine), "the job's Requirements depends on the machine", "sprintf()"
+    )
+    await assert_seed_runs(submitter)
+
+
+async def test_plain_ads_take_the_fast_path(evalnode: RunningNode, submitter: Submitter) -> None:
+    evaluator = evalnode.server.node.evaluator  # type: ignore[union-attr]
+    before = evaluator.preflights
+    job = {**SEED, "RequestMemory": 64, "Requirements": "TARGET.Memory >= MY.RequestMemory && TARGET.Cpus >= 1"}
+    assert (await submitter.run(job))[-1].status == 4
+    assert evaluator.preflights == before
+
+
+# ---------------------------------------------------------------- forged adverts
+
+
+@pytest.fixture
+async def exchange() -> AsyncIterator[str]:
+    name = unique("pool")
+    yield name
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.exchange_delete(name)
+
+
+async def publish(exchange: str, key: str, body: bytes) -> None:
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        await ex.publish(aio_pika.Message(body), routing_key=key)
+
+
+def forged(node: str, queue: str, ad_text: str) -> bytes:
+    return json.dumps(
+        {"v": 1, "node": node, "queue": queue, "state": "Running", "sent": time.time(), "period_s": 5, "ad": ad_text}
+    ).encode()
+
+
+def machine_text(**extra: str) -> str:
+    attrs = {"Name": q("forged"), "Cpus": "64", "TotalCpus": "64", "Memory": "1000000", "TotalMemory": "1000000"}
+    attrs.update({"Disk": "1000000000", "TotalDisk": "1000000000", "Start": "TRUE", "HasGPU": "TRUE", **extra})
+    return "[" + "; ".join(f"{k} = {v}" for k, v in attrs.items()) + "]"
+
+
+async def until(condition: Any, timeout_s: float = 20) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_forged_advert_with_doublings_is_dropped(
+    queue: str, base: Path, exchange: str, submitter: Submitter
+) -> None:
+    running = await start_node(queue, base, pool={"exchange": exchange, "max_advert_kib": 256})
+    try:
+        advertiser, node = running.server.advertiser, running.server.node
+        assert advertiser is not None and node is not None
+        doublings = {"A0": q("x" * 1000), **{f"A{i}": f"strcat(A{i - 1}, A{i - 1})" for i in range(1, 21)}}
+        evil = machine_text(**doublings, Start="size(A20) > 0")
+        await publish(exchange, "advert.evil", forged("evil", queue, evil))
+        await publish(exchange, "advert.huge", forged("huge", queue, machine_text(Pad=q("y" * 300_000))))
+        await until(lambda: advertiser.dropped.dropped >= 2)
+        assert not {"evil", "huge"} & set(node.pool.peers)
+        # A cheap forged advert is kept (adverts are not authenticated), and matching goes on.
+        await publish(exchange, "advert.cheap", forged("cheap", queue, machine_text()))
+        await until(lambda: "cheap" in node.pool.peers)
+        await assert_seed_runs(submitter)
+    finally:
+        await running.stop()
+
+
+async def test_a_job_only_a_forged_node_matches_is_still_held(
+    queue: str, base: Path, exchange: str, submitter: Submitter
+) -> None:
+    running = await start_node(
+        queue,
+        base,
+        broker={"max_offers": 3, "unmatched_delay_s": 0.05, "max_pass_s": 1},
+        pool={"exchange": exchange, "advertise_interval_s": 1, "node_timeout_s": 30},
+    )
+    stop = asyncio.Event()
+
+    async def keep_advertising() -> None:
+        while not stop.is_set():
+            await publish(exchange, "advert.ghost", forged("ghost", queue, machine_text()))
+            await asyncio.sleep(0.2)
+
+    ghost = asyncio.create_task(keep_advertising())
+    try:
+        node = running.server.node
+        assert node is not None
+        await until(lambda: "ghost" in node.pool.peers)
+        mid = await submitter.send({"Cmd": q("/bin/true"), "Requirements": "TARGET.HasGPU =?= TRUE"})
+        replies = await submitter.wait_final(mid, timeout_s=60)
+        assert replies[-1].status == HELD, replies[-1].headers
+        reason = str(replies[-1].headers["HoldReason"])
+        assert "no execute node matched" in reason and "ghost" in reason and "max_pass_s" in reason, reason
+        await assert_seed_runs(submitter)
+    finally:
+        stop.set()
+        await ghost
+        await running.stop()
+
+
+# ---------------------------------------------------------------- the evaluator on its own
+
+
+async def test_evaluator_fast_path_reduction_and_cancellation() -> None:
+    machine = classad2.parseOne('[Name = "m"; Memory = 4096; Cpus = 2; Start = TARGET.RequestMemory < 2048]')
+    asked: list[bool] = []
+
+    def live() -> classad2.ClassAd:
+        asked.append(True)
+        return machine
+
+    evaluator = Evaluator(timeout_s=10, memory_mib=256)
+    await evaluator.start()
+    try:
+        plain = ad_from_headers({"Cmd": q("/bin/echo"), "RequestMemory": 64, "Requirements": "TARGET.Memory > 1"})
+        assert await evaluator.job_ad(plain, live) is plain and not asked  # no round trip, no machine ad
+        costly = ad_from_headers({"Cmd": 'replaceAll("x", "/bin/xcho", "e")', "Requirements": "TARGET.Memory > 1"})
+        reduced = await evaluator.job_ad(costly, live)
+        assert asked and evaluate(reduced, "Cmd") == "/bin/echo"
+        assert str(reduced.lookup("Requirements")) == "TARGET.Memory > 1"  # about the machine: kept
+        # A request given up half-way (the job's task cancelled) must not leave its answer for the next job.
+        child = evaluator.pid
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(evaluator.preflight(ad_from_headers(sum_doublings(26)), machine), 0.3)
+        again = await evaluator.preflight(costly, machine)
+        assert evaluate(again, "Cmd") == "/bin/echo" and evaluator.pid != child
+    finally:
+        await evaluator.close()
+
+
+# ---------------------------------------------------------------- the pure bound
+
+
+def test_adcost_bounds_the_reported_shapes() -> None:
+    assert adcost.problem({k: str(v) for k, v in strcat_doublings(12).items()}) is not None
+    assert adcost.problem({k: str(v) for k, v in sum_doublings(30).items()}) is not None
+    assert adcost.problem({"X": 'sprintf("%999999999d", 1)'}) == ("X", "calls sprintf()")
+    assert adcost.problem({"X": "[a = 1; b = a].b"}) == ("X", "contains a nested ClassAd")
+    assert adcost.problem({"X": "Y", "Y": "X + 1"}) is not None
+    assert adcost.problem({"R": "TARGET.Start"}) == ("R", "refers to the other ad's Start")
+    # What clients send is bounded, and costs nothing to check twice.
+    plain = {"Cmd": q("/bin/echo"), "L": "{1, 2}[0]", "Requirements": "TARGET.Memory >= RequestMemory"}
+    assert adcost.problem({**plain, "RequestMemory": "128"}) is None
+    chain = {"A0": "1", **{f"A{i}": f"A{i - 1}" for i in range(1, 5000)}}  # deep, not recursive
+    assert adcost.problem(chain) is not None
+    assert adcost.is_literal("-12") and adcost.is_literal('"x"') and not adcost.is_literal("A + 1")
+
+
+def test_forged_advert_checks() -> None:
+    def advert(**extra: str) -> pool.Advert:
+        return pool.Advert("n", "grid", pool.RUNNING, 1.0, 5.0, machine_text(**extra))
+
+    assert pool.checked_ad(advert()) is not None
+    with pytest.raises(pool.AdvertError, match="calls sprintf"):
+        pool.checked_ad(advert(Start='sprintf("%d", TARGET.X) == ""'))
+    with pytest.raises(pool.AdvertError, match="only Start, Requirements and Rank"):
+        pool.checked_ad(advert(Cpus="TARGET.RequestCpus"))
+    with pytest.raises(pool.AdvertError, match="bytes long"):
+        pool.checked_ad(advert(Pad=q("y" * 5000)))
+    with pytest.raises(pool.AdvertError, match="at most 10"):
+        pool.decode(forged("n", "grid", machine_text()), max_bytes=10)
+    view = pool.PoolView("grid", "me", timeout_s=10, max_nodes=1)
+    assert view.heard(pool.Advert("a", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=0)
+    with pytest.raises(pool.AdvertError, match="max_nodes"):
+        view.heard(pool.Advert("b", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=1)
+    assert view.heard(pool.Advert("b", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=11)  # "a" timed out
+
+
+def test_matching_against_many_adverts_is_time_boxed() -> None:
+    ticks = iter(range(1_000_000))
+    view = pool.PoolView("grid", "me", timeout_s=10, clock=lambda: float(next(ticks)))  # each reading: 1 s later
+    for name in ("a", "b", "c"):
+        assert view.heard(pool.Advert(name, "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=0)
+    job = ad_from_headers({"Cmd": q("/bin/true"), "Requirements": "TARGET.HasGPU"})
+    # Over budget after each node: one node per call, taking turns, so none is hidden for good.
+    seen = [view.could_ever_run(job, Request(1, 128), now=1) for _ in range(4)]
+    assert seen == [["a"], ["b"], ["c"], ["a"]]
+
+
+def test_a_node_not_heard_recently_does_not_count() -> None:
+    view = pool.PoolView("grid", "me", timeout_s=10)
+    assert view.heard(pool.Advert("ghost", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=0)
+    job = ad_from_headers({"Cmd": q("/bin/true"), "Requirements": "TARGET.HasGPU"})
+    assert view.could_ever_run(job, Request(1, 128), now=9) == ["ghost"]
+    # Not yet expired from the view (the advertiser's loop does that), but silent too long: it does not count.
+    assert view.could_ever_run(job, Request(1, 128), now=11) == []
+    assert view.could_run_now(job, Request(1, 128), now=11) == []
+
+
+def test_passes_on_are_bounded_even_with_a_forged_first_offer() -> None:
+    assert pool.may_pass(0, 3600) and pool.may_pass(3600, 3600)
+    assert not pool.may_pass(3601, 3600)  # passed on for too long: declines count again
+    assert not pool.may_pass(-86400, 3600)  # x-carod-first-offer set a day ahead by the submitter
