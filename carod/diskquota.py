@@ -241,7 +241,9 @@ def unmount_all(root: Path, image: Path | None = None) -> int:
     while (mounts := _mounts_on(root)) and count < 16:
         fstype, source = mounts[-1]
         if image is not None and not (fstype == "btrfs" and _is_image(source, image)):
-            raise OSError(errno.EBUSY, f"{root} is already a mount point ({fstype} {source}) that is not carod's image")
+            raise OSError(
+                errno.EBUSY, f"{root} is the mount point of another file system ({fstype} {source}), not carod's image"
+            )
         if libc.umount2(os.fsencode(root), _MNT_DETACH) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"cannot unmount {root}: {os.strerror(err)}")
