@@ -96,6 +96,10 @@ def _vol_args(name: str) -> bytearray:
     return buf
 
 
+def _level1(group: int) -> int:
+    return (1 << _LEVEL_SHIFT) | group
+
+
 def limit_slack_bytes(limit_bytes: int) -> int:
     """How far below its limit a sandbox counts as full (docs/security.md)."""
     return max(SLACK_MIN_BYTES, limit_bytes // SLACK_FRACTION)
@@ -112,6 +116,8 @@ class DiskQuota:
     sysfs: Path
     root_fd: int
     _next_group: int = 1
+    #: group -> the subvolume id of its sandbox
+    _subvolumes: dict[int, int] = field(default_factory=dict)
     #: quota groups of ended jobs, deleted once the kernel lets go of them
     _retired: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=4096))
 
@@ -136,10 +142,11 @@ class DiskQuota:
         (subvolume,) = struct.unpack_from("Q", lookup, 0)
         group = self._next_group
         self._next_group += 1
-        qgroup = (1 << _LEVEL_SHIFT) | group
+        qgroup = _level1(group)
         _ioctl(self.root_fd, _IOC_QGROUP_CREATE, bytearray(struct.pack("QQ", 1, qgroup)), "cannot create a quota group")
         assign = bytearray(struct.pack("QQQ", 1, subvolume, qgroup))
         _ioctl(self.root_fd, _IOC_QGROUP_ASSIGN, assign, "cannot put the sandbox in its quota group")
+        self._subvolumes[group] = subvolume
         return group
 
     def limit(self, group: int, limit_bytes: int) -> None:
@@ -161,26 +168,34 @@ class DiskQuota:
         """Delete the sandbox subvolume whatever it holds (the kernel frees it in the background).
 
         False when the kernel refused (e.g. the job made subvolumes inside it):
-        the caller then removes the tree file by file.
+        the caller then removes the tree file by file. The job's quota group
+        is deleted too (the kernel deletes the subvolume's own group once it
+        has freed it); one still in use is tried again at later calls.
         """
+        deleted = False
+        if box.parent == self.root:
+            try:
+                _ioctl(self.root_fd, _IOC_SNAP_DESTROY, _vol_args(box.name), "cannot delete the sandbox subvolume")
+                deleted = True
+            except QuotaError as exc:
+                deleted = exc.errno == errno.ENOENT
         if group is not None:
-            self._retired.append(group)
+            subvolume = self._subvolumes.pop(group, None)
+            if deleted and subvolume is not None:
+                with contextlib.suppress(OSError):  # then the group is empty and goes at once
+                    fcntl.ioctl(
+                        self.root_fd, _IOC_QGROUP_ASSIGN, bytearray(struct.pack("QQQ", 0, subvolume, _level1(group)))
+                    )
+            self._retired.appendleft(group)
         self._forget_retired()
-        if box.parent != self.root:
-            return False
-        try:
-            _ioctl(self.root_fd, _IOC_SNAP_DESTROY, _vol_args(box.name), "cannot delete the sandbox subvolume")
-        except QuotaError as exc:
-            return exc.errno == errno.ENOENT
-        return True
+        return deleted
 
     def _forget_retired(self, attempts: int = 4) -> None:
         """Delete a few quota groups of ended jobs; a group still in use stays for a later try."""
         for _ in range(min(attempts, len(self._retired))):
             group = self._retired.popleft()
-            args = bytearray(struct.pack("QQ", 0, (1 << _LEVEL_SHIFT) | group))
             try:
-                fcntl.ioctl(self.root_fd, _IOC_QGROUP_CREATE, args)
+                fcntl.ioctl(self.root_fd, _IOC_QGROUP_CREATE, bytearray(struct.pack("QQ", 0, _level1(group))))
             except OSError as exc:
                 if exc.errno in (errno.EBUSY, errno.ENOTEMPTY):
                     self._retired.append(group)
