@@ -13,7 +13,8 @@ open and the file system's metadata of the job's files (so many small files
 count too), and puts a subvolume or snapshot the job makes inside its sandbox
 into the same group (simple quotas inherit the parent's groups), so it cannot
 step outside its limit that way. Reading a group's usage is one small sysfs
-read. The per-job set-up is four ioctls (no process is started).
+read. The per-job set-up is five ioctls and its removal three (no process
+is started; 70-120 and 60-70 microseconds on the development machine).
 
 Why btrfs and not ext4 or XFS project quotas: those need ``CONFIG_QFMT_V2``
 or ``CONFIG_XFS_QUOTA``, which kernels built without disk quotas (like the
@@ -107,7 +108,12 @@ def limit_slack_bytes(limit_bytes: int) -> int:
 
 @dataclass
 class DiskQuota:
-    """The mounted image and its quota groups. Blocking methods: call them in a thread."""
+    """The mounted image and its quota groups.
+
+    Each method is one to five ioctls or a sysfs read (tens of microseconds);
+    :meth:`destroy` of a sandbox holding nested subvolumes may fall back to a
+    file-by-file removal by the caller, so call it in a thread.
+    """
 
     root: Path
     image: Path
@@ -151,9 +157,7 @@ class DiskQuota:
 
     def limit(self, group: int, limit_bytes: int) -> None:
         """Set the group's hard limit on referenced bytes."""
-        args = bytearray(
-            struct.pack("QQQQQQ", (1 << _LEVEL_SHIFT) | group, _QGROUP_LIMIT_MAX_RFER, limit_bytes, 0, 0, 0)
-        )
+        args = bytearray(struct.pack("QQQQQQ", _level1(group), _QGROUP_LIMIT_MAX_RFER, limit_bytes, 0, 0, 0))
         _ioctl(self.root_fd, _IOC_QGROUP_LIMIT, args, "cannot set the sandbox's disk limit")
 
     def used_bytes(self, group: int) -> int:
