@@ -37,6 +37,7 @@ import os
 import shutil
 import struct
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,8 @@ class DiskQuota:
     _subvolumes: dict[int, int] = field(default_factory=dict)
     #: quota groups of ended jobs, deleted once the kernel lets go of them
     _retired: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=4096))
+    #: jobs are set up and removed from several threads at once
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def describe(self) -> str:
         return f"disk: btrfs quota per sandbox on a {self.size_bytes // MIB} MiB image"
@@ -146,13 +149,15 @@ class DiskQuota:
         finally:
             os.close(fd)
         (subvolume,) = struct.unpack_from("Q", lookup, 0)
-        group = self._next_group
-        self._next_group += 1
+        with self._lock:
+            group = self._next_group
+            self._next_group += 1
         qgroup = _level1(group)
         _ioctl(self.root_fd, _IOC_QGROUP_CREATE, bytearray(struct.pack("QQ", 1, qgroup)), "cannot create a quota group")
         assign = bytearray(struct.pack("QQQ", 1, subvolume, qgroup))
         _ioctl(self.root_fd, _IOC_QGROUP_ASSIGN, assign, "cannot put the sandbox in its quota group")
-        self._subvolumes[group] = subvolume
+        with self._lock:
+            self._subvolumes[group] = subvolume
         return group
 
     def limit(self, group: int, limit_bytes: int) -> None:
@@ -184,7 +189,8 @@ class DiskQuota:
             except QuotaError as exc:
                 deleted = exc.errno == errno.ENOENT
         if group is not None:
-            subvolume = self._subvolumes.pop(group, None)
+            with self._lock:
+                subvolume = self._subvolumes.pop(group, None)
             if deleted and subvolume is not None:
                 with contextlib.suppress(OSError):  # then the group is empty and goes at once
                     fcntl.ioctl(
@@ -196,8 +202,11 @@ class DiskQuota:
 
     def _forget_retired(self, attempts: int = 4) -> None:
         """Delete a few quota groups of ended jobs; a group still in use stays for a later try."""
-        for _ in range(min(attempts, len(self._retired))):
-            group = self._retired.popleft()
+        for _ in range(attempts):
+            try:
+                group = self._retired.popleft()
+            except IndexError:
+                return
             try:
                 fcntl.ioctl(self.root_fd, _IOC_QGROUP_CREATE, bytearray(struct.pack("QQ", 0, _level1(group))))
             except OSError as exc:

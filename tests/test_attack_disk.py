@@ -27,6 +27,7 @@ import pytest
 
 from carod import config as configuration
 from carod import diskquota
+from carod.errors import ConfigError
 from tests.helpers import (
     CAROD,
     Reply,
@@ -340,3 +341,12 @@ async def test_a_host_that_cannot_bound_the_disk(queue: str, base: Path, submitt
         assert mounted_on(root)  # the operator's file system is left alone
     finally:
         subprocess.run(["umount", str(root)], check=False)
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [("disk_quota = sometimes", "[sandbox] disk_quota"), ("disk_image_mib = 100", "[sandbox] disk_image_mib")],
+)
+def test_bad_disk_settings_name_their_key(line: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        configuration.parse(f"[broker]\nurl = amqp://x/\n[sandbox]\n{line}\n")
