@@ -28,6 +28,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 ISOLATIONS = ("auto", "bwrap", "none")
 CGROUP_MODES = ("auto", "v2", "v1", "none")
+DISK_QUOTA_MODES = ("auto", "required", "none")
+#: The default wall-clock limit of a job (s): one day, so a forgotten job frees its slot by itself.
+DEFAULT_MAX_JOB_DURATION_S = 86400.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class NodeConfig:
     #: A job whose result zip would be larger is Held (results above
     #: [broker] result_part_mib travel in parts, so this may exceed the broker's max message size).
     max_result_mib: int = 1024
+    #: A job that leaves more files and directories than this in its results is Held
+    #: (the result walk stops there, before zipping anything).
+    max_result_files: int = 10_000
     #: Memory a job without RequestMemory reserves and is limited to (MiB).
     default_request_memory_mib: int = 128
     #: Runs started on this node (incl. ones interrupted by a crash) before the job is Held.
@@ -127,10 +133,20 @@ class SandboxConfig:
     slot_users: tuple[str, ...] = ()
     #: Processes and threads a job may have at once (cgroup pids.max).
     max_job_pids: int = 4096
-    #: Longest a job may run (seconds) whatever it asks for; 0 = no node limit.
-    max_job_duration_s: float = 0.0
+    #: Longest a job may run (seconds) whatever it asks for (AllowedExecuteDuration can only
+    #: shorten it); 0 = no node limit. Default: one day.
+    max_job_duration_s: float = DEFAULT_MAX_JOB_DURATION_S
     #: How often a running job's disk and memory usage is checked.
     check_interval_s: float = 5.0
+    #: The kernel bounds each sandbox's disk (a btrfs image with a quota group per job,
+    #: carod/diskquota.py): auto = when the host can; required = refuse to start without it;
+    #: none = RLIMIT_FSIZE and the periodic check only.
+    disk_quota: str = "auto"
+    #: Size of that image (MiB), the most all sandboxes together can hold; 0 = half the space
+    #: free on [node] state_dir's file system at start-up. The image is sparse.
+    disk_image_mib: int = 0
+    #: The disk limit of a job without RequestDisk (MiB); 0 = the node's Disk divided by its slots.
+    default_disk_mib: int = 0
 
 
 @dataclass(frozen=True)
@@ -287,6 +303,7 @@ def _check(config: Config) -> None:
         "max_input_mib",
         "max_input_files",
         "max_result_mib",
+        "max_result_files",
         "max_attempts",
         "journal_retention_s",
         "default_request_memory_mib",
@@ -331,6 +348,14 @@ def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
     for key in ("tmp_mib", "max_job_pids", "check_interval_s"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"[sandbox] {key}: must be greater than 0")
+    if s.disk_quota not in DISK_QUOTA_MODES:
+        raise ConfigError(f"[sandbox] disk_quota: must be one of {', '.join(DISK_QUOTA_MODES)}, got {s.disk_quota!r}")
+    if s.disk_image_mib and s.disk_image_mib < 256:
+        raise ConfigError(
+            f"[sandbox] disk_image_mib: must be 0 (half the free space) or at least 256, got {s.disk_image_mib}"
+        )
+    if s.default_disk_mib < 0:
+        raise ConfigError("[sandbox] default_disk_mib: must not be negative (0 means the node's Disk / slots)")
     if s.max_job_duration_s < 0:
         raise ConfigError("[sandbox] max_job_duration_s: must not be negative (0 means no limit of its own)")
     for user in s.slot_users:

@@ -20,6 +20,7 @@ from pathlib import Path
 from carod import cgroup, limits, sandbox
 from carod.cgroup import CgroupError, JobCgroup
 from carod.config import Config
+from carod.diskquota import DiskQuota, limit_slack_bytes
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
 from carod.isolation import Layers
@@ -41,6 +42,8 @@ class Run:
     user: JobUser
     ended: bool = False
     box: Path | None = None
+    #: the sandbox's quota group (carod.diskquota), when the kernel bounds its disk
+    quota_group: int | None = None
     cgroup: JobCgroup | None = None
     limits: JobLimits | None = None
     process: JobProcess | None = None
@@ -55,20 +58,43 @@ class Executor:
         self.layers = layers
         self.users = users
         self.results_dir = config.node.state_dir / "results"
+        #: set by use_disk at start-up
+        self.quota: DiskQuota | None = None
+        self.default_disk_kib = 0.0
+
+    def use_disk(self, quota: DiskQuota | None, default_disk_kib: float) -> None:
+        """How sandboxes are bounded: the kernel's quota (or None), and the limit of a job without RequestDisk."""
+        self.quota = quota
+        self.default_disk_kib = default_disk_kib
 
     async def begin(self) -> Run:
         """A job user for one attempt (waits when every slot user is busy)."""
         return Run(await self.users.acquire())
 
     async def create_box(self, run: Run, message_id: str) -> Path:
-        run.box = await asyncio.to_thread(sandbox.create, self.config.node.sandbox_root, message_id, run.user.owner)
+        run.box = await asyncio.to_thread(self._create_box, run, message_id)
         return run.box
+
+    def _create_box(self, run: Run, message_id: str) -> Path:
+        """The sandbox: a directory, or a subvolume in a quota group of its own (blocking)."""
+        root = self.config.node.sandbox_root
+        if self.quota is None:
+            return sandbox.create(root, message_id, run.user.owner)
+        box = sandbox.create(root, message_id, run.user.owner, make_dir=self.quota.make_box)
+        run.box = box  # removed by end() whatever happens next
+        try:
+            run.quota_group = self.quota.attach(box)
+        except OSError as exc:
+            raise JobHeld(
+                f"carod could not set up the job's disk limit: {exc.strerror}", HoldCode.IWD_ERROR, exc.errno or 0
+            ) from exc
+        return box
 
     async def start(self, run: Run, spec: JobSpec, body: bytes, request: Request) -> JobProcess:
         """Unpack, check, limit and start the job. Raises JobHeld."""
         if run.box is None:
             raise RuntimeError("start() before create_box()")
-        run.limits = limits.limits_for(spec, self.config.sandbox, request)
+        run.limits = limits.limits_for(spec, self.config.sandbox, request, self.default_disk_kib)
         # The file work in one thread hop; the spawn on the loop's thread (runner.py).
         executable, stdio = await asyncio.to_thread(self._prepare, run, run.box, run.limits, spec, body)
         cgroups = self.layers.cgroups
@@ -92,6 +118,15 @@ class Executor:
         """Unpack the input, check the command, create the cgroup, open stdio (blocking)."""
         node = self.config.node
         owner = run.user.owner
+        if self.quota is not None and run.quota_group is not None and job_limits.disk_bytes is not None:
+            try:  # before the input is unpacked: it counts too
+                self.quota.limit(run.quota_group, job_limits.disk_bytes)
+            except OSError as exc:
+                raise JobHeld(
+                    f"carod could not set the job's disk limit: {exc.strerror}",
+                    HoldCode.FAILED_TO_CREATE_PROCESS,
+                    exc.errno or 0,
+                ) from exc
         if body:
             sandbox.unpack_input(
                 body, box, owner, max_files=node.max_input_files, max_bytes=node.max_input_mib * sandbox.MIB
@@ -119,11 +154,17 @@ class Executor:
         return await limits.enforce(
             run.process,
             run.limits,
-            run.box,
+            self._disk_meter(run, run.box),
             interval_s=self.config.sandbox.check_interval_s,
             kill_sig=kill_sig,
             grace_s=self.config.node.kill_grace_s,
         )
+
+    def _disk_meter(self, run: Run, box: Path) -> limits.DiskMeter:
+        quota, group = self.quota, run.quota_group
+        if quota is None or group is None or run.limits is None or run.limits.disk_bytes is None:
+            return limits.walk_meter(box)
+        return limits.DiskMeter(lambda: quota.used_bytes(group), limit_slack_bytes(run.limits.disk_bytes))
 
     async def collect(self, run: Run, spec: JobSpec) -> tuple[Path, sandbox.Results]:
         """Zip the results into the state directory. Raises JobHeld."""
@@ -138,6 +179,7 @@ class Executor:
                 result_zip,
                 max_bytes=self.config.node.max_result_mib * sandbox.MIB,
                 owner=run.user.owner,
+                max_files=self.config.node.max_result_files,
             )
         except JobHeld:
             result_zip.unlink(missing_ok=True)
@@ -167,9 +209,15 @@ class Executor:
             if run.cgroup is not None:
                 await asyncio.to_thread(run.cgroup.remove)
             if run.box is not None:
-                await asyncio.to_thread(sandbox.remove, run.box)
+                await asyncio.to_thread(self._remove_box, run.box, run.quota_group)
         finally:
             self.users.release(run.user)
+
+    def _remove_box(self, box: Path, group: int | None) -> None:
+        """A subvolume goes at once, whatever it holds; otherwise (or when refused) file by file."""
+        if self.quota is not None and self.quota.destroy(box, group):
+            return
+        sandbox.remove(box)
 
     async def clean_interrupted(self, pid: int | None, pid_start: str | None, box: str | None) -> bool:
         """Kill the processes of a run carod lost track of. True when something was killed.

@@ -7,6 +7,11 @@ running job: wall clock, sandbox size, the kernel's OOM kills. When a limit
 is exceeded the job is stopped (KillSig, grace, SIGKILL of the whole tree)
 and the caller gets a :class:`JobHeld` that names the limit and the usage,
 with HTCondor's hold code (34 out of resources, 47 execute duration).
+
+The disk is measured by a :class:`DiskMeter`: the sandbox's quota group when
+the kernel bounds it (carod.diskquota; "full" is usage within a small slack
+of the limit, as the kernel stops writes just below it), else a walk of the
+sandbox's files (over the limit).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import signal
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +50,8 @@ class JobLimits:
     disk_kib: float | None
     duration_s: float | None
     duration_source: str
+    #: where disk_kib came from, for hold reasons
+    disk_source: str = "RequestDisk"
 
     def cgroup(self) -> Limits:
         return Limits(
@@ -57,8 +65,11 @@ class JobLimits:
         return int(self.disk_kib * 1024) if self.disk_kib else None
 
 
-def limits_for(spec: JobSpec, config: SandboxConfig, request: Request) -> JobLimits:
-    """A job is limited to what it reserved (docs/pool.md), plus the node's own caps."""
+def limits_for(spec: JobSpec, config: SandboxConfig, request: Request, default_disk_kib: float = 0.0) -> JobLimits:
+    """A job is limited to what it reserved (docs/pool.md), plus the node's own caps.
+
+    ``default_disk_kib``: the disk limit of a job without RequestDisk (0: none).
+    """
     memory, memory_source = request.memory_mib, request.memory_source
     durations = []
     if spec.allowed_execute_duration_s is not None:
@@ -66,14 +77,19 @@ def limits_for(spec: JobSpec, config: SandboxConfig, request: Request) -> JobLim
     if config.max_job_duration_s:
         durations.append((config.max_job_duration_s, "[sandbox] max_job_duration_s"))
     duration, duration_source = min(durations) if durations else (None, "")
+    if request.disk_kib:
+        disk_kib, disk_source = request.disk_kib, f"RequestDisk = {request.disk_kib:.0f} KiB"
+    else:
+        disk_kib, disk_source = default_disk_kib, "the node's default for a job without RequestDisk"
     return JobLimits(
         memory_mib=memory if memory > 0 else None,
         memory_source=memory_source,
         cpus=request.cpus,
         pids=config.max_job_pids,
-        disk_kib=request.disk_kib or None,
+        disk_kib=disk_kib or None,
         duration_s=duration,
         duration_source=duration_source,
+        disk_source=disk_source,
     )
 
 
@@ -93,8 +109,7 @@ def memory_exceeded(limits: JobLimits, peak_kib: int | None) -> JobHeld:
 def disk_exceeded(limits: JobLimits, used_bytes: int | None) -> JobHeld:
     used = f"; the sandbox held {_mib(used_bytes)}" if used_bytes is not None else " (a file hit the size limit)"
     return JobHeld(
-        f"the job exceeded its disk limit of {_mib(limits.disk_bytes or 0)} (RequestDisk = {limits.disk_kib:.0f} KiB)"
-        f"{used}",
+        f"the job exceeded its disk limit of {_mib(limits.disk_bytes or 0)} ({limits.disk_source}){used}",
         HoldCode.JOB_OUT_OF_RESOURCES,
     )
 
@@ -130,8 +145,31 @@ def disk_usage_bytes(path: Path) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class DiskMeter:
+    """How a running job's disk use is read.
+
+    With ``slack_bytes`` (a quota group: one sysfs read) it is read on the
+    loop, also once the job has exited; without (a walk of the files, in a
+    thread) only while the job runs.
+    """
+
+    used: Callable[[], int]
+    #: a usage this close to the limit is "full" (the kernel stopped it); None: only past the limit
+    slack_bytes: int | None = None
+
+    def full(self, used_bytes: int, limit_bytes: int) -> bool:
+        if self.slack_bytes is None:
+            return used_bytes > limit_bytes
+        return used_bytes + self.slack_bytes >= limit_bytes
+
+
+def walk_meter(box: Path) -> DiskMeter:
+    return DiskMeter(lambda: disk_usage_bytes(box))
+
+
 async def enforce(
-    process: JobProcess, limits: JobLimits, box: Path, *, interval_s: float, kill_sig: int, grace_s: float
+    process: JobProcess, limits: JobLimits, disk: DiskMeter, *, interval_s: float, kill_sig: int, grace_s: float
 ) -> tuple[ExitInfo, JobHeld | None]:
     """Wait for the job; stop it when it exceeds a limit. Returns its exit and the limit it broke."""
     started = time.monotonic()
@@ -145,15 +183,27 @@ async def enforce(
         except TimeoutError:
             pass
         else:
-            return info, after_exit(limits, info)
+            held = after_exit(limits, info)
+            if held is None and disk.slack_bytes is not None:
+                held = await _disk_full(limits, disk)
+            return info, held
         elapsed = time.monotonic() - started
         if limits.duration_s is not None and elapsed >= limits.duration_s:
             held = duration_exceeded(limits, elapsed)
         elif process.oom_kills():
             held = memory_exceeded(limits, process.peak_memory_kib())
-        elif limits.disk_bytes is not None:
-            used = await asyncio.to_thread(disk_usage_bytes, box)
-            if used > limits.disk_bytes:
-                held = disk_exceeded(limits, used)
+        else:
+            held = await _disk_full(limits, disk)
     info = await process.stop(kill_sig, grace_s)
     return info, held
+
+
+async def _disk_full(limits: JobLimits, disk: DiskMeter) -> JobHeld | None:
+    """Held when the sandbox is at (quota) or past (walk) its disk limit."""
+    if limits.disk_bytes is None:
+        return None
+    try:
+        used = disk.used() if disk.slack_bytes is not None else await asyncio.to_thread(disk.used)
+    except OSError:
+        return None
+    return disk_exceeded(limits, used) if disk.full(used, limits.disk_bytes) else None

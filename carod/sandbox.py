@@ -26,6 +26,7 @@ import secrets
 import stat
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,12 +74,18 @@ def untraversable(path: Path, owner: Owner) -> Path | None:
     return None
 
 
-def create(root: Path, message_id: str, owner: Owner) -> Path:
-    """A fresh, empty directory for one job, 0700 and owned by the job user."""
+def create(root: Path, message_id: str, owner: Owner, make_dir: Callable[[Path], None] | None = None) -> Path:
+    """A fresh, empty directory for one job, 0700 and owned by the job user.
+
+    ``make_dir`` creates it instead of mkdir (carod.diskquota: a subvolume).
+    """
     stem = _SAFE_NAME.sub("_", message_id)[:64] or "job"
     path = root / f"{stem}.{secrets.token_hex(4)}"
     try:
-        os.mkdir(path, 0o700)
+        if make_dir is None:
+            os.mkdir(path, 0o700)
+        else:
+            make_dir(path)
         os.chown(path, owner.uid, owner.gid)
         os.chmod(path, 0o700)
     except OSError as exc:
@@ -363,23 +370,27 @@ class Results:
     skipped: tuple[str, ...]
 
 
-def collect_results(spec: JobSpec, sandbox: Path, dest: Path, *, max_bytes: int, owner: Owner) -> Results:
+def collect_results(
+    spec: JobSpec, sandbox: Path, dest: Path, *, max_bytes: int, owner: Owner, max_files: int = 10_000
+) -> Results:
     """Zip the job's outputs (stored, not compressed, like MRG Grid) into ``dest``.
 
     With ``TransferOutput`` only those names (files or directories) plus the
     Out/Err files; otherwise the whole sandbox. Names listed in TransferOutput
     that do not exist hold the job (HTCondor does the same). The tree is
     walked by directory descriptors, never through a symbolic link; only
-    regular files owned by the job user are taken.
+    regular files owned by the job user are taken. The walk stops (Held)
+    at the ``max_files``-th entry (files, directories and skipped entries
+    alike), before anything is zipped.
     """
     root_fd = os.open(sandbox, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        return _collect(spec, root_fd, dest, max_bytes=max_bytes, owner=owner)
+        return _collect(spec, root_fd, dest, max_bytes=max_bytes, owner=owner, max_files=max_files)
     finally:
         os.close(root_fd)
 
 
-def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: Owner) -> Results:
+def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: Owner, max_files: int) -> Results:
     if spec.transfer_output is None:
         roots = [""]
     else:
@@ -397,8 +408,9 @@ def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: 
         roots = wanted
     found: dict[str, os.stat_result] = {}
     skipped: list[str] = []
+    budget = _Budget(max_files)
     for root in roots:
-        _walk(root_fd, root, found, skipped, owner)
+        _walk(root_fd, root, found, skipped, owner, budget)
     total = 0
     files = 0
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
@@ -462,8 +474,33 @@ def _lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
         os.close(fd)
 
 
-def _walk(root_fd: int, root: str, entries: dict[str, os.stat_result], skipped: list[str], owner: Owner) -> None:
+@dataclass
+class _Budget:
+    """Entries the result walk may still look at."""
+
+    limit: int
+    seen: int = 0
+
+    def take(self) -> None:
+        self.seen += 1
+        if self.seen > self.limit:
+            raise JobHeld(
+                f"the job left more than {self.limit} files and directories; this node's limit is {self.limit} "
+                "([node] max_result_files)",
+                HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED,
+            )
+
+
+def _walk(
+    root_fd: int,
+    root: str,
+    entries: dict[str, os.stat_result],
+    skipped: list[str],
+    owner: Owner,
+    budget: _Budget,
+) -> None:
     if root:
+        budget.take()
         st = _lstat_under(root_fd, root)
         if st is None:
             parent = root.rpartition("/")[0]
@@ -482,8 +519,7 @@ def _walk(root_fd: int, root: str, entries: dict[str, os.stat_result], skipped: 
             skipped.append(rel or ".")
             continue
         try:
-            with os.scandir(fd) as it:
-                children = sorted(((e.name, e.stat(follow_symlinks=False)) for e in it), reverse=True)
+            children = _children(fd, budget)
         except OSError:
             skipped.append(rel or ".")
             continue
@@ -495,6 +531,16 @@ def _walk(root_fd: int, root: str, entries: dict[str, os.stat_result], skipped: 
                 stack.append(child_rel)
             else:
                 _add(child_rel, child_st, entries, skipped, owner)
+
+
+def _children(fd: int, budget: _Budget) -> list[tuple[str, os.stat_result]]:
+    """The entries of the directory ``fd``, each counted before it is looked at (sorted, last first)."""
+    children = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            budget.take()
+            children.append((entry.name, entry.stat(follow_symlinks=False)))
+    return sorted(children, reverse=True)
 
 
 def _add(rel: str, st: os.stat_result, entries: dict[str, os.stat_result], skipped: list[str], owner: Owner) -> None:

@@ -18,9 +18,10 @@ import signal
 import stat
 from pathlib import Path
 
+import classad2
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import __version__, isolation, logs, machine, pool, runner, sandbox
+from carod import __version__, diskquota, isolation, logs, machine, pool, runner, sandbox
 from carod import config as configuration
 from carod.admission import Admission
 from carod.advertiser import Advertiser
@@ -45,7 +46,7 @@ from carod.metrics import Metrics, ScrapeFailed, Snapshot
 from carod.node import Node
 from carod.notify import Notifier
 from carod.pool import PoolView
-from carod.resources import Request, Resources
+from carod.resources import Request, Resources, Totals
 from carod.sandbox import prepare_root, untraversable
 from carod.users import JobUser, UserPool
 
@@ -69,6 +70,7 @@ class Server:
         self.node: Node | None = None
         self.journal: Journal | None = None
         self.layers: Layers | None = None
+        self.quota: diskquota.DiskQuota | None = None
         self.admission: Admission | None = None
         self.advertiser: Advertiser | None = None
         self._housekeeping: asyncio.Task[None] | None = None
@@ -109,6 +111,8 @@ class Server:
                 await self.journal.close()
             if self.layers is not None and self.layers.cgroups is not None:
                 self.layers.cgroups.close()
+            if self.quota is not None:  # clean stop: the sandboxes' image goes (docs/operations.md)
+                await asyncio.to_thread(self.quota.close)
             if self.handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
@@ -180,9 +184,11 @@ class Server:
         self.layers = layers = await asyncio.to_thread(isolation.detect, config)
         for note in layers.notes:
             log.warning("sandbox: %s", note)
+        executor = Executor(config, layers, users)
+        totals, disk_text = await self._setup_disk(executor, machine_ad, totals)
         for user in users.users:
             await _probe(config, layers, user)
-        log.info("sandbox: %s; %s", layers.describe(), users.describe())
+        log.info("sandbox: %s; %s; %s", layers.describe(), users.describe(), disk_text)
         if layers.cgroups is None and layers.bwrap is None and not users.dedicated:
             log.warning(
                 "sandbox: no cgroup, no PID namespace and one shared job user: a job process that leaves its "
@@ -218,7 +224,7 @@ class Server:
             config,
             machine_ad,
             self.broker,
-            Executor(config, layers, users),
+            executor,
             self.journal,
             self.admission,
             view,
@@ -249,6 +255,30 @@ class Server:
             prefetch,
         )
         self._housekeeping = asyncio.create_task(self._expire_periodically())
+
+    async def _setup_disk(self, executor: Executor, machine_ad: classad2.ClassAd, totals: Totals) -> tuple[Totals, str]:
+        """The sandboxes' file system (carod.diskquota), after what earlier runs left is killed."""
+        config = self.config
+        killed = await executor.clean_host()  # before their old file system is detached
+        if killed:
+            log.warning("killed %d process(es) left by jobs of an earlier carod", killed)
+        self.quota, why = await asyncio.to_thread(diskquota.setup, config)
+        if self.quota is None:
+            log.warning(
+                "sandbox: no kernel bound on each job's disk: %s; RLIMIT_FSIZE and a check every "
+                "check_interval_s instead ([sandbox] disk_quota)",
+                why,
+            )
+        elif not machine.disk_is_fixed(config):
+            machine_ad["Disk"] = machine.disk_kib(config.node.sandbox_root)
+            try:
+                totals = machine.totals(machine_ad, config)
+            except ConfigError as exc:
+                raise StartupError(str(exc), EXIT_CONFIG) from exc
+        default_kib = config.sandbox.default_disk_mib * 1024 or totals.disk_kib // max(1, totals.slots)
+        executor.use_disk(self.quota, default_kib)
+        kind = self.quota.describe() if self.quota is not None else "disk: RLIMIT_FSIZE + periodic check"
+        return totals, f"{kind}, {default_kib / 1024:.0f} MiB for a job without RequestDisk"
 
     async def shutdown(self) -> None:
         if self.broker is None or self.node is None:

@@ -140,7 +140,16 @@ def test_limits_defaults_without_requests_are_what_the_job_reserves() -> None:
     got = limits_of(spec(), SandboxConfig(), default_memory_mib=256)
     assert got.memory_mib == 256
     assert got.memory_source == "the node's default RequestMemory, [node] default_request_memory_mib"
-    assert got.cpus == 1 and got.disk_bytes is None and got.duration_s is None
+    assert got.cpus == 1 and got.disk_bytes is None
+    # issue 14: a job is ended after a day by default
+    assert (got.duration_s, got.duration_source) == (86400, "[sandbox] max_job_duration_s")
+
+
+def test_a_job_without_request_disk_gets_the_nodes_default_disk_limit() -> None:
+    job = spec()
+    got = limits.limits_for(job, SandboxConfig(), Request.for_job(job, 128), default_disk_kib=65536)
+    assert got.disk_bytes == 64 * 1024 * 1024
+    assert got.disk_source == "the node's default for a job without RequestDisk"
 
 
 def test_node_maximum_duration_wins_when_shorter() -> None:
