@@ -30,10 +30,12 @@ FROM ${PYTHON_IMAGE}
 
 # bubblewrap: the job's namespaces and read-only view of the system;
 # util-linux: setpriv, which drops each job to its user (already in the base);
+# btrfs-progs: mkfs.btrfs for the sandboxes' size-capped image (used when the
+#   container may set up loop devices, e.g. --privileged; docs/operations.md);
 # tini: PID 1, passes docker's SIGTERM to carod and reaps orphaned job processes.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap tini util-linux \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap btrfs-progs tini util-linux \
  && rm -rf /var/lib/apt/lists/* \
  && bwrap --version && setpriv --version && tini --version
 
