@@ -78,15 +78,16 @@ class Layers:
     env: str = "/usr/bin/env"
     #: Files hidden from jobs (an empty read-only file is bound over each): carod's config.
     hidden_files: tuple[Path, ...] = ()
-    #: The seccomp filter bubblewrap loads (carod.seccomp): no user namespaces. None: not loaded.
+    #: The seccomp filter bubblewrap loads (carod.seccomp): no keyrings, no user namespaces unless allowed.
     seccomp: bytes | None = None
+    user_namespaces: bool = False
     notes: tuple[str, ...] = ()
 
     def describe(self) -> str:
         parts = []
         if self.bwrap:
             net = "network allowed" if self.network else "no network"
-            userns = "no user namespaces" if self.seccomp else "user namespaces allowed"
+            userns = "no user namespaces" if self.seccomp and not self.user_namespaces else "user namespaces allowed"
             parts.append(f"bubblewrap (read-only /, private /tmp, PID+IPC namespaces, {net}, {userns})")
         else:
             parts.append("no bubblewrap")
@@ -125,12 +126,6 @@ def detect(config: Config) -> Layers:
     hidden = tuple(
         dict.fromkeys([config.node.state_dir, config.node.sandbox_root, *(Path(p) for p in sandbox.hide_paths)])
     )
-    filter_program: bytes | None = None
-    if bwrap and not sandbox.user_namespaces:
-        if seccomp.supported():
-            filter_program = seccomp.program()
-        else:
-            notes.append(f"jobs can create user namespaces: no seccomp filter for {platform.machine()}")
     if config.path is not None:
         try:
             mode = config.path.stat().st_mode
@@ -139,7 +134,15 @@ def detect(config: Config) -> Layers:
         if mode & 0o004:
             notes.append(
                 f"the config file {config.path} is readable by every local user (mode {mode & 0o777:04o}) and "
-                "holds the broker's password: chmod 0640 it (jobs never see it: it is hidden from them)"
+                "may hold the broker's password: chmod 0640 it (jobs never see it: it is hidden from them)"
+            )
+    filter_program: bytes | None = None
+    if bwrap:
+        if seccomp.supported():
+            filter_program = seccomp.program(user_namespaces=sandbox.user_namespaces)
+        else:
+            notes.append(
+                f"no seccomp filter for {platform.machine()}: jobs can create user namespaces and use keyrings"
             )
     return Layers(
         bwrap=bwrap,
@@ -150,6 +153,7 @@ def detect(config: Config) -> Layers:
         setpriv=setpriv,
         env=env,
         seccomp=filter_program,
+        user_namespaces=config.sandbox.user_namespaces,
         hidden_files=tuple(p for p in [config.path] if p is not None and p.is_file()),
         notes=tuple(notes),
     )
@@ -274,6 +278,6 @@ def probe_problems(output: str, user: JobUser, layers: Layers) -> list[str]:
             problems.append("it shares carod's network namespace")
         if "root-writable" in fields:
             problems.append("it can write to /usr")
-        if layers.seccomp and "userns-allowed" in fields:
+        if layers.seccomp and not layers.user_namespaces and "userns-allowed" in fields:
             problems.append("it can create a user namespace")
     return problems

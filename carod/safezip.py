@@ -16,6 +16,8 @@ import struct
 
 #: Longest entry name accepted (bytes, UTF-8): a sandbox path must stay well under PATH_MAX (4096).
 MAX_NAME_BYTES = 1024
+#: Most bytes of extra fields one entry may carry (zipfile decodes them in quadratic time).
+MAX_EXTRA_BYTES = 1024
 #: Deepest entry accepted (directories above a file); deeper trees are refused before anything is made.
 MAX_DEPTH = 100
 
@@ -23,6 +25,8 @@ _EOCD = b"PK\x05\x06"
 _EOCD_SIZE = 22
 _ZIP64_LOCATOR = b"PK\x06\x07"
 _ZIP64_EOCD = b"PK\x06\x06"
+_LOCATOR_SIZE = 20
+_ZIP64_EOCD_SIZE = 56
 _CENTRAL = b"PK\x01\x02"
 _CENTRAL_SIZE = 46
 #: The end record sits in the last 22 bytes plus a comment of at most 65,535.
@@ -33,52 +37,68 @@ class ZipRefused(ValueError):
     """The archive or one of its names is not acceptable (``str(exc)`` says why)."""
 
 
-def count_entries(body: bytes, limit: int) -> int:
-    """How many entries the archive's central directory holds; ZipRefused past ``limit``.
+class TooManyEntries(ZipRefused):
+    """The archive has more entries than allowed."""
 
-    Not a validation of the archive (zipfile does that afterwards): a body
-    whose end record cannot be found returns 0 and is left to zipfile.
+
+def count_entries(body: bytes, limit: int) -> int:
+    """How many entries zipfile would read from the archive's central directory; ZipRefused past ``limit``.
+
+    The directory is found exactly as :mod:`zipfile` finds it (the end record
+    in the last 22 bytes when there is no comment, else the last signature in
+    the comment window; a zip64 end record right before its locator), so the
+    entries counted are the ones zipfile would parse: a decoy signature or a
+    zip64 locator pointing elsewhere changes nothing. Each record is also
+    checked for a name longer than :data:`MAX_NAME_BYTES` and extra fields
+    longer than :data:`MAX_EXTRA_BYTES` (zipfile decodes those in quadratic
+    time). Not a validation of the archive (zipfile does that afterwards): a
+    body without an end record returns 0 and is left to zipfile.
     """
-    view = memoryview(body)
-    start = body.rfind(_EOCD, max(0, len(body) - _TAIL))
-    if start < 0 or start + _EOCD_SIZE > len(body):
+    found = _directory(body)
+    if found is None:
         return 0
-    declared, cd_size, _offset = struct.unpack_from("<HII", body, start + 10)
-    end = start
-    if declared == 0xFFFF or _offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
-        found = _zip64_directory(body, start)
-        if found is not None:
-            declared, cd_size, end = found
-        elif declared == 0xFFFF:
-            declared = 0  # unknown: the walk below counts
+    declared, start, end = found
     if declared > limit:
-        raise ZipRefused(f"has {declared} entries, more than this node's limit of {limit}")
-    # The directory ends where its end record starts (as zipfile finds it,
-    # which allows data prepended to the archive).
-    cd_start = end - cd_size
-    if cd_start < 0:
-        return 0
+        raise TooManyEntries(f"has {declared} entries, more than this node's limit of {limit}")
+    view = memoryview(body)
     count = 0
-    pos = cd_start
+    pos = start
     while pos + _CENTRAL_SIZE <= end and view[pos : pos + 4] == _CENTRAL:
         count += 1
         if count > limit:
-            raise ZipRefused(f"has more than {limit} entries, this node's limit")
+            raise TooManyEntries(f"has more than {limit} entries, this node's limit")
         name_len, extra_len, comment_len = struct.unpack_from("<HHH", body, pos + 28)
+        if name_len > MAX_NAME_BYTES:
+            raise ZipRefused(f"has an entry name of {name_len} bytes; this node accepts at most {MAX_NAME_BYTES}")
+        if extra_len > MAX_EXTRA_BYTES:
+            raise ZipRefused(
+                f"has an entry with {extra_len} bytes of extra fields; this node accepts at most {MAX_EXTRA_BYTES}"
+            )
         pos += _CENTRAL_SIZE + name_len + extra_len + comment_len
     return count
 
 
-def _zip64_directory(body: bytes, eocd: int) -> tuple[int, int, int] | None:
-    """Entries, directory size and where the zip64 end record starts."""
-    locator = eocd - 20
-    if locator < 0 or body[locator : locator + 4] != _ZIP64_LOCATOR:
+def _directory(body: bytes) -> tuple[int, int, int] | None:
+    """(entries declared, start, end) of the central directory, as zipfile locates it; None: no end record."""
+    size = len(body)
+    if size >= _EOCD_SIZE and body[size - _EOCD_SIZE : size - _EOCD_SIZE + 4] == _EOCD and body[-2:] == b"\0\0":
+        eocd = size - _EOCD_SIZE
+    else:
+        eocd = body.rfind(_EOCD, max(size - _TAIL, 0))
+        if eocd < 0 or eocd + _EOCD_SIZE > size:
+            return None
+    declared, cd_size = struct.unpack_from("<HI", body, eocd + 10)
+    end = eocd
+    locator = eocd - _LOCATOR_SIZE
+    if locator >= 0 and body[locator : locator + 4] == _ZIP64_LOCATOR:
+        record = locator - _ZIP64_EOCD_SIZE
+        if record >= 0 and body[record : record + 4] == _ZIP64_EOCD:
+            declared, cd_size = struct.unpack_from("<QQ", body, record + 32)
+            end = record
+    start = end - cd_size
+    if start < 0:
         return None
-    (record,) = struct.unpack_from("<Q", body, locator + 8)
-    if record + 56 > len(body) or body[record : record + 4] != _ZIP64_EOCD:
-        return None
-    entries, size = struct.unpack_from("<QQ", body, record + 32)
-    return entries, size, record
+    return declared, start, end
 
 
 def entry_parts(name: str) -> list[str]:

@@ -143,8 +143,10 @@ def unpack_input(
 def _unpack(body: bytes, sandbox: Path, owner: Owner, *, max_files: int, max_bytes: int) -> int:
     try:
         safezip.count_entries(body, max_files)
-    except safezip.ZipRefused as exc:
+    except safezip.TooManyEntries as exc:
         raise JobHeld(f"the input zip {exc}", HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED) from None
+    except safezip.ZipRefused as exc:
+        raise JobHeld(f"the input zip {exc}", HoldCode.TRANSFER_INPUT_ERROR) from None
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
     except (zipfile.BadZipFile, ValueError, OSError) as exc:

@@ -1,4 +1,4 @@
-"""A seccomp filter that stops a job creating user namespaces (pure: builds bytes, no I/O).
+"""A seccomp filter that stops a job creating user namespaces or using kernel keyrings (pure: bytes, no I/O).
 
 bubblewrap loads it (``--seccomp FD``) just before it starts the job's chain,
 so it binds setpriv, the job and everything the job starts. It refuses
@@ -9,6 +9,12 @@ under Docker's default profile. Everything else is allowed. A user
 namespace gives a job no power over the host, but it opens a large part of
 the kernel (mounts, netfilter, ...) to an unprivileged user: the kernel's
 attack surface is the reason, not a layer of carod's that it would defeat.
+
+It also refuses ``add_key``, ``request_key`` and ``keyctl`` (EPERM), as
+Docker's default profile does: the user and user-session keyrings belong to
+the uid, not the job, so with a shared job user (or a slot user's next job)
+a key one job stored was readable by the next, and by any host process of
+that user.
 
 The program is classic BPF over ``struct seccomp_data`` (``nr`` at offset 0,
 ``arch`` at 4, ``args[0]`` at 16; the flags are in its low 32 bits on the
@@ -47,17 +53,24 @@ class _Arch:
     flags_first: tuple[int, ...]
     #: clone3
     enosys: tuple[int, ...]
+    #: add_key, request_key, keyctl
+    refused: tuple[int, ...] = ()
 
 
 #: By audit architecture: unshare and clone (flags first), clone3.
 _ARCHES = {
     "x86_64": (
-        _Arch(0xC000003E, (272, 56, 272 | _X32, 56 | _X32), (435, 435 | _X32)),
-        _Arch(0x40000003, (310, 120), (435,)),  # i386 on a 64-bit kernel (int 0x80)
+        _Arch(
+            0xC000003E,
+            (272, 56, 272 | _X32, 56 | _X32),
+            (435, 435 | _X32),
+            (248, 249, 250, *(n | _X32 for n in (248, 249, 250))),
+        ),
+        _Arch(0x40000003, (310, 120), (435,), (286, 287, 288)),  # i386 on a 64-bit kernel (int 0x80)
     ),
     "aarch64": (
-        _Arch(0xC00000B7, (97, 220), (435,)),
-        _Arch(0x40000028, (337, 120), (435,)),  # arm (EABI) on a 64-bit kernel
+        _Arch(0xC00000B7, (97, 220), (435,), (217, 218, 219)),
+        _Arch(0x40000028, (337, 120), (435,), (309, 310, 311)),  # arm (EABI) on a 64-bit kernel
     ),
 }
 
@@ -66,8 +79,11 @@ def supported() -> bool:
     return platform.machine() in _ARCHES
 
 
-def program(machine: str | None = None) -> bytes:
-    """The compiled filter for ``machine`` (default: this one). ValueError for an unknown one."""
+def program(machine: str | None = None, *, user_namespaces: bool = False) -> bytes:
+    """The compiled filter for ``machine`` (default: this one). ValueError for an unknown one.
+
+    ``user_namespaces``: let jobs create them (``[sandbox] user_namespaces``); keyrings stay refused.
+    """
     arches = _ARCHES.get(machine or platform.machine())
     if arches is None:
         raise ValueError(f"no user-namespace filter for {machine or platform.machine()}")
@@ -81,10 +97,13 @@ def program(machine: str | None = None) -> bytes:
     for index, arch in enumerate(arches):
         labels[f"arch{index}"] = len(code)
         code.append((_LD_ABS_W, 0, 0, _NR))
-        for nr in arch.flags_first:
-            code.append((_JEQ_K, "flags", 0, nr))
-        for nr in arch.enosys:
-            code.append((_JEQ_K, "enosys", 0, nr))
+        if not user_namespaces:
+            for nr in arch.flags_first:
+                code.append((_JEQ_K, "flags", 0, nr))
+            for nr in arch.enosys:
+                code.append((_JEQ_K, "enosys", 0, nr))
+        for nr in arch.refused:
+            code.append((_JEQ_K, "eperm", 0, nr))
         code.append((_RET_K, 0, 0, _RET_ALLOW))
     labels["flags"] = len(code)
     code.append((_LD_ABS_W, 0, 0, _ARG0_LOW))

@@ -327,6 +327,9 @@ async def test_node_may_allow_user_namespaces(queue: str, base: Path, submitter:
         final = (await submitter.run(sh(USERNS)))[-1]
         assert final.status == 4, final.headers
         assert final.zip_read("out").decode().split() == ["0", "rc=0", "7"]
+        if os.uname().machine == "x86_64":  # keyrings stay refused
+            final = (await submitter.run(sh(KEYS)))[-1]
+            assert final.zip_read("out").decode().strip() == "-1 Operation not permitted"
     finally:
         await node.stop()
 
@@ -360,3 +363,20 @@ async def test_hidden_paths_keep_a_local_services_socket_from_jobs(
     finally:
         listener.close()
         shutil.rmtree(service)
+
+
+KEYS = (
+    'python3 -c "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); '
+    'r = libc.syscall(248, b\\"user\\", b\\"carod-leak\\", b\\"secret\\", 6, ctypes.c_int(-4)); '
+    'print(r, os.strerror(ctypes.get_errno()))"'
+)
+
+
+async def test_job_cannot_leave_a_key_in_its_users_keyring(boxed: RunningNode, submitter: Submitter) -> None:
+    """The user keyring belongs to the uid: with a shared job user the next job would read it."""
+    need_bwrap(boxed)
+    if os.uname().machine != "x86_64":
+        pytest.skip("the test calls add_key by its x86_64 number")
+    final = (await submitter.run(sh(KEYS)))[-1]
+    assert final.status == 4, final.headers
+    assert final.zip_read("out").decode().strip() == "-1 Operation not permitted"

@@ -91,3 +91,35 @@ def test_refuses_names_that_are_unsafe_long_or_deep(name: str, reason: str) -> N
 def test_accepts_ordinary_names() -> None:
     assert safezip.entry_parts("./a//b/c.txt") == ["a", "b", "c.txt"]
     assert safezip.entry_parts("d/" * 100 + "x")[-1] == "x"
+
+
+def test_a_decoy_end_signature_in_the_offset_field_changes_nothing() -> None:
+    data = bytearray(archive(11))
+    eocd = len(data) - 22
+    data[eocd + 16 : eocd + 20] = b"PK\x05\x06"  # the directory's offset field: zipfile does not need it
+    assert len(zipfile.ZipFile(io.BytesIO(bytes(data))).infolist()) == 11
+    with pytest.raises(safezip.ZipRefused, match="has 11 entries"):
+        safezip.count_entries(bytes(data), 10)
+
+
+def test_a_zip64_locator_pointing_at_a_decoy_record_changes_nothing() -> None:
+    data = bytearray(archive(12, zip64=True))
+    # A decoy zip64 end record claiming no entries, as the archive's comment; the locator points at it.
+    decoy = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, 0, 0, 0, 0)
+    eocd = len(data) - 22
+    struct.pack_into("<H", data, eocd + 20, len(decoy))  # comment length
+    struct.pack_into("<Q", data, eocd - 20 + 8, len(data))  # the locator's pointer: the comment
+    body = bytes(data) + decoy
+    assert len(zipfile.ZipFile(io.BytesIO(body)).infolist()) == 12  # zipfile reads the record before the locator
+    with pytest.raises(safezip.ZipRefused, match="has 12 entries"):
+        safezip.count_entries(body, 5)
+
+
+def test_refuses_long_extra_fields_before_zipfile_decodes_them() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        info = zipfile.ZipInfo("f")
+        info.extra = b"\xfe\xca\x00\x00" * 500  # 2,000 bytes of empty extra fields
+        z.writestr(info, b"x")
+    with pytest.raises(safezip.ZipRefused, match="2000 bytes of extra fields; this node accepts at most 1024"):
+        safezip.count_entries(buf.getvalue(), 10)
