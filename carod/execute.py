@@ -131,7 +131,7 @@ class Executor:
             sandbox.unpack_input(
                 body, box, owner, max_files=node.max_input_files, max_bytes=node.max_input_mib * sandbox.MIB
             )
-        executable = check_command(spec, box, run.user)
+        executable = check_command(spec, box, run.user, self.layers.job_view(box))
         if self.layers.cgroups is not None:
             try:
                 run.cgroup = self.layers.cgroups.create(f"job-{box.name}", job_limits.cgroup())

@@ -33,9 +33,9 @@ import platform
 import shutil
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from carod import seccomp
+from carod import cmdpath, seccomp
 from carod.cgroup import CgroupError, Cgroups
 from carod.cgroup import detect as detect_cgroups
 from carod.config import Config
@@ -82,6 +82,15 @@ class Layers:
     seccomp: bytes | None = None
     user_namespaces: bool = False
     notes: tuple[str, ...] = ()
+
+    def job_view(self, box: Path) -> cmdpath.View:
+        """What a job in ``box`` sees of the host (for checking its Cmd as it would)."""
+        if not self.bwrap:
+            return cmdpath.View(PurePosixPath(box))
+        hidden = [PurePosixPath("/tmp"), PurePosixPath("/dev/shm"), *(PurePosixPath(p) for p in self.hidden)]
+        if not self.network:
+            hidden.append(PurePosixPath("/run"))
+        return cmdpath.View(PurePosixPath(box), tuple(hidden))
 
     def describe(self) -> str:
         parts = []

@@ -35,7 +35,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from carod import isolation
+from carod import cmdpath, isolation
 from carod.cgroup import JobCgroup, Limits, sweep_user, uid_of
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
@@ -43,7 +43,7 @@ from carod.isolation import Layers
 from carod.jobad import JobSpec
 from carod.limits import JobLimits
 from carod.replies import ExitInfo, Usage
-from carod.sandbox import Stdio, executable_by, untraversable
+from carod.sandbox import Stdio, executable_by
 from carod.users import JobUser
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -72,44 +72,29 @@ def command_path(spec: JobSpec, sandbox: Path) -> str:
     return spec.cmd if spec.cmd.startswith("/") else str(sandbox / spec.cmd)
 
 
-def check_command(spec: JobSpec, sandbox: Path, user: JobUser) -> str:
-    """The job's executable, checked the way exec would for the job user. Raises JobHeld. Blocking.
+def check_command(spec: JobSpec, sandbox: Path, user: JobUser, view: cmdpath.View) -> str:
+    """The job's executable, checked the way exec would for the job user, in its view. Raises JobHeld. Blocking.
 
     carod runs as root, but it must not tell the job more than the job user
-    could find out: every directory on the way (and on the way to where its
-    links lead) is checked for the job user's search permission, top down,
-    before anything below it is looked at. So a Cmd under a directory the
-    job user cannot enter is "Permission denied" whether it exists or not.
+    could find out (carod.cmdpath): the path is walked as the job user, in
+    the job's view, without the kernel following a link for root.
     """
     path = command_path(spec, sandbox)
 
     def held(why: str, code: int) -> JobHeld:
         return JobHeld(f"the job's command {spec.cmd!r} {why}", HoldCode.FAILED_TO_CREATE_PROCESS, code)
 
-    denied = held(f"cannot be executed by the job user {user.name!r} (Permission denied)", errno.EACCES)
-    parent = Path(path).parent
-    for chain in (parent, Path(os.path.realpath(parent))):
-        try:
-            if untraversable(chain, user.owner) is not None:
-                raise denied
-        except (FileNotFoundError, NotADirectoryError):
-            raise held("does not exist on this node", errno.ENOENT) from None
-        except OSError as exc:
-            raise held(f"cannot be opened: {exc.strerror}", exc.errno or 0) from exc
     try:
-        # O_PATH opens nothing (a device's open() could have side effects);
-        # only a regular file is then read, through that same descriptor.
-        ref = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise held("does not exist on this node", errno.ENOENT) from None
-    except OSError as exc:
-        raise held(f"cannot be opened: {exc.strerror}", exc.errno or 0) from exc
+        ref = cmdpath.open_as(path, user.owner, view)
+    except cmdpath.CommandRefused as refused:
+        raise held(refused.why, refused.code) from None
     try:
         st = os.fstat(ref)
         if not stat.S_ISREG(st.st_mode):
             raise held("cannot be executed: it is not a regular file", errno.EACCES)
         if not executable_by(st, user.owner):
-            raise denied
+            raise held(f"cannot be executed by the job user {user.name!r} (Permission denied)", errno.EACCES)
+        # Only a regular file is read, through the descriptor the walk ended on: 4 bytes.
         fd = os.open(f"/proc/self/fd/{ref}", os.O_RDONLY | os.O_CLOEXEC)
         try:
             head = os.read(fd, 4)

@@ -156,8 +156,10 @@ async def test_command_whose_name_has_an_equals_sign_runs(boxed: RunningNode, su
 async def test_command_check_does_not_tell_what_exists_where_the_job_user_cannot_look(
     boxed: RunningNode, submitter: Submitter
 ) -> None:
-    secret = boxed.base / "secret"
-    secret.mkdir(mode=0o700)
+    import tempfile
+
+    # Outside /tmp, which the job sees as its own private tmpfs (where nothing of the host's exists).
+    secret = Path(tempfile.mkdtemp(prefix="carod-test-secret-", dir="/var/tmp"))
     present = secret / "tool"
     present.write_text("#!/bin/sh\necho hi\n")
     present.chmod(0o755)
@@ -166,6 +168,7 @@ async def test_command_check_does_not_tell_what_exists_where_the_job_user_cannot
         final = (await submitter.run({"Cmd": q(cmd)}))[-1]
         assert final.status == 5 and final.headers["HoldReasonCode"] == 6, final.headers
         reasons.append(str(final.headers["HoldReason"]).replace(cmd, "CMD"))
+    shutil.rmtree(secret)
     assert reasons[0] == reasons[1]
     assert "Permission denied" in reasons[0]
     await seed_runs(submitter)
@@ -380,3 +383,43 @@ async def test_job_cannot_leave_a_key_in_its_users_keyring(boxed: RunningNode, s
     final = (await submitter.run(sh(KEYS)))[-1]
     assert final.status == 4, final.headers
     assert final.zip_read("out").decode().strip() == "-1 Operation not permitted"
+
+
+async def test_another_jobs_links_tell_nothing_about_root_only_files(boxed: RunningNode, submitter: Submitter) -> None:
+    """Job A leaves links to /root/.bashrc and /root/nope in its sandbox; job B names them as its Cmd."""
+    mid = await submitter.send(
+        sh(
+            "ln -s /root/.bashrc l-rootfile; ln -s /root/nope l-rootnope; chmod 711 .; touch links-made; "
+            "while [ ! -e stop ]; do sleep 0.05; done"
+        )
+    )
+    assert mid is not None
+    sandboxes = boxed.base / "sandboxes"
+    async with asyncio.timeout(30):
+        while (
+            not (boxes := [p for p in sandboxes.iterdir() if p.name.startswith(mid)])
+            or not (boxes[0] / "links-made").exists()
+        ):
+            await asyncio.sleep(0.05)
+    box = boxes[0]
+    reasons = []
+    for link in ("l-rootfile", "l-rootnope", f"../../../../../../proc/{os.getpid()}/root/etc/passwd"):
+        final = (await submitter.run({"Cmd": q(str(box / link))}))[-1]
+        assert final.status == 5 and final.headers["HoldReasonCode"] == 6, final.headers
+        reasons.append(str(final.headers["HoldReason"]).replace(str(box / link), "CMD"))
+    assert reasons[0] == reasons[1], reasons  # another job's sandbox does not exist in this job's view
+    assert "under /proc" in reasons[2] or "does not exist" in reasons[2]
+    final = (await submitter.run({"Cmd": q(f"/proc/{os.getpid()}/root/bin/sh")}))[-1]
+    assert final.status == 5 and "under /proc, /sys or /dev" in str(final.headers["HoldReason"]), final.headers
+    (box / "stop").touch()
+    assert (await submitter.wait_final(mid))[-1].status == 4
+    await seed_runs(submitter)
+
+
+async def test_a_command_reached_through_a_system_link_runs(boxed: RunningNode, submitter: Submitter) -> None:
+    python = Path("/usr/bin/python3")
+    if not python.is_symlink():
+        pytest.skip("/usr/bin/python3 is not a link here")
+    final = (await submitter.run({"Cmd": q(str(python)), "Arguments": q("-c 'print(6*7)'"), "Out": q("out")}))[-1]
+    assert final.status == 4, final.headers
+    assert final.zip_read("out") == b"42\n"
