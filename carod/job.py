@@ -45,6 +45,9 @@ class Job:
     waiting: bool = False
     ad: classad2.ClassAd | None = None
     info: JobInfo | None = None
+    #: why nobody can ever be answered: the broker refused its reply address for good
+    #: (carod.answer); the job is stopped, and settled without a reply
+    unanswerable: str | None = None
 
     @property
     def message_id(self) -> str:

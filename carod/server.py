@@ -6,16 +6,25 @@ for up to ``drain_timeout_s`` while the broker connection stays up, stops
 the rest with their KillSig (they are answered Idle and requeued), and
 exits 0. A second SIGINT sets ``force_exit``: running jobs are killed at
 once and their messages go back to the queue when the connection closes.
+
+Every step of the stop is bounded, whatever the broker does (refusing,
+closing connections, not confirming): the whole stop takes at most
+:func:`stop_bound_s`; a daemon that is still not done then (a bug, a stuck
+library call) exits 70 from a watchdog thread, and its next start cleans up
+from the journal (docs/operations.md, "Signals").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import stat
+import sys
+import threading
 from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -31,6 +40,7 @@ from carod.errors import (
     EXIT_CANTCREAT,
     EXIT_CONFIG,
     EXIT_NOPERM,
+    EXIT_SOFTWARE,
     EXIT_UNAVAILABLE,
     BrokerError,
     ConfigError,
@@ -53,6 +63,13 @@ log = logging.getLogger("carod.server")
 
 #: What SIGHUP re-reads; everything else needs a restart.
 _RELOADABLE = ("start", "log_level")
+#: After a second SIGINT, the longest carod takes to exit (jobs killed, connection closed).
+FORCED_STOP_S = 10.0
+
+
+def stop_bound_s(config: Config) -> float:
+    """The longest a SIGTERM may take: the drain, the KillSig grace, the last replies, closing the connection."""
+    return config.node.drain_timeout_s + config.node.kill_grace_s + 2 * config.broker.confirm_timeout_s + 5.0
 
 
 class Server:
@@ -76,6 +93,7 @@ class Server:
         self.notifier = Notifier()
         self.metrics = Metrics()
         self._slots = 0
+        self._watchdog: threading.Timer | None = None
 
     # ------------------------------------------------------------ public
 
@@ -117,8 +135,21 @@ class Server:
             log.warning("second interrupt: stopping now; running jobs are killed and requeued")
             for task in list(self.tasks):
                 task.cancel()
+            self._arm_watchdog(self.config.node.kill_grace_s + FORCED_STOP_S)
+        elif not self.should_exit:
+            self._arm_watchdog(stop_bound_s(self.config))
         self.should_exit = True
         self._wakeup.set()
+
+    def _arm_watchdog(self, timeout_s: float) -> None:
+        """The daemon (signals handled) exits 70 if it has not stopped ``timeout_s`` from now."""
+        if not self.handle_signals:
+            return  # in-process servers (tests) are stopped by their owner
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = threading.Timer(timeout_s, _stop_now, (timeout_s,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
 
     def handle_reload(self) -> None:
         task = asyncio.create_task(self.reload())
@@ -258,7 +289,11 @@ class Server:
         if self.admission is not None:
             self.admission.stop_flow()
             self.admission.give_up_all()  # jobs waiting for resources go back to the queue
-        await self.broker.stop_consuming()
+        confirm_s = self.config.broker.confirm_timeout_s
+        try:  # bounded: a consumer cancel waits for a connection that may be coming back
+            await asyncio.wait_for(self.broker.stop_consuming(), confirm_s)
+        except (BrokerError, TimeoutError) as exc:
+            log.warning("could not stop consuming cleanly (%r); deliveries still arriving are requeued", exc)
         if self.advertiser is not None:
             await self.advertiser.say(pool.DRAINING)
         drain_s = self.config.node.drain_timeout_s
@@ -271,11 +306,14 @@ class Server:
             # Final replies whose delivery died wait for a redelivery that will
             # not come now; they stay in the journal and are sent on the next
             # delivery after a restart.
-            flush_s = self.config.node.kill_grace_s + self.config.broker.confirm_timeout_s
+            flush_s = self.config.node.kill_grace_s + confirm_s
             _done, pending = await asyncio.wait(self.tasks, timeout=flush_s)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self.tasks:  # a task that does not end when cancelled is left to the watchdog
+                _done, pending = await asyncio.wait(self.tasks, timeout=self.config.node.kill_grace_s + 1.0)
+                if pending:
+                    log.error("%d job task(s) did not end when cancelled", len(pending))
         if self.advertiser is not None:
             await self.advertiser.stop()
         log.info("stopped")
@@ -391,3 +429,13 @@ def _make_dir(path: Path, mode: int, *, key: str) -> None:
         os.chmod(path, mode)
     except OSError as exc:
         raise StartupError(f"[node] {key}: cannot use {path}: {exc.strerror}", EXIT_CANTCREAT) from exc
+
+
+def _stop_now(timeout_s: float) -> None:
+    """The watchdog: the stop took longer than it may. Exit at once (the journal makes the next start clean)."""
+    log.critical("carod did not stop within %.0fs of the signal; exiting now (exit %d)", timeout_s, EXIT_SOFTWARE)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_SOFTWARE)
