@@ -348,7 +348,7 @@ class Broker:
         channel: aiormq.abc.AbstractChannel | None = None
         try:
             async with asyncio.timeout(self.config.confirm_timeout_s):
-                channel = await transport.connection.channel()
+                channel = await transport.connection.channel(publisher_confirms=False)
                 await channel.tx_select()
                 await channel.basic_publish(
                     b"", exchange=address.exchange, routing_key=address.routing_key, properties=message.properties
