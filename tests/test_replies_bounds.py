@@ -132,9 +132,8 @@ def test_refusals_are_told_apart_from_transient_failures() -> None:
     )
     assert isinstance(refusal(size, "", headers_bytes=1, body_bytes=3145728), ReplyRefused)
     assert refusal(size, "", headers_bytes=1, body_bytes=1000) is None
-    frame = _closed(
-        aiormq.exceptions.ConnectionFrameError, "FRAME_ERROR - type 2, all octets = <<>>: {frame_too_large,200060,131064}"
-    )
+    text = "FRAME_ERROR - type 2, all octets = <<>>: {frame_too_large,200060,131064}"
+    frame = _closed(aiormq.exceptions.ConnectionFrameError, text)
     assert isinstance(refusal(frame, "", headers_bytes=200_000, body_bytes=0), ReplyRefused)
     assert refusal(frame, "", headers_bytes=MAX_HEADERS_BYTES, body_bytes=0) is None
     assert refusal(ConnectionResetError(), "x", headers_bytes=1, body_bytes=0) is None
