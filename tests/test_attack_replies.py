@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -36,6 +36,7 @@ from tests.helpers import (
     processes_with,
     q,
     queue_depth,
+    rabbit_env,
     rabbitmqctl,
     start_daemon,
     start_node,
@@ -129,6 +130,41 @@ async def test_thousands_of_oddly_named_skipped_files_are_listed_within_bounds(
     await seed_runs(submitter)
     assert counter(node, "carod_broker_reconnects") == 0
     assert await connections(node.name) == before
+
+
+@pytest.fixture
+def broker_max_message_2_mib() -> Iterator[int]:
+    """The broker refuses messages over 2 MiB (on channels opened from now on); restored after."""
+    got = rabbit_env("max_message_size")
+    old = got.strip("{}").split(",")[-1] if got.startswith("{ok,") else "134217728"
+    rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 2097152).")
+    try:
+        yield 2 * 1024 * 1024
+    finally:
+        rabbitmqctl("eval", f"application:set_env(rabbit, max_message_size, {int(old)}).")
+
+
+@needs_ctl
+async def test_a_final_reply_the_broker_refuses_for_its_size_is_replaced_by_a_small_held_one(
+    broker_max_message_2_mib: int, queue: str, base: Path, submitter: Submitter
+) -> None:
+    # result_part_mib above the broker's limit (a misconfiguration): a 3 MB result travels whole and is refused
+    node = await start_node(queue, base, broker={"result_part_mib": 4})
+    try:
+        job = {"Cmd": q("/bin/sh"), "Arguments": q("-c 'head -c 3000000 /dev/urandom > big.bin; exit 3'")}
+        replies = await submitter.run(job, timeout_s=60)
+        held = replies[-1]
+        assert [r.status for r in replies] == [2, 5]  # one final reply, never the refused one again
+        assert held.headers["HoldReasonCode"] == 12
+        reason = literal(held.headers["HoldReason"])
+        assert "the broker refused this job's Exited reply" in reason and "max_message_size" in reason
+        assert held.headers["ExitCode"] == 3  # what the job did is still told
+        assert held.body == b""
+        assert counter(node, "carod_replies_refused", reason="size") == 1
+        await seed_runs(submitter)
+    finally:
+        await node.stop()
+    assert await queue_depth(queue) == 0
 
 
 # ---------------------------------------------------------------- a reply address that refuses publishing
