@@ -241,6 +241,57 @@ async def test_a_daemon_that_hit_both_stops_on_sigterm_within_its_bound_and_rest
         assert await daemon.stop(signal.SIGTERM, timeout_s=bound_s + 10) == 0
 
 
+async def close_connections_of(node_name: str, stop: asyncio.Event) -> int:
+    """Close carod's broker connection whenever it has one, until ``stop``; how many were closed."""
+    closed = 0
+    while not stop.is_set():
+        for pid in await connections(node_name):
+            await asyncio.to_thread(rabbitmqctl, "close_connection", pid, "carod stop test")
+            closed += 1
+        await asyncio.sleep(0.2)
+    return closed
+
+
+@needs_ctl
+async def test_sigterm_stops_within_the_bound_while_the_broker_keeps_closing_the_connection(
+    base: Path, queue: str
+) -> None:
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    settings = {"node": {"name": name, "drain_timeout_s": 3, "kill_grace_s": 2}, "broker": {"confirm_timeout_s": 5}}
+    path = write_config(base, queue, **settings)  # type: ignore[arg-type]
+    bound_s = stop_bound_s(configuration.load(path, environ={}))
+    sub = await Submitter.open(queue, durable=True)  # survives the connection closes
+    daemon = await start_daemon(path)
+    stop = asyncio.Event()
+    closing: asyncio.Task[int] | None = None
+    try:
+        long = await sub.send({"Cmd": q("/bin/sleep"), "Arguments": q("600")})
+        short = await sub.send({"Cmd": q("/bin/sleep"), "Arguments": q("2")})  # ends during the drain
+        await sub.wait_running(long)
+        await sub.wait_running(short)
+        closing = asyncio.create_task(close_connections_of(name, stop))
+        await daemon.wait_for_line("reconnected to the broker", timeout_s=30)
+        started = time.monotonic()
+        assert await daemon.stop(signal.SIGTERM, timeout_s=bound_s + 10) == 0
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        closed = await closing if closing is not None else 0
+        if daemon.proc.returncode is None:
+            daemon.proc.kill()
+            await daemon.proc.wait()
+        await sub.close()
+    assert closed >= 1
+    assert elapsed < bound_s, f"stopped after {elapsed:.1f}s; the documented bound is {bound_s:.0f}s"
+    daemon = await start_daemon(path)  # and it starts again; nothing was lost
+    sub = await Submitter.open(queue)
+    try:
+        await seed_runs(sub)
+    finally:
+        assert await daemon.stop(signal.SIGTERM, timeout_s=bound_s + 10) == 0
+        await sub.close()
+
+
 # ---------------------------------------------------------------- a reused message_id
 
 
