@@ -90,6 +90,8 @@ class ReplyRefused(ReplyUndeliverable):
     kind = "size"
 
 
+#: Bytes of a reply's header frame besides its headers table (the other properties), at most.
+_PROPERTIES_BYTES = 512
 _FRAME_TOO_LARGE = re.compile(r"frame_too_large,\s*(\d+),\s*(\d+)")
 _MESSAGE_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
@@ -300,10 +302,10 @@ class Broker:
             raise BrokerError(f"advert not published: {exc!r}") from exc
 
     async def close(self) -> None:
-        """Close the connection, waiting at most confirm_timeout_s (a broker that does not answer is left)."""
+        """Close the connection, waiting at most 5 s (a broker that does not answer is left)."""
         if self._connection is not None:
             try:
-                await asyncio.wait_for(self._connection.close(), self.config.confirm_timeout_s)
+                await asyncio.wait_for(self._connection.close(), _CLOSE_TIMEOUT_S)
             except _TRANSIENT as exc:
                 log.warning("closing the broker connection: %r", exc)
             self._connection = None
@@ -572,7 +574,3 @@ def _headers_bytes(headers: Mapping[str, object] | None) -> int:
     return _PROPERTIES_BYTES + sum(
         len(str(k)) + len(str(v).encode("utf-8", "surrogateescape")) + 10 for k, v in headers.items()
     )
-
-
-#: Bytes of a reply's header frame besides its headers table (the other properties), at most.
-_PROPERTIES_BYTES = 512

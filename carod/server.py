@@ -25,6 +25,7 @@ import signal
 import stat
 import sys
 import threading
+from collections.abc import Coroutine
 from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -65,11 +66,20 @@ log = logging.getLogger("carod.server")
 _RELOADABLE = ("start", "log_level")
 #: After a second SIGINT, the longest carod takes to exit (jobs killed, connection closed).
 FORCED_STOP_S = 10.0
+#: During a stop, the longest carod waits on the broker for each housekeeping step
+#: (cancel the consumers, advertise Draining and Offline, close the connection).
+STOP_STEP_S = 5.0
 
 
 def stop_bound_s(config: Config) -> float:
-    """The longest a SIGTERM may take: the drain, the KillSig grace, the last replies, closing the connection."""
-    return config.node.drain_timeout_s + config.node.kill_grace_s + 2 * config.broker.confirm_timeout_s + 5.0
+    """The longest a SIGTERM may take, whatever the broker does (docs/reliability.md, "Stopping").
+
+    The drain; KillSig and its grace for jobs still running; their last
+    replies (kill_grace_s + confirm_timeout_s); a grace for cancelled tasks;
+    four housekeeping steps of STOP_STEP_S; one second of slack.
+    """
+    node = config.node
+    return node.drain_timeout_s + 3 * node.kill_grace_s + config.broker.confirm_timeout_s + 4 * STOP_STEP_S + 10.0
 
 
 class Server:
@@ -289,13 +299,12 @@ class Server:
         if self.admission is not None:
             self.admission.stop_flow()
             self.admission.give_up_all()  # jobs waiting for resources go back to the queue
-        confirm_s = self.config.broker.confirm_timeout_s
         try:  # bounded: a consumer cancel waits for a connection that may be coming back
-            await asyncio.wait_for(self.broker.stop_consuming(), confirm_s)
+            await asyncio.wait_for(self.broker.stop_consuming(), STOP_STEP_S)
         except (BrokerError, TimeoutError) as exc:
             log.warning("could not stop consuming cleanly (%r); deliveries still arriving are requeued", exc)
         if self.advertiser is not None:
-            await self.advertiser.say(pool.DRAINING)
+            await _bounded(self.advertiser.say(pool.DRAINING), "advertise Draining")
         drain_s = self.config.node.drain_timeout_s
         if self.tasks and not self.force_exit:
             _done, pending = await asyncio.wait(self.tasks, timeout=drain_s)
@@ -306,7 +315,7 @@ class Server:
             # Final replies whose delivery died wait for a redelivery that will
             # not come now; they stay in the journal and are sent on the next
             # delivery after a restart.
-            flush_s = self.config.node.kill_grace_s + confirm_s
+            flush_s = self.config.node.kill_grace_s + self.config.broker.confirm_timeout_s
             _done, pending = await asyncio.wait(self.tasks, timeout=flush_s)
             for task in pending:
                 task.cancel()
@@ -315,7 +324,7 @@ class Server:
                 if pending:
                     log.error("%d job task(s) did not end when cancelled", len(pending))
         if self.advertiser is not None:
-            await self.advertiser.stop()
+            await _bounded(self.advertiser.stop(), "advertise Offline")
         log.info("stopped")
 
     def status_text(self) -> str:
@@ -429,6 +438,14 @@ def _make_dir(path: Path, mode: int, *, key: str) -> None:
         os.chmod(path, mode)
     except OSError as exc:
         raise StartupError(f"[node] {key}: cannot use {path}: {exc.strerror}", EXIT_CANTCREAT) from exc
+
+
+async def _bounded(step: Coroutine[object, object, None], what: str) -> None:
+    """One housekeeping step of a stop, given at most STOP_STEP_S."""
+    try:
+        await asyncio.wait_for(step, STOP_STEP_S)
+    except TimeoutError:
+        log.warning("stopping: could not %s within %.0fs; going on", what, STOP_STEP_S)
 
 
 def _stop_now(timeout_s: float) -> None:
