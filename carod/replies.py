@@ -228,8 +228,10 @@ def bounded_text(text: str, limit: int = MAX_TEXT_HEADER_BYTES) -> Quoted:
     Cut when longer, ending with :data:`TRUNCATED` (how many bytes of the
     UTF-8 text were left out); the result is still a valid literal.
     """
-    if len(text) <= limit and quoted_size(text) <= limit:
-        return Quoted(classad2.quote(text))
+    if len(text) <= limit:
+        quoted = str(classad2.quote(text))
+        if len(quoted) <= limit:
+            return Quoted(quoted)
     total = len(text.encode("utf-8", "surrogateescape"))
     head = text[:limit]  # each character takes at least one byte quoted: no more can fit
     lo, hi = 0, len(head)  # the longest prefix that fits with its note, by bisection

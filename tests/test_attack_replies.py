@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -387,4 +388,31 @@ async def test_a_reused_id_never_gets_the_victims_stored_answer(
     finally:
         await thief.close()
         await node.stop()
+    assert await queue_depth(queue) == 0
+
+
+async def test_a_journal_from_before_reply_addresses_were_kept_still_opens_and_answers(
+    base: Path, queue: str, submitter: Submitter
+) -> None:
+    """The journal gains its reply_to column at start; an old record (no address) is not a reused id."""
+    state = base / "state"
+    state.mkdir()
+    with sqlite3.connect(state / "journal.sqlite3") as db:
+        db.execute(
+            "CREATE TABLE jobs (message_id TEXT PRIMARY KEY, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+            " sequence INTEGER NOT NULL DEFAULT 0, sandbox TEXT, pid INTEGER, pid_start TEXT, created REAL NOT NULL,"
+            " updated REAL NOT NULL)"
+        )
+        db.execute("INSERT INTO jobs VALUES ('old-job', 'replied', 1, 2, NULL, NULL, NULL, ?, ?)", (time.time(),) * 2)
+    node = await start_node(queue, base)
+    try:
+        await submitter.send(SEED, message_id="old-job")  # answered before: acked, not run again
+        await seed_runs(submitter)
+    finally:
+        await node.stop()  # after the drain, every count is final
+    await submitter.sync()
+    assert submitter.replies.get("old-job", []) == []
+    assert counter(node, "carod_jobs_received") == 2
+    assert counter(node, "carod_jobs_started") == 1  # only the seed job ran
+    assert counter(node, "carod_jobs_reused_id") == 0
     assert await queue_depth(queue) == 0
