@@ -330,10 +330,12 @@ async def test_a_reused_id_while_and_after_the_victim_runs_gets_nothing(
     async with asyncio.timeout(20):
         while counter(node, "carod_jobs_reused_id") < 1:
             await asyncio.sleep(0.05)
+    await seed_runs(submitter)
+    await node.stop()  # everything delivered before is handled by now
     await assert_nothing_for(attacker, mid)
     await submitter.sync()
     assert len(submitter.finals(mid)) == 1
-    await seed_runs(submitter)
+    assert counter(node, "carod_jobs_started") == 2  # the victim's job and the seed job; nothing forged ran
     assert await queue_depth(queue) == 0
 
 
@@ -388,6 +390,7 @@ async def test_a_reused_id_never_gets_the_victims_stored_answer(
     finally:
         await thief.close()
         await node.stop()
+    assert counter(node, "carod_jobs_started") == 2  # the victim's job (once) and the seed job
     assert await queue_depth(queue) == 0
 
 
