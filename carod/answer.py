@@ -1,4 +1,4 @@
-"""Replies on their way out: journal first, then publish until the broker confirms.
+"""Replies on their way out: journal first, then publish until the broker confirms (within bounds).
 
 A final reply (Completed or Held) is published only while the job has a
 live delivery, in one AMQP transaction with that delivery's ack
@@ -197,7 +197,7 @@ class Answerer:
     async def commit_final(
         self, job: Job, headers: Mapping[str, Scalar], body: bytes
     ) -> AbstractIncomingMessage | None:
-        """Publish the final reply and ack the job in one transaction, retrying until it commits.
+        """Publish the final reply and ack the job in one transaction, retrying until it commits (within bounds).
 
         Only on a live delivery: if the delivery died with its channel, this
         waits for the broker to deliver the job again (to this node); if it
