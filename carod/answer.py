@@ -1,4 +1,4 @@
-"""Replies on their way out: journal first, then publish until the broker confirms.
+"""Replies on their way out: journal first, then publish until the broker confirms (within bounds).
 
 A final reply (Completed or Held) is published only while the job has a
 live delivery, in one AMQP transaction with that delivery's ack
@@ -6,6 +6,19 @@ live delivery, in one AMQP transaction with that delivery's ack
 A result zip larger than ``[broker] result_part_mib`` goes ahead of the
 final reply in parts (carod.parts), each confirmed before the next is read,
 so at most one part of it is in memory.
+
+Nothing is retried without a bound (docs/reliability.md, "Replies the broker
+refuses"): a transient failure (connection lost, no confirm) is retried for
+``[broker] reply_retry_s``; a permanent refusal is never retried as it was:
+
+* the address refuses it (no such exchange, ACCESS_REFUSED): nobody can
+  ever be answered; the job is stopped, acked without a reply, logged, counted;
+* the broker refuses the message for its size or shape: a final reply is
+  replaced once by a small Held one that says so (:func:`carod.replies.refused`);
+  an update is dropped.
+
+Every reply goes to the address its job's first message named: a final reply
+stored in the journal is sent to the address stored with it, and to no other.
 """
 
 from __future__ import annotations
@@ -22,12 +35,14 @@ from typing import BinaryIO
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod import parts, replies
-from carod.broker import Broker, ReplyUndeliverable, reply_and_ack, settle
+from carod.broker import Broker, ReplyRefused, ReplyUndeliverable, ReplyUnroutable, reply_and_ack, settle
 from carod.classads import Scalar
 from carod.config import Config
 from carod.errors import BrokerError
 from carod.job import Job
 from carod.journal import Journal, OutboxEntry
+from carod.message import ReplyAddress
+from carod.metrics import Metrics
 
 log = logging.getLogger("carod.job")
 
@@ -35,17 +50,28 @@ log = logging.getLogger("carod.job")
 _RETRY_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
+class GaveUp(BrokerError):
+    """A reply was retried for ``[broker] reply_retry_s`` and the broker never took it."""
+
+
 class Answerer:
     """Sends a job's replies; ``running`` is the node's map of jobs by message_id."""
 
     def __init__(
-        self, config: Config, broker: Broker, journal: Journal, running: dict[str, Job], stopping: asyncio.Event
+        self,
+        config: Config,
+        broker: Broker,
+        journal: Journal,
+        running: dict[str, Job],
+        stopping: asyncio.Event,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.broker = broker
         self.journal = journal
         self.running = running
         self.stopping = stopping
+        self.metrics = metrics
         self.part_bytes = config.broker.result_part_mib * 1024 * 1024
 
     async def final(self, job: Job, reply: replies.Reply) -> None:
@@ -61,10 +87,44 @@ class Answerer:
         )
         await self.resend_final(job, entry)
 
+    async def reused_id(self, job: Job, first_reply_to: str | None) -> bool:
+        """True when ``job``'s message reuses a message_id first seen with another reply_to.
+
+        Such a message is not the job's redelivery: it is acknowledged and
+        never answered, and nothing of the first job's goes to its address
+        (docs/protocol.md, "message_id"). None: recorded before carod kept the address.
+        """
+        if first_reply_to is None or first_reply_to == str(job.envelope.reply_to):
+            return False
+        log.warning(
+            "job=%s state=reused-id: this message_id was first used with another reply_to; this message "
+            "(reply_to %s) is acknowledged and not answered",
+            job.envelope.label,
+            job.envelope.reply_to,
+        )
+        self.metrics.reused_ids.inc()
+        await settle(job.message, "ack", label=job.envelope.label)
+        return True
+
     async def resend_final(self, job: Job, entry: OutboxEntry) -> None:
-        headers: dict[str, Scalar] = dict(entry.headers)
+        """Send the journaled final reply ``entry`` to the address stored with it, with ``job``'s delivery."""
+        address = ReplyAddress(entry.exchange, entry.routing_key) if entry.exchange or entry.routing_key else None
+        if address != job.envelope.reply_to:
+            # Not this message's answer (its message_id was first used with
+            # another reply_to): it goes to its own address or nowhere.
+            log.warning(
+                "job=%s state=reused-id: the stored final reply is for %s, not for this message's reply_to %s; "
+                "acknowledged, not answered",
+                job.envelope.label,
+                address,
+                job.envelope.reply_to,
+            )
+            self.metrics.reused_ids.inc()
+            await settle(job.message, "ack", label=job.envelope.label)
+            return
+        headers: dict[str, Scalar] = replies.bound_headers(entry.headers)
         body = b""
-        if entry.body_path:
+        if entry.body_path and not job.unanswerable:
             path = Path(entry.body_path)
             whole, size = await asyncio.to_thread(_read_if_small, path, self.part_bytes)
             if whole is not None:
@@ -103,6 +163,16 @@ class Answerer:
     ) -> None:
         try:
             committed_on = await self.commit_final(job, headers, body)
+        except GaveUp as exc:
+            # Nothing is lost and nothing spins: the reply stays in the journal,
+            # the message goes back to the broker, and its next delivery (here,
+            # or after a restart) is answered from the journal.
+            log.error("job=%s final reply given up for now (%s); its message is requeued", job.envelope.label, exc)
+            self.metrics.replies_given_up.labels(kind="final").inc()
+            if self.running.get(entry.message_id) is job:
+                del self.running[entry.message_id]
+            await settle(job.message, "requeue", label=job.envelope.label)
+            return
         except TimeoutError:
             # Its delivery died and the broker has not given it back: another
             # node probably took it. The answer stays in the journal; a later
@@ -127,24 +197,31 @@ class Answerer:
     async def commit_final(
         self, job: Job, headers: Mapping[str, Scalar], body: bytes
     ) -> AbstractIncomingMessage | None:
-        """Publish the final reply and ack the job in one transaction, retrying until it commits.
+        """Publish the final reply and ack the job in one transaction, retrying until it commits (within bounds).
 
         Only on a live delivery: if the delivery died with its channel, this
         waits for the broker to deliver the job again (to this node); if it
         went to another node instead, that node answers and this reply stays
         unsent, so the submitter never gets two final replies. Returns the
-        delivery that was acked with the reply (None when the reply could not
-        be delivered).
+        delivery that was acked with the reply (or alone, when the broker
+        refuses every reply to the job's address). Raises GaveUp after
+        ``[broker] reply_retry_s`` of transient failures, TimeoutError when
+        no live delivery came back.
         """
         env = job.envelope
         address = env.reply_to
         if address is None:
             await settle(job.message, "ack", label=env.label)
             return job.message
+        headers = replies.bound_headers(headers)
+        deadline = asyncio.get_running_loop().time() + self.config.broker.reply_retry_s
         attempt = 0
+        replaced = False
         while True:
             await job.wait_live(self.config.node.redelivery_wait_s, self.stopping)
             delivery = job.message
+            if job.unanswerable is not None:
+                return await self._settle_unanswered(job, delivery, job.unanswerable)
             try:
                 await reply_and_ack(
                     self.broker,
@@ -155,26 +232,48 @@ class Answerer:
                     body=body,
                     timeout_s=self.config.broker.confirm_timeout_s,
                 )
-                break
-            except ReplyUndeliverable as exc:
-                # Checked before the transaction: the delivery is intact, ack it alone.
-                log.warning("job=%s final reply cannot be delivered: %s", env.label, exc)
-                await settle(delivery, "ack", label=env.label)
                 return delivery
+            except ReplyRefused as exc:
+                self._refused(job, exc)
+                if replaced:
+                    return await self._settle_unanswered(job, delivery, str(exc))
+                # Never again as it was: a small Held reply that says why, on this
+                # delivery or (when the refusal cost the delivery its channel) the next.
+                headers, body, replaced = replies.refused(headers, str(exc)), b"", True
+            except ReplyUndeliverable as exc:
+                self._refused(job, exc)
+                return await self._settle_unanswered(job, delivery, str(exc))
             except BrokerError as exc:
-                attempt = await _pause_before_retry(env.label, "final reply not committed", exc, attempt)
+                attempt = await _pause_before_retry(env.label, "final reply not committed", exc, attempt, deadline)
+
+    async def _settle_unanswered(
+        self, job: Job, delivery: AbstractIncomingMessage, why: str
+    ) -> AbstractIncomingMessage:
+        """Nobody can be answered: ack the delivery alone (a lost ack: the redelivery is acked as answered)."""
+        log.error("job=%s state=unanswered: acknowledged without a final reply: %s", job.envelope.label, why)
+        self.metrics.jobs_unanswered.inc()
+        await settle(delivery, "ack", label=job.envelope.label)
         return delivery
 
-    async def send(self, job: Job, reply: replies.Reply) -> None:
-        """A non-final reply: journaled, published until confirmed."""
+    def _refused(self, job: Job, exc: ReplyUndeliverable) -> None:
+        """Count a permanent refusal; one of the address means nothing more is sent for the job."""
+        self.metrics.replies_refused.labels(reason=exc.kind).inc()
+        if type(exc) is ReplyUndeliverable and job.unanswerable is None:
+            job.unanswerable = str(exc)
+            log.error("job=%s its reply address %s refuses replies: %s", job.envelope.label, job.envelope.reply_to, exc)
+
+    async def send(self, job: Job, reply: replies.Reply) -> bool:
+        """A non-final reply: journaled, published until confirmed or given up. False: not delivered."""
         address = job.envelope.reply_to
-        if address is None:
-            return
+        if address is None or job.unanswerable is not None:
+            return False
         entry = await self.journal.add_reply(
             job.message_id, address.exchange, address.routing_key, dict(reply.headers), None, final=False
         )
-        await self._publish(job, reply.headers, b"")
-        await self.journal.confirmed(entry.id, job.message_id, final=False)
+        try:
+            return await self._publish(job, reply.headers, b"")
+        finally:
+            await self.journal.confirmed(entry.id, job.message_id, final=False)  # sent or given up
 
     async def progress(self, job: Job, reply: replies.Reply) -> bool:
         """A periodic update (carod.progress): journaled for its Sequence, published once, dropped on failure.
@@ -183,7 +282,7 @@ class Answerer:
         later update supersedes it, and the final reply must not wait behind it.
         """
         address = job.envelope.reply_to
-        if address is None:
+        if address is None or job.unanswerable is not None:
             return False
         entry = await self.journal.add_reply(
             job.message_id, address.exchange, address.routing_key, dict(reply.headers), None, final=False
@@ -201,37 +300,63 @@ class Answerer:
         self, job: Job, headers: Mapping[str, Scalar], body: bytes, *, message_type: str | None = None
     ) -> bool:
         env = job.envelope
-        if env.reply_to is None:
+        if env.reply_to is None or job.unanswerable is not None:
             return False
         try:
             await self.broker.publish_reply(
-                env.reply_to, correlation_id=env.message_id, headers=headers, body=body, message_type=message_type
+                env.reply_to,
+                correlation_id=env.message_id,
+                headers=replies.bound_headers(headers),
+                body=body,
+                message_type=message_type,
             )
-        except BrokerError as exc:  # ReplyUndeliverable included
+        except ReplyUndeliverable as exc:
+            self._refused(job, exc)
+            log.info("job=%s progress message dropped: %s", env.label, exc)
+            return False
+        except BrokerError as exc:
             log.info("job=%s progress message dropped: %s", env.label, exc)
             return False
         return True
 
     async def _publish(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> bool:
-        """Publish a non-final reply until the broker confirms it. False: nobody can receive it."""
+        """Publish a non-final reply until the broker confirms it, for at most reply_retry_s. False: not delivered."""
         env = job.envelope
-        if env.reply_to is None:
+        if env.reply_to is None or job.unanswerable is not None:
             return False
+        headers = replies.bound_headers(headers)
+        deadline = asyncio.get_running_loop().time() + self.config.broker.reply_retry_s
         attempt = 0
         while True:
             try:
                 await self.broker.publish_reply(env.reply_to, correlation_id=env.message_id, headers=headers, body=body)
                 return True
-            except ReplyUndeliverable as exc:
+            except ReplyUnroutable as exc:  # the submitter's queue is gone; it may come back for the final reply
+                self._refused(job, exc)
                 log.warning("job=%s reply cannot be delivered: %s", env.label, exc)
                 return False
+            except ReplyUndeliverable as exc:
+                self._refused(job, exc)
+                log.warning("job=%s reply refused by the broker, not sent again: %s", env.label, exc)
+                return False
             except BrokerError as exc:
-                attempt = await _pause_before_retry(env.label, "reply not confirmed", exc, attempt)
+                try:
+                    attempt = await _pause_before_retry(env.label, "reply not confirmed", exc, attempt, deadline)
+                except GaveUp as gave_up:
+                    log.error("job=%s reply dropped: %s", env.label, gave_up)
+                    self.metrics.replies_given_up.labels(kind="update").inc()
+                    return False
 
 
-async def _pause_before_retry(label: str, what: str, exc: BrokerError, attempt: int) -> int:
-    """Log why a reply must be sent again, wait the attempt's delay; the next attempt's number."""
-    delay = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
+async def _pause_before_retry(label: str, what: str, exc: BrokerError, attempt: int, deadline: float) -> int:
+    """Log why a reply must be sent again, wait the attempt's delay; the next attempt's number.
+
+    Raises GaveUp once the loop's clock passes ``deadline`` ([broker] reply_retry_s after the first try).
+    """
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise GaveUp(f"{what} after {attempt + 1} attempt(s) within [broker] reply_retry_s; last error: {exc}")
+    delay = min(_RETRY_S[min(attempt, len(_RETRY_S) - 1)], left)
     log.warning("job=%s %s (%s); retrying in %.1fs", label, what, exc, delay)
     await asyncio.sleep(delay)
     return attempt + 1

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 import weakref
@@ -65,7 +66,59 @@ _TRANSIENT = (
 
 
 class ReplyUndeliverable(BrokerError):
-    """The reply's exchange or queue does not exist: nobody can receive it."""
+    """The reply's address cannot receive it, for good: retrying cannot help.
+
+    No such exchange (404), publishing to it refused (403: an internal
+    exchange such as ``amq.rabbitmq.trace``, or no write permission), or no
+    queue bound for it. ``kind`` is the metrics label (carod_replies_refused).
+    """
+
+    kind = "address"
+
+
+class ReplyUnroutable(ReplyUndeliverable):
+    """No queue is bound for the reply's address (the submitter's queue is gone)."""
+
+    kind = "unroutable"
+
+
+class ReplyRefused(ReplyUndeliverable):
+    """The broker refused this message for its size or shape (larger than its
+    max_message_size, a header frame larger than its frame_max): the same
+    message is refused again, a smaller one may pass."""
+
+    kind = "size"
+
+
+#: Bytes of a reply's header frame besides its headers table (the other properties), at most.
+_PROPERTIES_BYTES = 512
+_FRAME_TOO_LARGE = re.compile(r"frame_too_large,\s*(\d+),\s*(\d+)")
+_MESSAGE_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+
+
+def refusal(exc: BaseException, exchange: str, *, headers_bytes: int, body_bytes: int) -> ReplyUndeliverable | None:
+    """The permanent refusal of one reply that ``exc`` (from publishing it) is, or None: a transient failure.
+
+    A channel or connection error fails every publish pending on it, so a
+    refusal counts as this reply's only when it names this reply's exchange
+    or a limit this reply's headers or body exceed; otherwise it is the
+    broker refusing another message, and this one may be sent again.
+    """
+    text = str(exc)
+    named = f"exchange '{exchange or 'amq.default'}'" in text
+    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity) and named:
+        return ReplyUndeliverable(f"there is no exchange {exchange!r}")
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused) and named:
+        return ReplyUndeliverable(f"the broker refuses publishing to exchange {exchange or 'amq.default'!r}: {text}")
+    too_large = _MESSAGE_TOO_LARGE.search(text)
+    max_message = int(too_large.group(2)) if too_large else None
+    if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and max_message and body_bytes > max_message:
+        return ReplyRefused(f"a message of {body_bytes} bytes is larger than the broker's max_message_size")
+    frame = _FRAME_TOO_LARGE.search(text)
+    frame_max = int(frame.group(2)) if frame else None
+    if isinstance(exc, aiormq.exceptions.ConnectionFrameError) and frame_max and headers_bytes >= frame_max:
+        return ReplyRefused(f"headers of about {headers_bytes} bytes do not fit the broker's frame_max")
+    return None
 
 
 class Broker:
@@ -82,7 +135,6 @@ class Broker:
         self._consumer: Consumer | None = None
         self._consumer_tag: str | None = None
         self._flow_lock = asyncio.Lock()
-        self._known_exchanges: set[str] = set()
         self._dead_queue: AbstractRobustQueue | None = None
         self._dead_tag: str | None = None
         self._pool_channel: AbstractRobustChannel | None = None
@@ -174,8 +226,9 @@ class Broker:
             if prefetch <= 0 or self._consumer is None:
                 return None
             try:
-                await channel.set_qos(prefetch_count=min(prefetch, self.prefetch))
-                self._consumer_tag = await queue.consume(self._consumer, no_ack=False)
+                async with asyncio.timeout(self.config.confirm_timeout_s):  # not forever while reconnecting
+                    await channel.set_qos(prefetch_count=min(prefetch, self.prefetch))
+                    self._consumer_tag = await queue.consume(self._consumer, no_ack=False)
             except _TRANSIENT as exc:
                 raise BrokerError(f"cannot consume from {self.config.queue!r}: {exc!r}") from exc
             return self._consumer_tag
@@ -239,19 +292,22 @@ class Broker:
         try:
             # Not mandatory: an advert nobody hears (a node alone, a status query
             # that gave up) is not an error, and a returned one would only be logged.
-            if reply_to:
-                await channel.default_exchange.publish(message, reply_to, mandatory=False)
-            else:
-                await self._require(self._pool_exchange).publish(message, routing_key, mandatory=False)
+            # Bounded: a robust channel waits for a lost connection to come back.
+            async with asyncio.timeout(self.config.confirm_timeout_s):
+                if reply_to:
+                    await channel.default_exchange.publish(message, reply_to, mandatory=False)
+                else:
+                    await self._require(self._pool_exchange).publish(message, routing_key, mandatory=False)
         except _TRANSIENT as exc:
             raise BrokerError(f"advert not published: {exc!r}") from exc
 
     async def close(self) -> None:
+        """Close the connection, waiting at most 5 s (a broker that does not answer is left)."""
         if self._connection is not None:
             try:
-                await self._connection.close()
+                await asyncio.wait_for(self._connection.close(), _CLOSE_TIMEOUT_S)
             except _TRANSIENT as exc:
-                log.warning("closing the broker connection: %s", exc)
+                log.warning("closing the broker connection: %r", exc)
             self._connection = None
 
     @staticmethod
@@ -275,47 +331,67 @@ class Broker:
         message = _reply_message(correlation_id, headers, body, message_type)
         await self._publish(address.exchange, address.routing_key, message)
 
-    async def check_exchange(self, name: str) -> None:
-        """ReplyUndeliverable when exchange ``name`` does not exist ("" always does)."""
-        if not name or name in self._known_exchanges:
+    async def check_address(self, address: ReplyAddress, headers: Mapping[str, Scalar]) -> None:
+        """Would the broker take a reply with these headers for ``address``? Nothing is delivered.
+
+        A dry run on a channel of its own: the reply (headers only) is
+        published in a transaction that is rolled back. A refusal (no such
+        exchange, an internal exchange, no permission) then closes only that
+        channel, not the one the job's delivery is on. The default exchange
+        ("") takes everything: not checked. Raises ReplyUndeliverable /
+        ReplyRefused, or BrokerError when the broker is away.
+        """
+        if not address.exchange:
             return
-        if self._connection is None:
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
             raise BrokerError("not connected to the broker")
+        message = _reply_message(None, headers, b"")
+        channel: aiormq.abc.AbstractChannel | None = None
         try:
-            channel = await self._connection.channel(publisher_confirms=False)
+            async with asyncio.timeout(self.config.confirm_timeout_s):
+                channel = await transport.connection.channel(publisher_confirms=False)
+                await channel.tx_select()
+                await channel.basic_publish(
+                    b"", exchange=address.exchange, routing_key=address.routing_key, properties=message.properties
+                )
+                await channel.tx_rollback()
         except _TRANSIENT as exc:
-            raise BrokerError(f"cannot check exchange {name!r}: {exc!r}") from exc
-        try:
-            await channel.declare_exchange(name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise ReplyUndeliverable(f"there is no exchange {name!r}") from exc
-        except _TRANSIENT as exc:
-            raise BrokerError(f"cannot check exchange {name!r}: {exc!r}") from exc
+            refused = refusal(exc, address.exchange, headers_bytes=_headers_bytes(headers), body_bytes=0)
+            if refused is not None:
+                raise refused from exc
+            raise BrokerError(f"cannot check the reply address {address}: {exc!r}") from exc
         finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-        self._known_exchanges.add(name)
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), self.config.confirm_timeout_s)
 
     async def _publish(self, exchange_name: str, routing_key: str, message: aio_pika.Message) -> None:
         channel = self._require(self._publish_channel)
         where = f"{exchange_name}/{routing_key}" if exchange_name else routing_key
         try:
-            exchange = (
-                channel.default_exchange
-                if not exchange_name
-                else await channel.get_exchange(exchange_name, ensure=False)
-            )
-            confirm = await exchange.publish(
-                message, routing_key, mandatory=True, timeout=self.config.confirm_timeout_s
-            )
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise ReplyUndeliverable(f"there is no exchange {exchange_name!r} for {where}") from exc
+            # The whole publish is bounded: a robust channel otherwise waits for
+            # a lost connection to come back before it even starts.
+            async with asyncio.timeout(self.config.confirm_timeout_s):
+                exchange = (
+                    channel.default_exchange
+                    if not exchange_name
+                    else await channel.get_exchange(exchange_name, ensure=False)
+                )
+                confirm = await exchange.publish(
+                    message, routing_key, mandatory=True, timeout=self.config.confirm_timeout_s
+                )
         except aiormq.exceptions.DeliveryError as exc:
             raise ReplyUndeliverable(f"the broker refused the message for {where}: {exc}") from exc
         except _TRANSIENT as exc:
+            refused = refusal(
+                exc, exchange_name, headers_bytes=_headers_bytes(message.headers), body_bytes=len(message.body)
+            )
+            if refused is not None:
+                raise refused from exc
             raise BrokerError(f"publishing to {where} was not confirmed: {exc!r}") from exc
         if isinstance(confirm, aiormq.abc.DeliveredMessage):
-            raise ReplyUndeliverable(f"no queue is bound for {where} (the submitter's queue is gone)")
+            raise ReplyUnroutable(f"no queue is bound for {where} (the submitter's queue is gone)")
 
 
 # Deliveries are settled inside AMQP transactions on the channel they came on,
@@ -325,6 +401,10 @@ class Broker:
 # commit covers everything pending on the channel.
 _tx_locks: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, asyncio.Lock] = weakref.WeakKeyDictionary()
 _tx_selected: weakref.WeakSet[aiormq.abc.AbstractChannel] = weakref.WeakSet()
+#: Longest wait for a channel to close after a failed transaction.
+_CLOSE_TIMEOUT_S = 5.0
+#: Longest wait for the broker to take an ack or a requeue (then it is redelivered and recognised).
+_SETTLE_TIMEOUT_S = 30.0
 
 
 @contextlib.asynccontextmanager
@@ -342,8 +422,9 @@ async def _transaction(message: AbstractIncomingMessage) -> AsyncIterator[aiormq
             # Never leave half a transaction (e.g. a publish whose frames are
             # still queued) for the next commit on this channel to pick up:
             # close it. Its deliveries are requeued and recognised when redelivered.
+            # Bounded: a broker that does not answer must not keep a stop waiting.
             with contextlib.suppress(Exception):
-                await asyncio.shield(channel.close())
+                await asyncio.wait_for(asyncio.shield(channel.close()), _CLOSE_TIMEOUT_S)
             raise
 
 
@@ -357,7 +438,7 @@ async def settle(message: AbstractIncomingMessage, action: str, *, label: str) -
     if tag is None:
         return False
     try:
-        async with _transaction(message) as channel:
+        async with asyncio.timeout(_SETTLE_TIMEOUT_S), _transaction(message) as channel:
             if action == "ack":
                 await channel.basic_ack(tag)
             elif action == "requeue":
@@ -382,17 +463,20 @@ async def reply_and_ack(
 ) -> None:
     """Publish the job's final reply and ack its delivery in one transaction.
 
-    Raises ReplyUndeliverable when the reply's exchange does not exist (the
-    transaction, and the delivery's channel, are lost: the job is redelivered
-    and must then be acked alone), BrokerError when the delivery's channel or
+    Raises ReplyUndeliverable (or ReplyRefused) when the broker refuses the
+    reply for good: when found by the dry run before the transaction, the
+    delivery is intact; when found by the transaction itself (a body over
+    the broker's max_message_size), the transaction and the delivery's
+    channel are lost: the job is redelivered and must then be acked alone
+    or with a smaller reply. BrokerError when the delivery's channel or
     connection is gone (nothing happened; the job will be redelivered).
     """
     tag = message.delivery_tag
     if tag is None:
         raise BrokerError("the delivery has no tag")
-    # A missing exchange would close the delivery's channel (and requeue every
+    # A refused address would close the delivery's channel (and requeue every
     # delivery on it) inside the transaction: find out first, on another channel.
-    await broker.check_exchange(address.exchange)
+    await broker.check_address(address, headers)
     reply = _reply_message(correlation_id, headers, body)
     try:
         async with asyncio.timeout(timeout_s), _transaction(message) as channel:
@@ -400,9 +484,10 @@ async def reply_and_ack(
                 body, exchange=address.exchange, routing_key=address.routing_key, properties=reply.properties
             )
             await channel.basic_ack(tag)
-    except aiormq.exceptions.ChannelNotFoundEntity as exc:
-        raise ReplyUndeliverable(f"there is no exchange {address.exchange!r} for {address}") from exc
     except _TRANSIENT as exc:
+        refused = refusal(exc, address.exchange, headers_bytes=_headers_bytes(headers), body_bytes=len(body))
+        if refused is not None:
+            raise refused from exc
         raise BrokerError(f"the final reply and ack for {address} were not committed: {exc!r}") from exc
 
 
@@ -478,4 +563,14 @@ def _reply_message(
         content_type=content_type,
         type=message_type,
         timestamp=time.time(),
+    )
+
+
+def _headers_bytes(headers: Mapping[str, object] | None) -> int:
+    """About how many bytes a message with ``headers`` has in its header frame (a generous estimate:
+    the headers table and, at most, the other properties)."""
+    if not headers:
+        return _PROPERTIES_BYTES
+    return _PROPERTIES_BYTES + sum(
+        len(str(k)) + len(str(v).encode("utf-8", "surrogateescape")) + 10 for k, v in headers.items()
     )

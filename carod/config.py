@@ -61,6 +61,10 @@ class BrokerConfig:
     result_part_mib: int = 8
     #: After losing the broker, try again this often (running jobs go on meanwhile).
     reconnect_interval_s: float = 1.0
+    #: A reply the broker does not confirm (connection lost, no confirm in time) is tried
+    #: again for at most this long; then an update is dropped, and a final reply stays in
+    #: the journal and its job's message is requeued, to be answered on its next delivery.
+    reply_retry_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -277,7 +281,7 @@ def _check(config: Config) -> None:
     for key in ("prefetch", "max_offers", "delivery_limit"):
         if getattr(b, key) < 0:
             raise ConfigError(f"[broker] {key}: must not be negative")
-    for key in ("confirm_timeout_s", "connect_timeout_s", "reconnect_interval_s", "max_pass_s"):
+    for key in ("confirm_timeout_s", "connect_timeout_s", "reconnect_interval_s", "max_pass_s", "reply_retry_s"):
         if getattr(b, key) <= 0:
             raise ConfigError(f"[broker] {key}: must be greater than 0")
     if b.unmatched_delay_s < 0:

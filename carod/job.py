@@ -45,6 +45,9 @@ class Job:
     waiting: bool = False
     ad: classad2.ClassAd | None = None
     info: JobInfo | None = None
+    #: why nobody can ever be answered: the broker refused its reply address for good
+    #: (carod.answer); the job is stopped, and settled without a reply
+    unanswerable: str | None = None
 
     @property
     def message_id(self) -> str:
@@ -113,7 +116,18 @@ def job_info(job: Job, spec: jobad.JobSpec, request: Request, started: float) ->
     )
 
 
+#: A text field of a log line longer than this is cut (it may be job-chosen text, e.g. a HoldReason).
+_LOG_TEXT_CHARS = 2000
+
+
+def _short(value: object) -> object:
+    if isinstance(value, str) and len(value) > _LOG_TEXT_CHARS:
+        return f"{value[:_LOG_TEXT_CHARS]} ... [truncated, {len(value) - _LOG_TEXT_CHARS} characters]"
+    return value
+
+
 def log_state(env: Envelope, state: str, job: Job, **fields: object) -> None:
+    fields = {k: _short(v) for k, v in fields.items()}
     extra = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in fields.items())
     elapsed = job.elapsed_s()
     log.info(

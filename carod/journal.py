@@ -8,7 +8,9 @@ sees two threads). One row per job ``message_id``:
                        \-> interrupted (carod stopped while it ran) -> running ...
 
 ``attempts`` counts runs started (it is the replies' ``JobRunCount``);
-``sequence`` is the last reply ``Sequence`` used. The ``outbox`` holds every
+``sequence`` is the last reply ``Sequence`` used; ``reply_to`` is the reply
+address of the first message with the ``message_id`` (a later message with
+the same id and another address is not the same job: docs/protocol.md). The ``outbox`` holds every
 reply until the broker confirms it; a final reply's result zip stays on disk
 (``body_path``) until then. Finished records are kept for
 ``journal_retention_s`` so that a redelivery is recognised and never re-run.
@@ -66,6 +68,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (confirmed, id);
 CREATE INDEX IF NOT EXISTS outbox_job ON outbox (message_id, id);
 """
+#: Columns added since the first schema: (table, column, definition).
+_ADDED_COLUMNS = (("jobs", "reply_to", "TEXT"),)
+_JOB_COLUMNS = "message_id, state, attempts, sequence, sandbox, pid, pid_start, reply_to"
 
 
 class JournalError(CarodError):
@@ -81,6 +86,8 @@ class JobRecord:
     sandbox: str | None
     pid: int | None
     pid_start: str | None
+    #: the reply address of the first message with this id (None: recorded before carod kept it)
+    reply_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,9 @@ class Journal:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
             db.executescript(_SCHEMA)
+            for table, column, definition in _ADDED_COLUMNS:
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
         self._db = db
@@ -160,29 +170,26 @@ class Journal:
     # ------------------------------------------------------------ jobs
 
     def _get(self, message_id: str) -> JobRecord | None:
-        row = self._run(
-            "SELECT message_id, state, attempts, sequence, sandbox, pid, pid_start FROM jobs WHERE message_id = ?",
-            (message_id,),
-        ).fetchone()
+        row = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE message_id = ?", (message_id,)).fetchone()  # noqa: S608
         return JobRecord(*row) if row else None
 
     async def get(self, message_id: str) -> JobRecord | None:
         return await self._call(self._get, message_id)
 
-    def _receive(self, message_id: str) -> tuple[JobRecord, bool]:
-        """The job's record, created as ``received`` if new. Returns (record, new)."""
+    def _receive(self, message_id: str, reply_to: str | None) -> tuple[JobRecord, bool]:
+        """The job's record, created as ``received`` (with ``reply_to``) if new. Returns (record, new)."""
         now = time.time()
         cur = self._run(
-            "INSERT OR IGNORE INTO jobs (message_id, state, created, updated) VALUES (?, ?, ?, ?)",
-            (message_id, RECEIVED, now, now),
+            "INSERT OR IGNORE INTO jobs (message_id, state, created, updated, reply_to) VALUES (?, ?, ?, ?, ?)",
+            (message_id, RECEIVED, now, now, reply_to),
         )
         record = self._get(message_id)
         if record is None:
             raise JournalError(f"the journal lost the record of {message_id}")
         return record, cur.rowcount == 1
 
-    async def receive(self, message_id: str) -> tuple[JobRecord, bool]:
-        return await self._call(self._receive, message_id)
+    async def receive(self, message_id: str, reply_to: str | None = None) -> tuple[JobRecord, bool]:
+        return await self._call(self._receive, message_id, reply_to)
 
     def _set(self, message_id: str, **fields: Any) -> None:
         fields["updated"] = time.time()
@@ -242,10 +249,7 @@ class Journal:
         """Jobs that were running when carod last stopped without finishing them."""
 
         def find() -> list[JobRecord]:
-            rows = self._run(
-                "SELECT message_id, state, attempts, sequence, sandbox, pid, pid_start FROM jobs WHERE state = ?",
-                (RUNNING,),
-            ).fetchall()
+            rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ?", (RUNNING,)).fetchall()  # noqa: S608
             return [JobRecord(*row) for row in rows]
 
         return await self._call(find)

@@ -106,6 +106,29 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.replies_refused = Counter(
+            "carod_replies_refused",
+            "Replies the broker refused for good, by reason: address (no such exchange, publishing refused), "
+            "unroutable (no queue bound), size (too large for the broker)",
+            ["reason"],
+            registry=r,
+        )
+        self.replies_given_up = Counter(
+            "carod_replies_given_up",
+            "Replies given up on after [broker] reply_retry_s of broker failures, by kind (update, final)",
+            ["kind"],
+            registry=r,
+        )
+        self.jobs_unanswered = Counter(
+            "carod_jobs_unanswered",
+            "Jobs acknowledged without a final reply: the broker refuses every reply to their reply_to",
+            registry=r,
+        )
+        self.reused_ids = Counter(
+            "carod_jobs_reused_id",
+            "Job messages acknowledged unanswered because their message_id was first used with another reply_to",
+            registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -125,6 +148,8 @@ class Metrics:
             self.held.labels(code=_code_name(code)).inc()
         elif state == "removed":
             self.removed.inc()
+        elif state == "reused-id":
+            self.reused_ids.inc()
         elif state in REQUEUED:
             self.requeued.labels(reason=REQUEUED[state]).inc()
         duration = fields.get("duration_s")

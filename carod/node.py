@@ -85,7 +85,7 @@ class Node:
         self.running: dict[str, Job] = {}
         #: set when the node shuts down: answers waiting for a redelivery stay in the journal
         self.stopping = asyncio.Event()
-        self.answer = Answerer(config, broker, journal, self.running, self.stopping)
+        self.answer = Answerer(config, broker, journal, self.running, self.stopping, metrics)
         self._handed_back = HandBacks()
         #: carod rm of jobs that may reach this node later
         self.removals = Removals(config.node.max_removals, config.node.journal_retention_s)
@@ -141,9 +141,9 @@ class Node:
         )
         mid = envelope.message_id
         if mid is not None and (live := self.running.get(mid)) is not None:
-            if live.delivery_live():
-                # A second message with the same message_id while the first is
-                # still held: a duplicate submission, answered by the first.
+            if live.delivery_live() or live.envelope.reply_to != envelope.reply_to:
+                # A second message with the same message_id while the first is still held, or
+                # one with another reply_to: a duplicate, answered by nobody (docs/protocol.md).
                 log.warning("job=%s state=duplicate: the same message_id is already running here; acknowledged", mid)
                 self.admission.hold(message)
                 await settle(message, "ack", label=mid)
@@ -192,8 +192,8 @@ class Node:
             held = JobHeld("the job message has no message_id; carod needs one to identify the job")
             await self.answer.commit_final(job, self._held(job, held).headers, b"")
             return
-        record, new = await self.journal.receive(env.message_id)
-        if not new and await self._known(job, record):
+        record, new = await self.journal.receive(env.message_id, str(env.reply_to))
+        if not new and (await self.answer.reused_id(job, record.reply_to) or await self._known(job, record)):
             return
         removal = self.removals.get(env.message_id, time.monotonic())
         if removal is not None:
@@ -426,7 +426,7 @@ class Node:
                 run_count=job.run_count,
             )
             await self.answer.send(job, running)
-            if job.removed is not None:  # carod rm came while it started
+            if job.removed is not None or job.unanswerable is not None:  # carod rm, or nobody to answer
                 self._stop(job)
             progress = Progress.for_job(self.config, job, process, run.streams, self.answer)
             try:

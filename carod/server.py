@@ -6,16 +6,26 @@ for up to ``drain_timeout_s`` while the broker connection stays up, stops
 the rest with their KillSig (they are answered Idle and requeued), and
 exits 0. A second SIGINT sets ``force_exit``: running jobs are killed at
 once and their messages go back to the queue when the connection closes.
+
+Every step of the stop is bounded, whatever the broker does (refusing,
+closing connections, not confirming): the whole stop takes at most
+:func:`stop_bound_s`; a daemon that is still not done then (a bug, a stuck
+library call) exits 70 from a watchdog thread, and its next start cleans up
+from the journal (docs/operations.md, "Signals").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import stat
+import sys
+import threading
+from collections.abc import Coroutine
 from pathlib import Path
 
 import classad2
@@ -32,6 +42,7 @@ from carod.errors import (
     EXIT_CANTCREAT,
     EXIT_CONFIG,
     EXIT_NOPERM,
+    EXIT_SOFTWARE,
     EXIT_UNAVAILABLE,
     BrokerError,
     ConfigError,
@@ -54,6 +65,22 @@ log = logging.getLogger("carod.server")
 
 #: What SIGHUP re-reads; everything else needs a restart.
 _RELOADABLE = ("start", "log_level")
+#: After a second SIGINT, the longest carod takes to exit (jobs killed, connection closed).
+FORCED_STOP_S = 10.0
+#: During a stop, the longest carod waits on the broker for each housekeeping step
+#: (cancel the consumers, advertise Draining and Offline, close the connection).
+STOP_STEP_S = 5.0
+
+
+def stop_bound_s(config: Config) -> float:
+    """The longest a SIGTERM may take, whatever the broker does (docs/reliability.md, "Stopping").
+
+    The drain; KillSig and its grace for jobs still running; their last
+    replies (kill_grace_s + confirm_timeout_s); a grace for cancelled tasks;
+    four housekeeping steps of STOP_STEP_S; one second of slack.
+    """
+    node = config.node
+    return node.drain_timeout_s + 3 * node.kill_grace_s + config.broker.confirm_timeout_s + 4 * STOP_STEP_S + 10.0
 
 
 class Server:
@@ -78,6 +105,7 @@ class Server:
         self.notifier = Notifier()
         self.metrics = Metrics()
         self._slots = 0
+        self._watchdog: threading.Timer | None = None
 
     # ------------------------------------------------------------ public
 
@@ -123,8 +151,21 @@ class Server:
             log.warning("second interrupt: stopping now; running jobs are killed and requeued")
             for task in list(self.tasks):
                 task.cancel()
+            self._arm_watchdog(self.config.node.kill_grace_s + FORCED_STOP_S)
+        elif not self.should_exit:
+            self._arm_watchdog(stop_bound_s(self.config))
         self.should_exit = True
         self._wakeup.set()
+
+    def _arm_watchdog(self, timeout_s: float) -> None:
+        """The daemon (signals handled) exits 70 if it has not stopped ``timeout_s`` from now."""
+        if not self.handle_signals:
+            return  # in-process servers (tests) are stopped by their owner
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = threading.Timer(timeout_s, _stop_now, (timeout_s,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
 
     def handle_reload(self) -> None:
         task = asyncio.create_task(self.reload())
@@ -290,9 +331,12 @@ class Server:
         if self.admission is not None:
             self.admission.stop_flow()
             self.admission.give_up_all()  # jobs waiting for resources go back to the queue
-        await self.broker.stop_consuming()
+        try:  # bounded: a consumer cancel waits for a connection that may be coming back
+            await asyncio.wait_for(self.broker.stop_consuming(), STOP_STEP_S)
+        except (BrokerError, TimeoutError) as exc:
+            log.warning("could not stop consuming cleanly (%r); deliveries still arriving are requeued", exc)
         if self.advertiser is not None:
-            await self.advertiser.say(pool.DRAINING)
+            await _bounded(self.advertiser.say(pool.DRAINING), "advertise Draining")
         drain_s = self.config.node.drain_timeout_s
         if self.tasks and not self.force_exit:
             _done, pending = await asyncio.wait(self.tasks, timeout=drain_s)
@@ -307,9 +351,12 @@ class Server:
             _done, pending = await asyncio.wait(self.tasks, timeout=flush_s)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self.tasks:  # a task that does not end when cancelled is left to the watchdog
+                _done, pending = await asyncio.wait(self.tasks, timeout=self.config.node.kill_grace_s + 1.0)
+                if pending:
+                    log.error("%d job task(s) did not end when cancelled", len(pending))
         if self.advertiser is not None:
-            await self.advertiser.stop()
+            await _bounded(self.advertiser.stop(), "advertise Offline")
         log.info("stopped")
 
     def status_text(self) -> str:
@@ -423,3 +470,21 @@ def _make_dir(path: Path, mode: int, *, key: str) -> None:
         os.chmod(path, mode)
     except OSError as exc:
         raise StartupError(f"[node] {key}: cannot use {path}: {exc.strerror}", EXIT_CANTCREAT) from exc
+
+
+async def _bounded(step: Coroutine[object, object, None], what: str) -> None:
+    """One housekeeping step of a stop, given at most STOP_STEP_S."""
+    try:
+        await asyncio.wait_for(step, STOP_STEP_S)
+    except TimeoutError:
+        log.warning("stopping: could not %s within %.0fs; going on", what, STOP_STEP_S)
+
+
+def _stop_now(timeout_s: float) -> None:
+    """The watchdog: the stop took longer than it may. Exit at once (the journal makes the next start clean)."""
+    log.critical("carod did not stop within %.0fs of the signal; exiting now (exit %d)", timeout_s, EXIT_SOFTWARE)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_SOFTWARE)

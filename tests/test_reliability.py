@@ -227,7 +227,7 @@ async def test_journal_failure_passes_job_on_then_holds(queue: str, base: Path, 
     try:
         assert node.server.node is not None
 
-        async def broken(message_id: str) -> object:
+        async def broken(message_id: str, reply_to: str | None = None) -> object:
             raise JournalError("journal write failed: database or disk is full")
 
         node.server.node.journal.receive = broken  # type: ignore[method-assign]
