@@ -88,7 +88,9 @@ def open_as(path: str, owner: Owner, view: View) -> int:
                 raise CommandRefused(f"cannot be reached by the job user (Permission denied at {here})", errno.EACCES)
             there = here / name
             if any(there == special or there.is_relative_to(special) for special in SPECIAL):
-                raise CommandRefused("is not a program carod starts (under /proc, /sys or /dev)", errno.EACCES)
+                raise CommandRefused(
+                    "cannot be executed: carod does not start programs under /proc, /sys or /dev", errno.EACCES
+                )
             if view.absent(there):
                 raise CommandRefused("does not exist on this node", errno.ENOENT)
             try:
