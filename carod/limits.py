@@ -17,16 +17,14 @@ sandbox's files (over the limit).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from carod import tree
 from carod.cgroup import Limits
 from carod.config import SandboxConfig
 from carod.errors import JobHeld
@@ -132,17 +130,12 @@ def after_exit(limits: JobLimits, info: ExitInfo) -> JobHeld | None:
 
 
 def disk_usage_bytes(path: Path) -> int:
-    """Bytes the sandbox takes on disk (allocated blocks; hard links once; no link followed)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for _root, _dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
-        for name in files:
-            with contextlib.suppress(OSError):
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    total += st.st_blocks * 512
-    return total
+    """Bytes the sandbox takes on disk (carod.tree.usage_bytes: allocated blocks, no link followed).
+
+    The job is still running: only directories are opened, without blocking
+    and without following a link, and the walk is a loop, not a recursion.
+    """
+    return tree.usage_bytes(path)
 
 
 @dataclass(frozen=True)
