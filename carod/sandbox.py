@@ -413,7 +413,7 @@ def collect_results(
 
 
 def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: Owner, max_files: int) -> Results:
-    cursor = _Cursor(root_fd)
+    cursor = tree.Cursor(root_fd)
     try:
         return _collect_with(spec, cursor, dest, max_bytes=max_bytes, owner=owner, max_files=max_files)
     finally:
@@ -421,7 +421,7 @@ def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: 
 
 
 def _collect_with(
-    spec: JobSpec, cursor: _Cursor, dest: Path, *, max_bytes: int, owner: Owner, max_files: int
+    spec: JobSpec, cursor: tree.Cursor, dest: Path, *, max_bytes: int, owner: Owner, max_files: int
 ) -> Results:
     if spec.transfer_output is None:
         roots = [""]
@@ -479,42 +479,6 @@ def _collect_with(
     return Results(files=files, bytes=total, skipped=tuple(skipped))
 
 
-class _Cursor:
-    """Open descriptors of one directory path below the sandbox, kept from one call to the next.
-
-    :meth:`open` re-opens only the part of the path that differs from the
-    last one, so a walk, or sorted file names, open each directory once
-    (re-opening every path from the top made an 8,000-level tree cost 80 s).
-    Every step is O_NOFOLLOW; the result walk never goes deeper than
-    ``safezip.MAX_DEPTH``, so at most that many descriptors are open.
-    """
-
-    def __init__(self, root_fd: int) -> None:
-        self.root_fd = root_fd
-        self.names: list[str] = []
-        self.fds: list[int] = []
-
-    def open(self, rel: str) -> int:
-        """A descriptor of the directory ``rel`` ("" the sandbox), owned by the cursor; OSError if it cannot."""
-        parts = rel.split("/") if rel else []
-        keep = 0
-        while keep < min(len(parts), len(self.names)) and parts[keep] == self.names[keep]:
-            keep += 1
-        self._close_to(keep)
-        for part in parts[keep:]:
-            self.fds.append(os.open(part, _DIR_FLAGS, dir_fd=self.fds[-1] if self.fds else self.root_fd))
-            self.names.append(part)
-        return self.fds[-1] if self.fds else self.root_fd
-
-    def _close_to(self, depth: int) -> None:
-        while len(self.fds) > depth:
-            os.close(self.fds.pop())
-            self.names.pop()
-
-    def close(self) -> None:
-        self._close_to(0)
-
-
 def _depth(rel: str) -> int:
     """Directories in ``rel`` counting itself: "" 0, "a" 1, "a/b" 2."""
     return rel.count("/") + 1 if rel else 0
@@ -533,7 +497,7 @@ def _deep_note(rel: str) -> str:
     return f"{shown} (deeper than {safezip.MAX_DEPTH} levels)"
 
 
-def _lstat_under(cursor: _Cursor, rel: str) -> os.stat_result | None:
+def _lstat_under(cursor: tree.Cursor, rel: str) -> os.stat_result | None:
     """lstat of ``rel`` below the sandbox; None when it or a real-directory parent is missing."""
     parent, _, name = rel.rpartition("/")
     try:
@@ -560,7 +524,7 @@ class _Budget:
 
 
 def _walk(
-    cursor: _Cursor,
+    cursor: tree.Cursor,
     root: str,
     entries: dict[str, os.stat_result],
     skipped: list[str],

@@ -14,6 +14,9 @@ the device) and recursed once per level. Here only directories are ever
 opened (O_DIRECTORY|O_NOFOLLOW|O_NONBLOCK: the kernel refuses anything else
 before opening it), every entry is measured with lstat, and at most three
 descriptors are open whatever the depth.
+
+:class:`Cursor` opens directory after directory below a root, re-opening
+only the part of each path that differs from the last (the result walk).
 """
 
 from __future__ import annotations
@@ -42,6 +45,44 @@ def remove(path: Path) -> bool:
         log.warning("could not remove the sandbox %s: %s", path, exc)
         return False
     return True
+
+
+class Cursor:
+    """Open descriptors of one directory path below the sandbox, kept from one call to the next.
+
+    :meth:`open` re-opens only the part of the path that differs from the
+    last one, so a walk, or sorted file names, open each directory once
+    (re-opening every path from the top made an 8,000-level tree cost 80 s).
+    Every step is O_NOFOLLOW. It holds one descriptor per level of the last
+    path: its user bounds the depth (the result walk, carod.sandbox, stops
+    at ``safezip.MAX_DEPTH``). :meth:`close` closes them; ``root_fd`` is the
+    caller's.
+    """
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self.names: list[str] = []
+        self.fds: list[int] = []
+
+    def open(self, rel: str) -> int:
+        """A descriptor of the directory ``rel`` ("" the sandbox), owned by the cursor; OSError if it cannot."""
+        parts = rel.split("/") if rel else []
+        keep = 0
+        while keep < min(len(parts), len(self.names)) and parts[keep] == self.names[keep]:
+            keep += 1
+        self._close_to(keep)
+        for part in parts[keep:]:
+            self.fds.append(os.open(part, _DIR_FLAGS, dir_fd=self.fds[-1] if self.fds else self.root_fd))
+            self.names.append(part)
+        return self.fds[-1] if self.fds else self.root_fd
+
+    def _close_to(self, depth: int) -> None:
+        while len(self.fds) > depth:
+            os.close(self.fds.pop())
+            self.names.pop()
+
+    def close(self) -> None:
+        self._close_to(0)
 
 
 @dataclass
