@@ -42,7 +42,7 @@ _ZIP_DATE_MIN = (1980, 1, 1, 0, 0, 0)
 _ZIP_DATE_MAX = (2107, 12, 31, 23, 59, 58)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: A SkippedOutput note shows at most this many characters of a path.
-_NOTE_CHARS = 200
+_NOTE_CHARS = 300
 
 
 @dataclass(frozen=True)
