@@ -129,9 +129,9 @@ import os, time
 for _ in range(1200):
     os.mkdir("d")
     os.chdir("d")
-for i in range(4):  # each under RLIMIT_FSIZE (the limit), together over it
+for i in range(4):  # each under RLIMIT_FSIZE (the limit); with the directories, over it
     with open(f"bottom{i}", "wb") as f:
-        f.write(bytes(900 << 10))
+        f.write(os.urandom(2 << 20))
         os.fsync(f.fileno())
 print("written", flush=True)
 time.sleep(60)
@@ -140,14 +140,15 @@ time.sleep(60)
 
 async def test_a_1200_level_tree_is_measured(walk_node: RunningNode, submitter: Submitter) -> None:
     """os.fwalk raised RecursionError at 1,200 levels (internal error, requeue): now the bottom file counts."""
-    headers, body = script_job(DEEP_AND_FULL, RequestDisk=1024)
+    headers, body = script_job(DEEP_AND_FULL, RequestDisk=10 * 1024)
     final = (await submitter.run(headers, body=body, timeout_s=60))[-1]
     assert final.status == 5, final.headers
     assert final.headers["HoldReasonCode"] == HoldCode.JOB_OUT_OF_RESOURCES
     reason = final.headers["HoldReason"]
-    found = re.search(r"disk limit of 1\.0 MiB \(RequestDisk = 1024 KiB\); the sandbox held ([0-9.]+) MiB", reason)
+    found = re.search(r"disk limit of 10\.0 MiB \(RequestDisk = 10240 KiB\); the sandbox held ([0-9.]+) MiB", reason)
     assert found is not None, reason
-    assert float(found.group(1)) >= 3.5  # the 3.5 MiB 1,200 levels down were seen
+    # Past 10 MiB: the 1,200 directories take under 5 MiB, so the files at the bottom were counted.
+    assert float(found.group(1)) > 10.0, reason
     await seed_runs(submitter)
 
 
