@@ -41,6 +41,9 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _ZIP_DATE_MIN = (1980, 1, 1, 0, 0, 0)
 _ZIP_DATE_MAX = (2107, 12, 31, 23, 59, 58)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: The result walk keeps at most this many characters of paths (Held 33 past it; about the
+#: memory the walk and the zip's directory take).
+MAX_RESULT_PATH_CHARS = 32 * MIB
 #: A SkippedOutput note shows at most this many characters of a path.
 _NOTE_CHARS = 300
 
@@ -508,10 +511,21 @@ def _lstat_under(cursor: tree.Cursor, rel: str) -> os.stat_result | None:
 
 @dataclass
 class _Budget:
-    """Entries the result walk may still look at."""
+    """Entries the result walk may still look at, and the length of their paths."""
 
     limit: int
     seen: int = 0
+    path_chars: int = 0
+
+    def path(self, rel: str) -> None:
+        """Count a path the walk keeps: 10,000 paths of 25 KB would hold 250 MB."""
+        self.path_chars += len(rel)
+        if self.path_chars > MAX_RESULT_PATH_CHARS:
+            raise JobHeld(
+                f"the paths of the job's files and directories take more than {MAX_RESULT_PATH_CHARS // MIB} MiB "
+                "together, this node's limit",
+                HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED,
+            )
 
     def take(self) -> None:
         self.seen += 1
@@ -565,6 +579,7 @@ def _walk(
         deeper = _depth(rel) + 1 > safezip.MAX_DEPTH
         for name, child_st in children:
             child_rel = f"{rel}/{name}" if rel else name
+            budget.path(child_rel)
             if not stat.S_ISDIR(child_st.st_mode):
                 _add(child_rel, child_st, entries, skipped, owner)
             elif deeper:

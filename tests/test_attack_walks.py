@@ -268,6 +268,27 @@ def test_the_result_walk_memory_is_bounded_by_the_cap(tmp_path: Path) -> None:
     assert peak < 2 * MIB, peak  # ~1,000 entries' worth, not 50,000
 
 
+def test_the_result_walk_bounds_the_length_of_the_paths_it_keeps(tmp_path: Path) -> None:
+    """Fewer entries than the cap, but each path 4 KB long: held before the walk keeps 32 MiB of them."""
+    box = tmp_path / "box"
+    box.mkdir()
+    fd = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(16):
+            os.mkdir("x" * 250, dir_fd=fd)
+            deeper = os.open("x" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        for n in range(9_000):
+            os.close(os.open(f"{n:0200}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+    with pytest.raises(JobHeld) as info:
+        sandbox.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER)
+    assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
+    assert "the paths of the job's files and directories take more than 32 MiB together" in info.value.reason
+
+
 def test_an_input_zip_that_implies_too_many_directories_is_held(tmp_path: Path) -> None:
     """Each entry may imply up to 100 new directories: they count against max_input_files too."""
     body = raw_zip(*((f"{n}/" + "/".join(["d"] * 50) + "/f", b"", 0o100644) for n in range(30)))

@@ -117,13 +117,16 @@ def test_usage_of_a_tree_deeper_than_the_recursion_limit_with_few_descriptors(tm
     finally:
         os.close(fd)
         os.chdir(tmp_path)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
     try:
-        used = tree.usage_bytes(top)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        try:
+            used = tree.usage_bytes(top)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert used >= 1 << 20  # the bottom file, 1,500 levels down
     finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert used >= 1 << 20  # the bottom file, 1,500 levels down
+        assert tree.remove(top)  # (pytest's own clean-up of tmp_path recurses: it could not)
 
 
 @pytest.mark.timeout(60)
