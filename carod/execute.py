@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,6 +192,13 @@ class Executor:
                 f"carod could not write the job's results: {exc.strerror}",
                 HoldCode.TRANSFER_OUTPUT_ERROR,
                 exc.errno or 0,
+            ) from exc
+        except (struct.error, ValueError, zipfile.LargeZipFile) as exc:
+            # zipfile refuses what a zip cannot hold (a name past 65,535 bytes, too many entries...):
+            # the job's results, not carod, are at fault.
+            result_zip.unlink(missing_ok=True)
+            raise JobHeld(
+                f"carod could not zip the job's results: {str(exc)[:200]}", HoldCode.TRANSFER_OUTPUT_ERROR
             ) from exc
         return result_zip, results
 

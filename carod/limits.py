@@ -17,16 +17,14 @@ sandbox's files (over the limit).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from carod import tree
 from carod.cgroup import Limits
 from carod.config import SandboxConfig
 from carod.errors import JobHeld
@@ -132,17 +130,12 @@ def after_exit(limits: JobLimits, info: ExitInfo) -> JobHeld | None:
 
 
 def disk_usage_bytes(path: Path) -> int:
-    """Bytes the sandbox takes on disk (allocated blocks; hard links once; no link followed)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for _root, _dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
-        for name in files:
-            with contextlib.suppress(OSError):
-                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                    seen.add((st.st_dev, st.st_ino))
-                    total += st.st_blocks * 512
-    return total
+    """Bytes the sandbox takes on disk (carod.tree.usage_bytes: allocated blocks, no link followed).
+
+    The job is still running: only directories are opened, without blocking
+    and without following a link, and the walk is a loop, not a recursion.
+    """
+    return tree.usage_bytes(path)
 
 
 @dataclass(frozen=True)
@@ -171,39 +164,85 @@ def walk_meter(box: Path) -> DiskMeter:
 async def enforce(
     process: JobProcess, limits: JobLimits, disk: DiskMeter, *, interval_s: float, kill_sig: int, grace_s: float
 ) -> tuple[ExitInfo, JobHeld | None]:
-    """Wait for the job; stop it when it exceeds a limit. Returns its exit and the limit it broke."""
+    """Wait for the job; stop it when it exceeds a limit. Returns its exit and the limit it broke.
+
+    A walk of the sandbox (a meter without slack) runs in a thread alongside:
+    one at a time, awaited at most ``interval_s`` (or until the wall-clock
+    limit) per round, so a tree that takes long to walk never delays the
+    wall-clock limit, the memory check or the job's exit by more than that.
+    """
     started = time.monotonic()
     held: JobHeld | None = None
-    while held is None:
-        timeout = interval_s
-        if limits.duration_s is not None:
-            timeout = min(timeout, max(0.0, started + limits.duration_s - time.monotonic()))
-        try:
-            info = await asyncio.wait_for(process.wait(), timeout)
-        except TimeoutError:
-            pass
-        else:
-            held = after_exit(limits, info)
-            if held is None and disk.slack_bytes is not None:
-                held = await _disk_full(limits, disk)
-            return info, held
-        elapsed = time.monotonic() - started
-        if limits.duration_s is not None and elapsed >= limits.duration_s:
-            held = duration_exceeded(limits, elapsed)
-        elif process.oom_kills():
-            held = memory_exceeded(limits, process.peak_memory_kib())
-        else:
-            held = await _disk_full(limits, disk)
+    walks = _Walks(limits, disk)
+    try:
+        while held is None:
+            timeout = interval_s
+            if limits.duration_s is not None:
+                timeout = min(timeout, max(0.0, started + limits.duration_s - time.monotonic()))
+            try:
+                info = await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                pass
+            else:
+                held = after_exit(limits, info)
+                if held is None and disk.slack_bytes is not None:
+                    held = _disk_full(limits, disk)
+                return info, held
+            elapsed = time.monotonic() - started
+            if limits.duration_s is not None and elapsed >= limits.duration_s:
+                held = duration_exceeded(limits, elapsed)
+            elif process.oom_kills():
+                held = memory_exceeded(limits, process.peak_memory_kib())
+            elif disk.slack_bytes is not None:
+                held = _disk_full(limits, disk)
+            else:
+                wait_s = interval_s
+                if limits.duration_s is not None:
+                    wait_s = min(wait_s, max(0.0, started + limits.duration_s - time.monotonic()))
+                held = await walks.held(wait_s)
+    finally:
+        walks.cancel()
     info = await process.stop(kill_sig, grace_s)
     return info, held
 
 
-async def _disk_full(limits: JobLimits, disk: DiskMeter) -> JobHeld | None:
-    """Held when the sandbox is at (quota) or past (walk) its disk limit."""
+def _disk_full(limits: JobLimits, disk: DiskMeter) -> JobHeld | None:
+    """Held when the sandbox is at (quota) or past (walk) its disk limit: a quick read, on the loop."""
     if limits.disk_bytes is None:
         return None
     try:
-        used = disk.used() if disk.slack_bytes is not None else await asyncio.to_thread(disk.used)
+        used = disk.used()
     except OSError:
         return None
     return disk_exceeded(limits, used) if disk.full(used, limits.disk_bytes) else None
+
+
+class _Walks:
+    """The walks of one job's sandbox (in threads): one at a time, never waited for longer than asked."""
+
+    def __init__(self, limits: JobLimits, disk: DiskMeter) -> None:
+        self.limits = limits
+        self.disk = disk
+        self.walk: asyncio.Task[int] | None = None
+
+    async def held(self, wait_s: float) -> JobHeld | None:
+        """Held when the last walk found the sandbox past its limit; None also while a walk is still going."""
+        if self.limits.disk_bytes is None:
+            return None
+        if self.walk is None:
+            self.walk = asyncio.create_task(asyncio.to_thread(self.disk.used))
+        done, _ = await asyncio.wait({self.walk}, timeout=wait_s)
+        if not done:
+            return None  # still walking: the job is watched meanwhile, the walk goes on
+        walk, self.walk = self.walk, None
+        try:
+            used = walk.result()
+        except OSError:
+            return None  # (the tree changed under the walk: the next one decides)
+        return disk_exceeded(self.limits, used) if self.disk.full(used, self.limits.disk_bytes) else None
+
+    def cancel(self) -> None:
+        """The job is over: a walk still going in its thread is no longer waited for."""
+        if self.walk is not None:
+            self.walk.cancel()
+            self.walk = None

@@ -41,6 +41,11 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _ZIP_DATE_MIN = (1980, 1, 1, 0, 0, 0)
 _ZIP_DATE_MAX = (2107, 12, 31, 23, 59, 58)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: The result walk keeps at most this many characters of paths (Held 33 past it; about the
+#: memory the walk and the zip's directory take).
+MAX_RESULT_PATH_CHARS = 32 * MIB
+#: A SkippedOutput note shows at most this many characters of a path.
+_NOTE_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -180,19 +185,39 @@ def _unpack(body: bytes, sandbox: Path, owner: Owner, *, max_files: int, max_byt
                 )
             plan.append((info, parts, kind))
         written = 0
+        made: set[str] = set()  # directories this unpack made: each is made (and checked) once
         for info, parts, kind in plan:
+            parent = _make_dirs(sandbox, parts if kind == "dir" else parts[:-1], owner, made)
+            if len(made) > max_files:  # directories the names imply count too: bounds both work and memory
+                raise JobHeld(
+                    f"the input zip makes more than {max_files} directories, this node's limit "
+                    "([node] max_input_files)",
+                    HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED,
+                )
             if kind == "dir":
-                _make_dirs(sandbox, parts, owner)
                 continue
-            parent = _make_dirs(sandbox, parts[:-1], owner)
             written += _extract_file(archive, info, parent / parts[-1], owner, max_bytes - written, max_bytes)
     return written
 
 
-def _make_dirs(sandbox: Path, parts: list[str], owner: Owner) -> Path:
+def _make_dirs(sandbox: Path, parts: list[str], owner: Owner, made: set[str] | None = None) -> Path:
+    """Create the directories ``parts`` below ``sandbox``; the last one's path.
+
+    ``made``: the relative paths (joined by "/") already made during this
+    unpack, so an entry whose whole parent is there costs one set lookup, and
+    each directory is made once however many entries it holds (without it,
+    9,000 entries 100 levels deep cost 20 s of mkdir and lstat).
+    """
+    if made is not None and "/".join(parts) in made:
+        return sandbox.joinpath(*parts)
     path = sandbox
-    for part in parts:
+    for depth, part in enumerate(parts, 1):
         path = path / part
+        if made is not None:
+            key = "/".join(parts[:depth])
+            if key in made:
+                continue
+            made.add(key)
         try:
             os.mkdir(path, 0o700)
             os.chown(path, owner.uid, owner.gid)
@@ -393,6 +418,16 @@ def collect_results(
 
 
 def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: Owner, max_files: int) -> Results:
+    cursor = tree.Cursor(root_fd)
+    try:
+        return _collect_with(spec, cursor, dest, max_bytes=max_bytes, owner=owner, max_files=max_files)
+    finally:
+        cursor.close()
+
+
+def _collect_with(
+    spec: JobSpec, cursor: tree.Cursor, dest: Path, *, max_bytes: int, owner: Owner, max_files: int
+) -> Results:
     if spec.transfer_output is None:
         roots = [""]
     else:
@@ -400,7 +435,7 @@ def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: 
         for std in (spec.stdout, spec.stderr):
             if std is not None and std not in wanted:
                 wanted.append(std)
-        missing = [name for name in spec.transfer_output if _lstat_under(root_fd, name) is None]
+        missing = [name for name in spec.transfer_output if not _too_deep(name) and _lstat_under(cursor, name) is None]
         if missing:
             raise JobHeld(
                 "the job did not create the output named in TransferOutput: " + ", ".join(missing),
@@ -412,13 +447,17 @@ def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: 
     skipped: list[str] = []
     budget = _Budget(max_files)
     for root in roots:
-        _walk(root_fd, root, found, skipped, owner, budget)
+        _walk(cursor, root, found, skipped, owner, budget)
     total = 0
     files = 0
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        # Sorted names keep each directory's files together: the cursor opens each directory once.
         for arcname in sorted(found):
+            parent, _, name = arcname.rpartition("/")
             try:
-                fd = _open_under(root_fd, arcname, os.O_RDONLY | os.O_NONBLOCK)
+                fd = os.open(
+                    name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cursor.open(parent)
+                )
             except OSError:
                 skipped.append(arcname)
                 continue
@@ -445,43 +484,50 @@ def _collect(spec: JobSpec, root_fd: int, dest: Path, *, max_bytes: int, owner: 
     return Results(files=files, bytes=total, skipped=tuple(skipped))
 
 
-def _open_under(root_fd: int, rel: str, flags: int) -> int:
-    """Open ``rel`` below ``root_fd`` without following a link at any step."""
-    parts = rel.split("/")
-    fd = root_fd
-    try:
-        for part in parts[:-1]:
-            next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            if fd != root_fd:
-                os.close(fd)
-            fd = next_fd
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-    finally:
-        if fd != root_fd:
-            os.close(fd)
+def _depth(rel: str) -> int:
+    """Directories in ``rel`` counting itself: "" 0, "a" 1, "a/b" 2."""
+    return rel.count("/") + 1 if rel else 0
 
 
-def _lstat_under(root_fd: int, rel: str) -> os.stat_result | None:
-    """lstat of ``rel`` below ``root_fd``; None when it or a real-directory parent is missing."""
+def _too_deep(rel: str) -> bool:
+    """Whether ``rel`` is below a directory deeper than the walk goes."""
+    return _depth(rel) - 1 > safezip.MAX_DEPTH
+
+
+def _deep_note(rel: str) -> str:
+    """A SkippedOutput note for a directory the walk does not enter (shortened: the path may be 25 KB)."""
+    shown = rel.encode("utf-8", "replace").decode("utf-8")
+    if len(shown) > _NOTE_CHARS:
+        shown = f"{shown[: _NOTE_CHARS // 2]}...{shown[-_NOTE_CHARS // 2 :]}"
+    return f"{shown} (deeper than {safezip.MAX_DEPTH} levels)"
+
+
+def _lstat_under(cursor: tree.Cursor, rel: str) -> os.stat_result | None:
+    """lstat of ``rel`` below the sandbox; None when it or a real-directory parent is missing."""
     parent, _, name = rel.rpartition("/")
     try:
-        fd = _open_under(root_fd, parent, _DIR_FLAGS) if parent else os.dup(root_fd)
+        return os.stat(name, dir_fd=cursor.open(parent), follow_symlinks=False)
     except OSError:
         return None
-    try:
-        return os.stat(name, dir_fd=fd, follow_symlinks=False)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 @dataclass
 class _Budget:
-    """Entries the result walk may still look at."""
+    """Entries the result walk may still look at, and the length of their paths."""
 
     limit: int
     seen: int = 0
+    path_chars: int = 0
+
+    def path(self, rel: str) -> None:
+        """Count a path the walk keeps: 10,000 paths of 25 KB would hold 250 MB."""
+        self.path_chars += len(rel)
+        if self.path_chars > MAX_RESULT_PATH_CHARS:
+            raise JobHeld(
+                f"the paths of the job's files and directories take more than {MAX_RESULT_PATH_CHARS // MIB} MiB "
+                "together, this node's limit",
+                HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED,
+            )
 
     def take(self) -> None:
         self.seen += 1
@@ -494,45 +540,54 @@ class _Budget:
 
 
 def _walk(
-    root_fd: int,
+    cursor: tree.Cursor,
     root: str,
     entries: dict[str, os.stat_result],
     skipped: list[str],
     owner: Owner,
     budget: _Budget,
 ) -> None:
+    """Files below ``root`` into ``entries``, the rest into ``skipped``.
+
+    Directories deeper than ``safezip.MAX_DEPTH`` are noted in ``skipped``,
+    not entered: that bounds the descriptors the cursor holds and the names'
+    length (100 x 256 bytes, well under the zip format's 65,535).
+    """
     if root:
         budget.take()
-        st = _lstat_under(root_fd, root)
+        if _too_deep(root):
+            skipped.append(_deep_note(root))
+            return
+        st = _lstat_under(cursor, root)
         if st is None:
             parent = root.rpartition("/")[0]
-            if parent and _lstat_under(root_fd, parent) is None:
+            if parent and _lstat_under(cursor, parent) is None:
                 skipped.append(root)
             return
         if not stat.S_ISDIR(st.st_mode):
             _add(root, st, entries, skipped, owner)
             return
+        if _depth(root) > safezip.MAX_DEPTH:
+            skipped.append(_deep_note(root))
+            return
     stack = [root]
     while stack:
         rel = stack.pop()
         try:
-            fd = _open_under(root_fd, rel, _DIR_FLAGS) if rel else os.dup(root_fd)
+            children = _children(cursor.open(rel), budget)
         except OSError:
             skipped.append(rel or ".")
             continue
-        try:
-            children = _children(fd, budget)
-        except OSError:
-            skipped.append(rel or ".")
-            continue
-        finally:
-            os.close(fd)
+        deeper = _depth(rel) + 1 > safezip.MAX_DEPTH
         for name, child_st in children:
             child_rel = f"{rel}/{name}" if rel else name
-            if stat.S_ISDIR(child_st.st_mode):
-                stack.append(child_rel)
-            else:
+            budget.path(child_rel)
+            if not stat.S_ISDIR(child_st.st_mode):
                 _add(child_rel, child_st, entries, skipped, owner)
+            elif deeper:
+                skipped.append(_deep_note(child_rel))
+            else:
+                stack.append(child_rel)
 
 
 def _children(fd: int, budget: _Budget) -> list[tuple[str, os.stat_result]]:

@@ -1,9 +1,14 @@
-"""carod.tree: removing a tree a job made, however deep, without following links (no broker)."""
+"""carod.tree: removing and measuring a tree a job made, however deep, without following links (no broker)."""
 
 from __future__ import annotations
 
 import os
+import resource
+import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from carod import tree
 
@@ -67,3 +72,95 @@ def test_what_cannot_be_removed_is_reported_not_raised(tmp_path: Path) -> None:
     # A parent that is not a directory: an OSError inside, a False outside.
     (tmp_path / "plain").write_text("x")
     assert tree.remove(tmp_path / "plain" / "box") is False
+
+
+# ---------------------------------------------------------------- usage_bytes
+
+
+def allocated(path: Path) -> int:
+    return os.lstat(path).st_blocks * 512
+
+
+def test_usage_counts_every_entry_once_and_follows_no_link(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(os.urandom(1 << 20))
+    top = tmp_path / "box"
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "a" / "b" / "data").write_bytes(os.urandom(100_000))
+    os.link(top / "a" / "b" / "data", top / "hardlink")  # counted once
+    (top / "dirlink").symlink_to(outside, target_is_directory=True)
+    (top / "filelink").symlink_to(outside / "big")
+    os.mkfifo(top / "fifo")
+    expected = sum(
+        allocated(p)
+        for p in (top, top / "a", top / "a" / "b", top / "a" / "b" / "data", top / "dirlink", top / "filelink")
+    )
+    expected += allocated(top / "fifo")
+    assert tree.usage_bytes(top) == expected
+    assert tree.usage_bytes(top) < allocated(outside / "big")  # the links' targets are not counted
+
+
+def test_usage_of_a_tree_deeper_than_the_recursion_limit_with_few_descriptors(tmp_path: Path) -> None:
+    """os.fwalk raised RecursionError at 1,200 levels; the walk holds a constant number of descriptors."""
+    top = tmp_path / "box"
+    top.mkdir()
+    make_deep(top, 1500)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(1500):
+            os.chdir(fd)  # (the test's own walk to the bottom)
+            os.close(fd)
+            fd = os.open("dddddddddd", os.O_RDONLY | os.O_DIRECTORY)
+        os.chdir(fd)
+        Path("bottom").write_bytes(os.urandom(1 << 20))
+    finally:
+        os.close(fd)
+        os.chdir(tmp_path)
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        try:
+            used = tree.usage_bytes(top)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert used >= 1 << 20  # the bottom file, 1,500 levels down
+    finally:
+        assert tree.remove(top)  # (pytest's own clean-up of tmp_path recurses: it could not)
+
+
+@pytest.mark.timeout(60)
+def test_usage_never_opens_what_a_swapped_link_points_to(tmp_path: Path) -> None:
+    """A link swapped between a directory and a FIFO: os.fwalk opened the FIFO and blocked for good."""
+    top = tmp_path / "box"
+    top.mkdir()
+    (top / "d").mkdir()
+    os.mkfifo(top / "f")
+    os.symlink("d", top / "t")
+    for i in range(100):
+        os.symlink("t", top / f"l{i}")
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            for target in ("f", "d"):
+                os.symlink(target, top / "t.new")
+                os.replace(top / "t.new", top / "t")
+
+    def measure() -> None:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            tree.usage_bytes(top)
+
+    swapper = threading.Thread(target=swap)
+    walker = threading.Thread(target=measure, daemon=True)
+    swapper.start()
+    walker.start()
+    walker.join(30)
+    stop.set()
+    swapper.join()
+    blocked = walker.is_alive()
+    if blocked:  # release the walk that opened the FIFO before failing
+        os.close(os.open(top / "f", os.O_WRONLY | os.O_NONBLOCK))
+        walker.join(10)
+    assert not blocked, "the walk opened the FIFO"

@@ -1,0 +1,411 @@
+"""Issue 14, walks over trees a job made: each attack against a real carod, or directly where it is a file function.
+
+Without the kernel's disk bound (``[sandbox] disk_quota = none``) carod
+measures a running job's sandbox by walking it (carod.tree.usage_bytes): a
+link swapped between a directory and a FIFO made that walk open the FIFO as
+root and block for good (no reply, no wall-clock limit, no SIGTERM), and a
+1,200-level tree made it raise RecursionError. The result walk re-opened
+every path from the top (an 8,000-level tree: 80 s of root CPU) and a
+65,536-byte name made zipfile fail (an internal error, a requeue); the input
+unpack re-made every parent of every entry (9,000 entries 100 levels deep:
+20 s). After each, the node serves the seed job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import struct
+import threading
+import tracemalloc
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from carod import config as configuration
+from carod import limits, safezip, sandbox
+from carod.errors import JobHeld
+from carod.execute import Executor, Run
+from carod.holdcodes import HoldCode
+from carod.isolation import Layers
+from carod.jobad import JobSpec
+from carod.limits import JobLimits
+from carod.replies import ExitInfo
+from carod.users import JobUser, UserPool
+from tests.helpers import (
+    Daemon,
+    RunningNode,
+    Submitter,
+    config_text,
+    q,
+    raw_zip,
+    start_daemon,
+    start_node,
+    write_config,
+)
+
+MIB = 1024 * 1024
+SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out")}
+#: The sandbox is measured by walking it, five times a second.
+FALLBACK = {"disk_quota": "none", "check_interval_s": 0.2}
+PY = "/usr/bin/python3"
+
+
+def script_job(source: str, **attrs: Any) -> tuple[dict[str, Any], bytes]:
+    """A Python job: the script travels in the input zip."""
+    return {"Cmd": q(PY), "Arguments": q("attack.py"), "Out": q("out"), "Err": q("err"), **attrs}, raw_zip(
+        ("attack.py", source.encode(), 0o100644)
+    )
+
+
+async def seed_runs(submitter: Submitter) -> None:
+    final = (await submitter.run(SEED))[-1]
+    assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
+
+
+@pytest.fixture
+async def walk_node(queue: str, base: Path) -> AsyncIterator[RunningNode]:
+    running = await start_node(queue, base, node={"kill_grace_s": 1}, sandbox=FALLBACK)
+    assert running.server.quota is None  # the walk, not the kernel, measures the disk
+    yield running
+    await running.stop()
+
+
+SWAPPER = """
+import os, time
+os.mkdir("d")
+os.mkfifo("f")
+os.symlink("d", "t")
+for i in range(100):
+    os.symlink("t", f"l{i}")
+end = time.monotonic() + 15
+swaps = 0
+while time.monotonic() < end:
+    for target in ("f", "d"):
+        os.symlink(target, "t.new")
+        os.replace("t.new", "t")
+    swaps += 1
+print("swaps", swaps, flush=True)
+"""
+
+
+async def test_a_link_swapped_to_a_fifo_does_not_wedge_the_disk_check(
+    queue: str, base: Path, submitter: Submitter
+) -> None:
+    """100 links to a link swapped between a directory and a FIFO for 15 s, measured 5 times a second.
+
+    Before, carod's disk check followed a link into the FIFO and blocked in
+    open() for good: no reply, AllowedExecuteDuration never fired, SIGTERM
+    did not stop carod. Now the job ends as it would anywhere, and carod stops.
+    """
+    daemon = await start_daemon(write_config(base, queue, node={"kill_grace_s": 1}, sandbox=FALLBACK))
+    try:
+        await _swapped_link(submitter)
+        assert await daemon.stop() == 0
+    finally:
+        await _never_left_running(daemon)
+    assert "no kernel bound on each job's disk" in "".join(daemon.log)  # it was the fallback walk
+
+
+async def _swapped_link(submitter: Submitter) -> None:
+    headers, body = script_job(SWAPPER, RequestDisk=100 * 1024, AllowedExecuteDuration=60)
+    final = (await submitter.run(headers, body=body, timeout_s=90))[-1]
+    assert final.status == 4, final.headers
+    assert final.headers["ExitCode"] == 0
+    assert re.fullmatch(rb"swaps [0-9]+\n", final.zip_read("out")), final.zip_read("out")
+    # The 100 links, the swapped link and the FIFO: never taken (the reply lists the first 100).
+    assert final.headers["SkippedOutputCount"] == 102, final.headers
+    await seed_runs(submitter)
+
+
+async def _never_left_running(daemon: Daemon) -> None:
+    if daemon.proc.returncode is None:
+        daemon.proc.kill()  # a wedged carod only goes with SIGKILL
+        await daemon.proc.wait()
+
+
+DEEP_AND_FULL = """
+import os, time
+for _ in range(1200):
+    os.mkdir("d")
+    os.chdir("d")
+for i in range(4):  # each under RLIMIT_FSIZE (the limit); with the directories, over it
+    with open(f"bottom{i}", "wb") as f:
+        f.write(os.urandom(2 << 20))
+        os.fsync(f.fileno())
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+async def test_a_1200_level_tree_is_measured(walk_node: RunningNode, submitter: Submitter) -> None:
+    """os.fwalk raised RecursionError at 1,200 levels (internal error, requeue): now the bottom file counts."""
+    headers, body = script_job(DEEP_AND_FULL, RequestDisk=10 * 1024)
+    final = (await submitter.run(headers, body=body, timeout_s=60))[-1]
+    assert final.status == 5, final.headers
+    assert final.headers["HoldReasonCode"] == HoldCode.JOB_OUT_OF_RESOURCES
+    reason = final.headers["HoldReason"]
+    found = re.search(r"disk limit of 10\.0 MiB \(RequestDisk = 10240 KiB\); the sandbox held ([0-9.]+) MiB", reason)
+    assert found is not None, reason
+    # Past 10 MiB: the 1,200 directories take under 5 MiB, so the files at the bottom were counted.
+    assert float(found.group(1)) > 10.0, reason
+    await seed_runs(submitter)
+
+
+def deep_job(levels: int, name: str) -> tuple[dict[str, Any], bytes]:
+    source = f"""
+import os
+with open("top.txt", "w") as f:
+    f.write("top")
+for _ in range({levels}):
+    os.mkdir({name!r})
+    os.chdir({name!r})
+with open("bottom.txt", "w") as f:
+    f.write("bottom")
+"""
+    return script_job(source)
+
+
+def deep_note(final_headers: dict[str, Any]) -> str:
+    skipped = final_headers["SkippedOutput"].removeprefix('"').removesuffix('"')  # a ClassAd string
+    assert final_headers["SkippedOutputCount"] == 1, final_headers
+    assert skipped.endswith(f" (deeper than {safezip.MAX_DEPTH} levels)"), skipped
+    return str(skipped)
+
+
+async def test_an_8000_level_result_tree_is_answered(walk_node: RunningNode, submitter: Submitter) -> None:
+    """Re-opening every path from the top cost 80 s of root CPU at 8,000 levels: the walk now stops at 100."""
+    headers, body = deep_job(8000, "d")
+    final = (await submitter.run(headers, body=body, timeout_s=120))[-1]
+    assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
+    assert final.zip_names() == ["attack.py", "err", "out", "top.txt"]
+    assert deep_note(final.headers) == "/".join(["d"] * (safezip.MAX_DEPTH + 1)) + " (deeper than 100 levels)"
+    await seed_runs(submitter)
+
+
+async def test_a_result_name_past_the_zip_format_is_answered(walk_node: RunningNode, submitter: Submitter) -> None:
+    """300 nested 255-character names: a 76,800-byte name made zipfile raise struct.error (internal error)."""
+    headers, body = deep_job(300, "x" * 255)
+    final = (await submitter.run(headers, body=body, timeout_s=60))[-1]
+    assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
+    assert final.zip_names() == ["attack.py", "err", "out", "top.txt"]
+    note = deep_note(final.headers)
+    assert note.startswith("x" * 100) and "..." in note and len(note) < 400, note  # shortened, not 25 KB
+    await seed_runs(submitter)
+
+
+async def test_a_deep_input_zip_with_many_entries_is_unpacked(walk_node: RunningNode, submitter: Submitter) -> None:
+    """9,000 entries named d/d/...(100 levels)/N: each parent was re-made for every entry (20 s of root CPU)."""
+    parent = "/".join(["d"] * safezip.MAX_DEPTH)
+    body = raw_zip(*((f"{parent}/{n}", b"", 0o100644) for n in range(9000)))
+    job = {
+        "Cmd": q("/bin/sh"),
+        "Arguments": q(f"-c 'ls {parent} | wc -l'"),
+        "Out": q("out"),
+        "TransferOutput": q("out"),
+    }
+    final = (await submitter.run(job, body=body, timeout_s=120))[-1]
+    assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
+    assert final.zip_read("out").strip() == b"9000"
+    await seed_runs(submitter)
+
+
+async def test_many_files_are_held_before_the_walk_grows(walk_node: RunningNode, submitter: Submitter) -> None:
+    """50,000 empty files (the attack used 200,000), walked by the disk check while the job runs.
+
+    The result walk stops at [node] max_result_files (10,000) before it holds
+    the rest: 200,000 files took 270 MB of carod's memory and 10 s before.
+    """
+    job = {
+        "Cmd": q("/bin/sh"),
+        "Arguments": q("-c 'mkdir d && cd d && seq -f f%g 50000 | xargs touch'"),
+        "RequestDisk": 512 * 1024,
+        "RequestMemory": 1024,  # the kernel charges the inodes to the job
+    }
+    final = (await submitter.run(job, timeout_s=180))[-1]
+    assert final.status == 5, final.headers
+    assert final.headers["HoldReasonCode"] == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED, final.headers
+    assert "this node's limit is 10000 ([node] max_result_files)" in final.headers["HoldReason"]
+    await seed_runs(submitter)
+
+
+# ---------------------------------------------------------------- the file functions, directly
+
+OWNER = sandbox.Owner(os.getuid(), os.getgid())
+
+
+def spec() -> JobSpec:
+    return JobSpec(
+        cmd="/bin/true",
+        arguments=(),
+        environment=(),
+        stdin=None,
+        stdout=None,
+        stderr=None,
+        transfer_output=None,
+        kill_sig=15,
+    )
+
+
+def test_the_result_walk_memory_is_bounded_by_the_cap(tmp_path: Path) -> None:
+    """The walk stops at max_result_files + 1 entries, before it holds the rest of a 50,000-file directory."""
+    box = tmp_path / "box"
+    (box / "d").mkdir(parents=True)
+    fd = os.open(box / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for n in range(50_000):
+            os.close(os.open(f"f{n}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+    tracemalloc.start()
+    try:
+        with pytest.raises(JobHeld) as info:
+            sandbox.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER, max_files=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
+    assert peak < 2 * MIB, peak  # ~1,000 entries' worth, not 50,000
+
+
+def test_the_result_walk_bounds_the_length_of_the_paths_it_keeps(tmp_path: Path) -> None:
+    """Fewer entries than the cap, but each path 4 KB long: held before the walk keeps 32 MiB of them."""
+    box = tmp_path / "box"
+    box.mkdir()
+    fd = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(16):
+            os.mkdir("x" * 250, dir_fd=fd)
+            deeper = os.open("x" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        for n in range(9_000):
+            os.close(os.open(f"{n:0200}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+    with pytest.raises(JobHeld) as info:
+        sandbox.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER)
+    assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
+    assert "the paths of the job's files and directories take more than 32 MiB together" in info.value.reason
+
+
+def test_an_input_zip_that_implies_too_many_directories_is_held(tmp_path: Path) -> None:
+    """Each entry may imply up to 100 new directories: they count against max_input_files too."""
+    body = raw_zip(*((f"{n}/" + "/".join(["d"] * 50) + "/f", b"", 0o100644) for n in range(30)))
+    box = tmp_path / "box"
+    box.mkdir()
+    with pytest.raises(JobHeld) as info:
+        sandbox.unpack_input(body, box, OWNER, max_files=1000, max_bytes=MIB)
+    assert info.value.code == HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED
+    assert "makes more than 1000 directories" in info.value.reason
+
+
+def test_an_unpack_makes_each_directory_once_and_still_refuses_a_file_as_a_directory(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    box.mkdir()
+    body = raw_zip(("a/b/1", b"1", 0o100644), ("a/b/2", b"2", 0o100644), ("a/c", b"c", 0o100644))
+    sandbox.unpack_input(body, box, OWNER, max_files=100, max_bytes=MIB)
+    assert sorted(str(p.relative_to(box)) for p in box.rglob("*")) == ["a", "a/b", "a/b/1", "a/b/2", "a/c"]
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(JobHeld, match="as both a file and a directory"):
+        sandbox.unpack_input(
+            raw_zip(("a/c", b"c", 0o100644), ("a/c/x", b"x", 0o100644)), other, OWNER, max_files=100, max_bytes=MIB
+        )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        struct.error("ushort format requires 0 <= number <= 65535"),  # a name past 65,535 bytes
+        zipfile.LargeZipFile("Filesize would require ZIP64 extensions"),
+        ValueError("a zipfile refusal"),
+    ],
+)
+async def test_what_zipfile_refuses_is_held_not_an_internal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """struct.error from zipfile was an internal error (requeue, then a wrong Held): now TRANSFER_OUTPUT_ERROR."""
+    config = configuration.parse(config_text("q", tmp_path), source="test", environ={})
+    user = JobUser("job", os.getuid(), os.getgid(), switch=False)
+    layers = Layers(bwrap=None, cgroups=None, network=False, tmp_bytes=0, hidden=(), setpriv="")
+    executor = Executor(config, layers, UserPool([user], dedicated=False))
+    run = Run(user, box=tmp_path / "box")
+    executor.results_dir.mkdir(parents=True)
+
+    def refuse(*_args: object, **_kwargs: object) -> sandbox.Results:
+        (executor.results_dir / "box.zip").write_bytes(b"partial")
+        raise error
+
+    monkeypatch.setattr(sandbox, "collect_results", refuse)
+    with pytest.raises(JobHeld) as info:
+        await executor.collect(run, spec())
+    assert info.value.code == HoldCode.TRANSFER_OUTPUT_ERROR
+    assert info.value.reason.startswith("carod could not zip the job's results: "), info.value.reason
+    assert not (executor.results_dir / "box.zip").exists()  # no partial zip left behind
+
+
+class _SleepingJob:
+    """Stands in for a JobProcess that never ends by itself (enforce's view of it)."""
+
+    def __init__(self) -> None:
+        self.stopped = asyncio.Event()
+        self.info = ExitInfo(
+            exit_code=None, exit_signal=9, duration_s=0.0, user_cpu_s=0.0, sys_cpu_s=0.0, max_rss_kib=0
+        )
+
+    async def wait(self) -> ExitInfo:
+        await self.stopped.wait()
+        return self.info
+
+    def oom_kills(self) -> int:
+        return 0
+
+    def peak_memory_kib(self) -> int | None:
+        return None
+
+    async def stop(self, kill_sig: int, grace_s: float) -> ExitInfo:
+        self.stopped.set()
+        return self.info
+
+
+async def test_a_slow_walk_does_not_delay_the_wall_clock_limit() -> None:
+    """A walk that takes long (a huge tree) no longer holds up enforce: the wall-clock limit fires on time."""
+    release = threading.Event()
+    walked = threading.Event()
+
+    def slow_walk() -> int:
+        walked.set()
+        release.wait(60)
+        return 0
+
+    job_limits = JobLimits(
+        memory_mib=None,
+        memory_source="",
+        cpus=1.0,
+        pids=100,
+        disk_kib=1024.0,
+        duration_s=1.0,
+        duration_source="AllowedExecuteDuration",
+    )
+    process = _SleepingJob()
+    try:
+        async with asyncio.timeout(20):
+            info, held = await limits.enforce(
+                process,  # type: ignore[arg-type]
+                job_limits,
+                limits.DiskMeter(slow_walk),
+                interval_s=0.1,
+                kill_sig=15,
+                grace_s=1.0,
+            )
+    finally:
+        release.set()
+    assert walked.is_set()  # the walk did start, and was still going
+    assert held is not None and held.code == HoldCode.JOB_EXECUTE_EXCEEDED, held
+    assert "past its wall-clock limit of 1 s (AllowedExecuteDuration)" in held.reason
+    assert info is process.info
