@@ -53,6 +53,8 @@ MIN_IMAGE_MIB = 256
 #: write a little before the limit: metadata reservations, the last partial write).
 SLACK_MIN_BYTES = MIB
 SLACK_FRACTION = 200
+#: The smallest limit a sandbox's quota group gets (kernel_limit_bytes).
+MIN_LIMIT_BYTES = 4 * MIB
 
 _SBIN = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 _MNT_DETACH = 2
@@ -100,6 +102,16 @@ def _vol_args(name: str) -> bytearray:
 
 def _level1(group: int) -> int:
     return (1 << _LEVEL_SHIFT) | group
+
+
+def kernel_limit_bytes(limit_bytes: int) -> int:
+    """The quota group's limit for a job limit: never below :data:`MIN_LIMIT_BYTES`.
+
+    btrfs reserves whole tree blocks for the records of a job's files, so a
+    tiny limit (HTCondor ads often say ``RequestDisk = DiskUsage``, tens of
+    KiB) would refuse even the job's ``Out`` file.
+    """
+    return max(limit_bytes, MIN_LIMIT_BYTES)
 
 
 def limit_slack_bytes(limit_bytes: int) -> int:
@@ -161,7 +173,8 @@ class DiskQuota:
         return group
 
     def limit(self, group: int, limit_bytes: int) -> None:
-        """Set the group's hard limit on referenced bytes."""
+        """Set the group's hard limit on referenced bytes (at least MIN_LIMIT_BYTES: kernel_limit_bytes)."""
+        limit_bytes = kernel_limit_bytes(limit_bytes)
         args = bytearray(struct.pack("QQQQQQ", _level1(group), _QGROUP_LIMIT_MAX_RFER, limit_bytes, 0, 0, 0))
         _ioctl(self.root_fd, _IOC_QGROUP_LIMIT, args, "cannot set the sandbox's disk limit")
 

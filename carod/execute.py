@@ -22,7 +22,7 @@ from pathlib import Path
 from carod import cgroup, limits, sandbox
 from carod.cgroup import CgroupError, JobCgroup
 from carod.config import Config
-from carod.diskquota import DiskQuota, limit_slack_bytes
+from carod.diskquota import DiskQuota, kernel_limit_bytes, limit_slack_bytes
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
 from carod.isolation import Layers
@@ -166,7 +166,8 @@ class Executor:
         quota, group = self.quota, run.quota_group
         if quota is None or group is None or run.limits is None or run.limits.disk_bytes is None:
             return limits.walk_meter(box)
-        return limits.DiskMeter(lambda: quota.used_bytes(group), limit_slack_bytes(run.limits.disk_bytes))
+        limit = kernel_limit_bytes(run.limits.disk_bytes)
+        return limits.DiskMeter(lambda: quota.used_bytes(group), limit_slack_bytes(limit), min_limit_bytes=limit)
 
     async def collect(self, run: Run, spec: JobSpec) -> tuple[Path, sandbox.Results]:
         """Zip the results into the state directory. Raises JobHeld."""

@@ -150,11 +150,13 @@ class DiskMeter:
     used: Callable[[], int]
     #: a usage this close to the limit is "full" (the kernel stopped it); None: only past the limit
     slack_bytes: int | None = None
+    #: the limit the kernel enforces is never below this (carod.diskquota.kernel_limit_bytes)
+    min_limit_bytes: int = 0
 
     def full(self, used_bytes: int, limit_bytes: int) -> bool:
         if self.slack_bytes is None:
             return used_bytes > limit_bytes
-        return used_bytes + self.slack_bytes >= limit_bytes
+        return used_bytes + self.slack_bytes >= max(limit_bytes, self.min_limit_bytes)
 
 
 def walk_meter(box: Path) -> DiskMeter:

@@ -107,18 +107,25 @@ def _remove_tree(path: Path) -> None:
         if not stat.S_ISDIR(st.st_mode):
             os.unlink(path.name, dir_fd=parent_fd)
             return
-        fd = os.open(path.name, _DIR_FLAGS, dir_fd=parent_fd)
-        try:
-            fd = _empty_directory(fd)
-        finally:
-            os.close(fd)
+        _empty_directory(os.open(path.name, _DIR_FLAGS, dir_fd=parent_fd))
         os.rmdir(path.name, dir_fd=parent_fd)
     finally:
         os.close(parent_fd)
 
 
-def _empty_directory(fd: int) -> int:
-    """Remove everything below the directory ``fd``, depth first, without recursion. Returns the fd to close."""
+def _empty_directory(fd: int) -> None:
+    """Remove everything below the directory ``fd``, depth first, without recursion. Closes ``fd`` (and what
+    it opens on the way down), also when it raises."""
+    holding = [fd]
+    try:
+        _walk_down_and_empty(holding)
+    finally:
+        os.close(holding[0])
+
+
+def _walk_down_and_empty(fd_box: list[int]) -> None:
+    """The loop of :func:`_empty_directory`; ``fd_box[0]`` is always the one descriptor it holds."""
+    fd = fd_box[0]
     levels = [_Level("", (0, 0), _clear_files(fd))]
     while levels:
         level = levels[-1]
@@ -135,21 +142,20 @@ def _empty_directory(fd: int) -> int:
                 continue
             here = os.fstat(fd)
             os.close(fd)
-            fd = child
+            fd = fd_box[0] = child
             levels.append(_Level(name, (here.st_dev, here.st_ino), _clear_files(fd)))
             continue
         levels.pop()
         if not levels:
-            return fd
+            return
         up = os.open("..", _DIR_FLAGS, dir_fd=fd)
         there = os.fstat(up)
         if (there.st_dev, there.st_ino) != level.parent:
             os.close(up)
             raise OSError(errno.ESTALE, f"the tree changed while it was removed (at {level.name!r})")
         os.close(fd)
-        fd = up
+        fd = fd_box[0] = up
         os.rmdir(level.name, dir_fd=fd)
-    return fd
 
 
 def _clear_files(fd: int) -> list[str]:

@@ -350,3 +350,11 @@ async def test_a_host_that_cannot_bound_the_disk(queue: str, base: Path, submitt
 def test_bad_disk_settings_name_their_key(line: str, key: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(key)):
         configuration.parse(f"[broker]\nurl = amqp://x/\n[sandbox]\n{line}\n")
+
+
+async def test_a_small_request_disk_is_not_full_while_empty(disk_node: RunningNode, submitter: Submitter) -> None:
+    """HTCondor ads often say RequestDisk = DiskUsage (tens of KiB): such a job runs and Exits."""
+    for kib in (64, 512, 1024, 2048):
+        final = (await submitter.run({**SEED, "RequestDisk": kib}))[-1]
+        assert final.status == 4 and final.headers["ExitCode"] == 0, (kib, final.headers)
+        assert final.zip_read("job.out") == b"Hello Grid!\n"

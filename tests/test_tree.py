@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -164,3 +166,38 @@ def test_usage_never_opens_what_a_swapped_link_points_to(tmp_path: Path) -> None
         os.close(os.open(top / "f", os.O_WRONLY | os.O_NONBLOCK))
         walker.join(10)
     assert not blocked, "the walk opened the FIFO"
+
+
+def test_a_failure_below_the_top_closes_each_descriptor_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error half-way (here EROFS from rmdir two levels down) must not close a descriptor twice."""
+    top = tmp_path / "box"
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "a" / "b" / "f").write_text("x")
+    open_fds: set[int] = set()
+    double_closes: list[int] = []
+    real_open, real_close, real_rmdir = os.open, os.close, os.rmdir
+
+    def opened(*args: Any, **kwargs: Any) -> int:
+        fd = real_open(*args, **kwargs)
+        open_fds.add(fd)
+        return fd
+
+    def close(fd: int) -> None:
+        if fd not in open_fds:
+            double_closes.append(fd)
+        open_fds.discard(fd)
+        real_close(fd)
+
+    def rmdir(path: str, *, dir_fd: int | None = None) -> None:
+        if path == "b":
+            raise OSError(errno.EROFS, "Read-only file system")
+        real_rmdir(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", opened)
+    monkeypatch.setattr(os, "close", close)
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    assert tree.remove(top) is False
+    monkeypatch.undo()
+    assert double_closes == []  # a second close could hit what another thread opened meanwhile
+    assert open_fds == set()  # nothing leaked
+    assert tree.remove(top)
