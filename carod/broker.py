@@ -382,7 +382,9 @@ class Broker:
                     message, routing_key, mandatory=True, timeout=self.config.confirm_timeout_s
                 )
         except aiormq.exceptions.DeliveryError as exc:
-            raise ReplyUndeliverable(f"the broker refused the message for {where}: {exc}") from exc
+            # A nack: the broker could not take it now (a full queue with reject-publish,
+            # an internal error). Backpressure, not a refusal of the address: retried within bounds.
+            raise BrokerError(f"the broker did not accept the message for {where} (nack): {exc!r}") from exc
         except _TRANSIENT as exc:
             refused = refusal(
                 exc, exchange_name, headers_bytes=_headers_bytes(message.headers), body_bytes=len(message.body)

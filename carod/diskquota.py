@@ -370,6 +370,7 @@ def setup(config: Config) -> tuple[DiskQuota | None, str]:
     """The image per ``[sandbox] disk_quota``: (quota, "") or (None, why not). Raises StartupError when required."""
     mode = config.sandbox.disk_quota
     if mode == "none":
+        _forget_image(config)
         return None, "disk_quota = none in the config"
     why = _missing(config)
     if why is None:
@@ -381,4 +382,15 @@ def setup(config: Config) -> tuple[DiskQuota | None, str]:
             why = exc.strerror or str(exc)
     if mode == "required":
         raise StartupError(f"[sandbox] disk_quota = required: {why}", EXIT_CONFIG)
+    _forget_image(config)
     return None, why
+
+
+def _forget_image(config: Config) -> None:
+    """Without the image this time: detach one an earlier run left mounted (jobs must not land on it) and delete it."""
+    image = config.node.state_dir / IMAGE_NAME
+    if os.geteuid() != 0 or not image.exists():
+        return
+    with contextlib.suppress(OSError):
+        unmount_all(config.node.sandbox_root, image)  # only carod's own image, never another mount
+        image.unlink()

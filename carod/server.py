@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import stat
-import sys
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
@@ -481,10 +480,14 @@ async def _bounded(step: Coroutine[object, object, None], what: str) -> None:
 
 
 def _stop_now(timeout_s: float) -> None:
-    """The watchdog: the stop took longer than it may. Exit at once (the journal makes the next start clean)."""
-    log.critical("carod did not stop within %.0fs of the signal; exiting now (exit %d)", timeout_s, EXIT_SOFTWARE)
-    for handler in logging.getLogger().handlers:
-        with contextlib.suppress(Exception):
-            handler.flush()
-    sys.stderr.flush()
+    """The watchdog: the stop took longer than it may. Exit at once (the journal makes the next start clean).
+
+    No logging call: the stop may be stuck because the main thread holds a
+    handler's lock (a full stderr pipe); a plain write cannot wait on it.
+    """
+    with contextlib.suppress(OSError):
+        os.write(
+            2,
+            f"carod did not stop within {timeout_s:.0f}s of the signal; exiting now (exit {EXIT_SOFTWARE})\n".encode(),
+        )
     os._exit(EXIT_SOFTWARE)

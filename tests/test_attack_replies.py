@@ -418,3 +418,41 @@ async def test_a_journal_from_before_reply_addresses_were_kept_still_opens_and_a
     assert counter(node, "carod_jobs_started") == 1  # only the seed job ran
     assert counter(node, "carod_jobs_reused_id") == 0
     assert await queue_depth(queue) == 0
+
+
+async def test_a_reply_queue_that_is_full_for_a_while_is_backpressure_not_a_refusal(
+    queue: str, base: Path, submitter: Submitter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A nack (a full reply queue with x-overflow = reject-publish) is retried, not taken for a refused address."""
+    caplog.set_level("WARNING", logger="carod")
+    node = await start_node(queue, base)
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        channel = await connection.channel()
+        name = f"test-full-{uuid.uuid4().hex[:10]}"
+        replies_queue = await channel.declare_queue(
+            name, exclusive=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+        )
+        await channel.default_exchange.publish(aio_pika.Message(b"blocker"), name)  # the queue is full now
+        job = {"Cmd": q("/bin/sh"), "Arguments": q("-c 'sleep 4; echo done'"), "Out": q("out")}
+        mid = await submitter.send(job, reply_to=name)
+        async with asyncio.timeout(30):  # until carod's Running reply has been nacked at least once
+            while not any("(nack)" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.05)
+        blocker = await replies_queue.get(timeout=5)
+        assert blocker.body == b"blocker"
+        await blocker.ack()  # room again: the retried Running reply and then the final one get through
+        statuses: list[int] = []
+        async with asyncio.timeout(30):
+            while not statuses or statuses[-1] not in (3, 4, 5):
+                message = await replies_queue.get(fail=False)
+                if message is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                await message.ack()
+                if message.correlation_id == mid:
+                    statuses.append(int((message.headers or {}).get("JobStatus", 0)))
+        assert statuses == [2, 4], statuses  # Running, then Exited: not stopped and dropped as unanswerable
+    finally:
+        await connection.close()
+        await node.stop()
