@@ -33,6 +33,9 @@ from dataclasses import dataclass
 MAX_STEPS = 1024
 #: Literal data (string bytes, 16 per value; references inlined) one attribute may build on the event loop.
 MAX_BYTES = 256 * 1024
+#: Steps times data, for one attribute: a step may walk all of its data (``toupper`` of a 100 KB string,
+#: 300 times, passed the two bounds above and took 1.4 s).
+MAX_WORK = 1024 * 1024
 
 #: Functions whose result is no larger than their arguments (plus a constant) and whose
 #: time is about linear in them. Lower case: ClassAd function names are case-insensitive.
@@ -230,6 +233,7 @@ def problem(
     *,
     max_steps: int = MAX_STEPS,
     max_bytes: int = MAX_BYTES,
+    max_work: int = MAX_WORK,
     max_foreign: int | None = None,
     forbidden: frozenset[str] = MACHINE_POLICY,
 ) -> tuple[str, str] | None:
@@ -246,6 +250,11 @@ def problem(
             return name, f"takes up to {_amount(cost.steps)} evaluation steps (at most {max_steps})"
         if cost.bytes > max_bytes:
             return name, f"can build up to {_amount(cost.bytes)} bytes of values (at most {max_bytes})"
+        if cost.steps * cost.bytes > max_work:
+            return name, (
+                f"takes {cost.steps} steps over up to {cost.bytes} bytes of values "
+                f"(at most {max_work} for the two multiplied)"
+            )
     return None
 
 

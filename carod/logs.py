@@ -4,8 +4,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+#: Control characters (a message_id or a HoldReason may carry any): in a text line each is escaped,
+#: so that text a message chose cannot start a forged log line of its own.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message`` on one line; the message's control characters escaped (tracebacks kept)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROL.sub(_escape, record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,7 +52,7 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger("carod")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,4 +1,4 @@
-"""A seccomp filter that stops a job creating user namespaces or using kernel keyrings (pure: bytes, no I/O).
+"""A seccomp filter: no user namespaces, kernel keyrings or btrfs ioctls for jobs (pure: bytes, no I/O).
 
 bubblewrap loads it (``--seccomp FD``) just before it starts the job's chain,
 so it binds setpriv, the job and everything the job starts. It refuses
@@ -42,6 +42,11 @@ _RET_ERRNO = 0x00050000
 _NR = 0
 _ARCH = 4
 _ARG0_LOW = 16
+_ARG1_LOW = 24
+_AND_K = 0x54  # BPF_ALU | BPF_AND | BPF_K
+#: An ioctl request's type byte (bits 8-15), and btrfs's (0x94: subvolumes, snapshots, quotas, FICLONE).
+_IOC_TYPE_MASK = 0xFF00
+_BTRFS_IOC_TYPE = 0x9400
 
 _X32 = 0x40000000
 
@@ -55,6 +60,8 @@ class _Arch:
     enosys: tuple[int, ...]
     #: add_key, request_key, keyctl
     refused: tuple[int, ...] = ()
+    #: ioctl (its request's type byte is checked)
+    ioctl: tuple[int, ...] = ()
 
 
 #: By audit architecture: unshare and clone (flags first), clone3.
@@ -65,12 +72,13 @@ _ARCHES = {
             (272, 56, 272 | _X32, 56 | _X32),
             (435, 435 | _X32),
             (248, 249, 250, *(n | _X32 for n in (248, 249, 250))),
+            (16, 514 | _X32),
         ),
-        _Arch(0x40000003, (310, 120), (435,), (286, 287, 288)),  # i386 on a 64-bit kernel (int 0x80)
+        _Arch(0x40000003, (310, 120), (435,), (286, 287, 288), (54,)),  # i386 on a 64-bit kernel (int 0x80)
     ),
     "aarch64": (
-        _Arch(0xC00000B7, (97, 220), (435,), (217, 218, 219)),
-        _Arch(0x40000028, (337, 120), (435,), (309, 310, 311)),  # arm (EABI) on a 64-bit kernel
+        _Arch(0xC00000B7, (97, 220), (435,), (217, 218, 219), (29,)),
+        _Arch(0x40000028, (337, 120), (435,), (309, 310, 311), (54,)),  # arm (EABI) on a 64-bit kernel
     ),
 }
 
@@ -104,10 +112,17 @@ def program(machine: str | None = None, *, user_namespaces: bool = False) -> byt
                 code.append((_JEQ_K, "enosys", 0, nr))
         for nr in arch.refused:
             code.append((_JEQ_K, "eperm", 0, nr))
+        for nr in arch.ioctl:
+            code.append((_JEQ_K, "ioctl", 0, nr))
         code.append((_RET_K, 0, 0, _RET_ALLOW))
     labels["flags"] = len(code)
     code.append((_LD_ABS_W, 0, 0, _ARG0_LOW))
     code.append((_JSET_K, "eperm", 0, CLONE_NEWUSER))
+    code.append((_RET_K, 0, 0, _RET_ALLOW))
+    labels["ioctl"] = len(code)
+    code.append((_LD_ABS_W, 0, 0, _ARG1_LOW))
+    code.append((_AND_K, 0, 0, _IOC_TYPE_MASK))
+    code.append((_JEQ_K, "eperm", 0, _BTRFS_IOC_TYPE))
     code.append((_RET_K, 0, 0, _RET_ALLOW))
     labels["eperm"] = len(code)
     code.append((_RET_K, 0, 0, _RET_ERRNO | errno.EPERM))

@@ -336,3 +336,26 @@ def test_passes_on_are_bounded_even_with_a_forged_first_offer() -> None:
     assert pool.may_pass(0, 3600) and pool.may_pass(3600, 3600)
     assert not pool.may_pass(3601, 3600)  # passed on for too long: declines count again
     assert not pool.may_pass(-86400, 3600)  # x-carod-first-offer set a day ahead by the submitter
+
+
+def toupper_chain(levels: int, width: int = 100_000) -> dict[str, Any]:
+    """Each level walks the whole string: cheap by steps and by bytes alone, costly by both together."""
+    ad: dict[str, Any] = {**SEED, "T0": classad2.quote("a" * width)}
+    for i in range(1, levels + 1):
+        ad[f"T{i}"] = f"toupper(T{i - 1})"
+    ad["Cmd"] = f'strcat("/bin/echo", substr(T{levels}, 0, 0))'
+    return ad
+
+
+async def test_a_chain_that_walks_a_long_string_never_runs_on_the_loop(
+    evalnode: RunningNode, submitter: Submitter
+) -> None:
+    """300 toupper() over a 100 KB string passed the steps and bytes bounds and blocked the loop 1.4 s a message."""
+    found = adcost.problem({k: str(v) for k, v in toupper_chain(300).items() if k != "Arguments"})
+    assert found is not None and "steps over up to" in found[1], found
+    evaluator = evalnode.server.node.evaluator  # type: ignore[union-attr]
+    before = evaluator.preflights
+    replies = await submitter.run(toupper_chain(300), timeout_s=30)
+    assert evaluator.preflights == before + 1  # the bounded child did the work, not carod's loop
+    assert_held_for_evaluation(replies, "to evaluate (attribute T")  # the child's bound, not carod's loop
+    await assert_seed_runs(submitter)
