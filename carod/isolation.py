@@ -143,7 +143,7 @@ def detect(config: Config) -> Layers:
         if mode & 0o004:
             notes.append(
                 f"the config file {config.path} is readable by every local user (mode {mode & 0o777:04o}) and "
-                "may hold the broker's password: chmod 0640 it (jobs never see it: it is hidden from them)"
+                "may hold the broker's password: chmod 0640 it (under bubblewrap, jobs see an empty file)"
             )
     filter_program: bytes | None = None
     if bwrap:
