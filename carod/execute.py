@@ -30,7 +30,7 @@ from carod.jobad import JobSpec
 from carod.limits import JobLimits
 from carod.replies import ExitInfo
 from carod.resources import Request
-from carod.runner import JobProcess, check_command, job_environment, kill_leftover, rlimits
+from carod.runner import JobProcess, check_command, job_environment, kill_leftover, kill_stopped_gates, rlimits
 from carod.sandbox import Stdio
 from carod.users import JobUser, UserPool
 
@@ -261,4 +261,5 @@ class Executor:
         if self.users.dedicated:
             for user in self.users.users:
                 killed += await asyncio.to_thread(cgroup.sweep_user, user.uid)
+        killed += await asyncio.to_thread(kill_stopped_gates, self.config.node.sandbox_root)
         return killed

@@ -52,7 +52,7 @@ ROOT_CWD = "/"
 EXEC_SCRIPT = 'exec "$0" "$@"'
 
 #: The gate stops itself until carod has put it under its limits and sends SIGCONT.
-#: (Should carod die meanwhile, the kernel sends the orphaned, stopped group SIGHUP.)
+#: (Should carod die meanwhile, it stays stopped: the next start kills it, carod.runner.kill_stopped_gates.)
 GATE_SCRIPT = 'kill -STOP $$; exec "$@"'
 #: What the start-up probe job prints: its credentials, namespaces and whether / is writable.
 PROBE_SCRIPT = (

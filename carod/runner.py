@@ -469,6 +469,33 @@ async def _exited(pid: int) -> None:
         os.close(pidfd)
 
 
+def kill_stopped_gates(sandbox_root: Path) -> int:
+    """Kill the start-up gates an earlier carod left stopped (blocking). Returns how many.
+
+    A gate stops itself until carod has put it in its cgroup. Should carod die
+    in that moment, nobody continues it, and the kernel does not either (its
+    process group was in a session of its own from the start, so it never
+    *becomes* orphaned). Nothing of the job has run; the gate is found by its
+    command line, which names this node's sandbox root.
+    """
+    marker = f"{isolation.GATE_SCRIPT}\0carod-gate\0".encode()
+    root = os.fsencode(str(sandbox_root)) + b"/"
+    killed = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read(1 << 16)
+        except OSError:
+            continue
+        if marker in cmdline and root in cmdline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(name), signal.SIGKILL)
+                killed += 1
+    return killed
+
+
 def process_start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (clock ticks since boot), to tell it from a reused pid."""
     fields = _stat_fields(pid)

@@ -423,3 +423,22 @@ async def test_a_command_reached_through_a_system_link_runs(boxed: RunningNode, 
     final = (await submitter.run({"Cmd": q(str(python)), "Arguments": q("-c 'print(6*7)'"), "Out": q("out")}))[-1]
     assert final.status == 4, final.headers
     assert final.zip_read("out") == b"42\n"
+
+
+async def test_a_gate_left_stopped_by_a_killed_carod_is_killed_at_the_next_start(queue: str, base: Path) -> None:
+    """carod SIGKILLed between starting a job's gate and letting it go leaves a stopped root shell behind."""
+    sandboxes = base / "sandboxes"
+    gate = subprocess.Popen(
+        [isolation.SH, "-c", isolation.GATE_SCRIPT, "carod-gate", "/bin/true", f"{sandboxes}/box.1234"],
+        start_new_session=True,
+    )
+    try:
+        _, status = os.waitpid(gate.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the gate did not stop itself"
+        node = await start_node(queue, base)
+        await node.stop()
+        assert gate.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if gate.returncode is None:
+            gate.kill()
+            gate.wait()
