@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,6 @@ log = logging.getLogger("carod.sandbox")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Descending into a directory a running job may swap for something else: never block on it.
 _WALK_FLAGS = _DIR_FLAGS | os.O_NONBLOCK
-#: What a name that is no longer a directory fails with (swapped for a link, a file, a FIFO, or gone).
-_NOT_A_DIRECTORY = (errno.ENOTDIR, errno.ELOOP, errno.ENOENT)
 
 
 def remove(path: Path) -> bool:
@@ -87,11 +86,65 @@ class Cursor:
 
 @dataclass
 class _Level:
-    """One directory on the way down: its name in its parent, the parent's identity, subdirectories left."""
+    """One directory on the way down: its name in its parent, its own identity, subdirectories left."""
 
     name: str
-    parent: tuple[int, int]
+    ident: tuple[int, int]
     subdirs: list[str]
+
+
+def _depth_first(
+    fd: int,
+    *,
+    flags: int,
+    visit: Callable[[int], list[str]],
+    not_a_directory: Callable[[int, str], None],
+    left: Callable[[int, str], None],
+    what: str,
+) -> None:
+    """Walk the tree below directory ``fd``, depth first, without recursion, holding one descriptor at a time.
+
+    ``visit(fd)`` handles a directory's entries and returns the names of its
+    subdirectories; each is entered with ``flags`` (O_NOFOLLOW|O_DIRECTORY); a
+    name that is no longer a directory goes to ``not_a_directory(parent_fd,
+    name)``, one that is gone is skipped; ``left(parent_fd, name)`` follows
+    a subdirectory's walk. Each step back up ("..") is checked against the
+    directory the walk came from (ESTALE: the tree was moved meanwhile).
+    Closes ``fd`` and whatever it opened, also when it raises.
+    """
+    try:
+        top = os.fstat(fd)
+        levels = [_Level("", (top.st_dev, top.st_ino), visit(fd))]
+        while levels:
+            level = levels[-1]
+            if level.subdirs:
+                name = level.subdirs.pop()
+                try:
+                    child = os.open(name, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    not_a_directory(fd, name)
+                    continue
+                os.close(fd)
+                fd = child
+                here = os.fstat(fd)
+                levels.append(_Level(name, (here.st_dev, here.st_ino), visit(fd)))
+                continue
+            levels.pop()
+            if not levels:
+                return
+            up = os.open("..", flags, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            there = os.fstat(fd)
+            if (there.st_dev, there.st_ino) != levels[-1].ident:
+                raise OSError(errno.ESTALE, f"the tree changed while it was {what} (at {level.name!r})")
+            left(fd, level.name)
+    finally:
+        os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:
@@ -107,55 +160,25 @@ def _remove_tree(path: Path) -> None:
         if not stat.S_ISDIR(st.st_mode):
             os.unlink(path.name, dir_fd=parent_fd)
             return
-        _empty_directory(os.open(path.name, _DIR_FLAGS, dir_fd=parent_fd))
+        _depth_first(
+            os.open(path.name, _DIR_FLAGS, dir_fd=parent_fd),
+            flags=_DIR_FLAGS,
+            visit=_clear_files,
+            not_a_directory=_unlink,
+            left=_rmdir,
+            what="removed",
+        )
         os.rmdir(path.name, dir_fd=parent_fd)
     finally:
         os.close(parent_fd)
 
 
-def _empty_directory(fd: int) -> None:
-    """Remove everything below the directory ``fd``, depth first, without recursion. Closes ``fd`` (and what
-    it opens on the way down), also when it raises."""
-    holding = [fd]
-    try:
-        _walk_down_and_empty(holding)
-    finally:
-        os.close(holding[0])
+def _unlink(fd: int, name: str) -> None:
+    os.unlink(name, dir_fd=fd)
 
 
-def _walk_down_and_empty(fd_box: list[int]) -> None:
-    """The loop of :func:`_empty_directory`; ``fd_box[0]`` is always the one descriptor it holds."""
-    fd = fd_box[0]
-    levels = [_Level("", (0, 0), _clear_files(fd))]
-    while levels:
-        level = levels[-1]
-        if level.subdirs:
-            name = level.subdirs.pop()
-            try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-                    raise
-                os.unlink(name, dir_fd=fd)  # no longer a directory
-                continue
-            here = os.fstat(fd)
-            os.close(fd)
-            fd = fd_box[0] = child
-            levels.append(_Level(name, (here.st_dev, here.st_ino), _clear_files(fd)))
-            continue
-        levels.pop()
-        if not levels:
-            return
-        up = os.open("..", _DIR_FLAGS, dir_fd=fd)
-        there = os.fstat(up)
-        if (there.st_dev, there.st_ino) != level.parent:
-            os.close(up)
-            raise OSError(errno.ESTALE, f"the tree changed while it was removed (at {level.name!r})")
-        os.close(fd)
-        fd = fd_box[0] = up
-        os.rmdir(level.name, dir_fd=fd)
+def _rmdir(fd: int, name: str) -> None:
+    os.rmdir(name, dir_fd=fd)
 
 
 def _clear_files(fd: int) -> list[str]:
@@ -181,42 +204,26 @@ def usage_bytes(path: Path) -> int:
     moved while it was measured). Blocking: call it in a thread.
     """
     fd = os.open(path, _WALK_FLAGS)
-    try:
-        top = os.fstat(fd)
-        total = top.st_blocks * 512
-        seen: set[tuple[int, int]] = set()
-        counted, subdirs = _measure(fd, seen)
+    total = 0
+    seen: set[tuple[int, int]] = set()
+
+    def visit(directory: int) -> list[str]:
+        nonlocal total
+        counted, subdirs = _measure(directory, seen)
         total += counted
-        levels = [_Level("", (0, 0), subdirs)]
-        while levels:
-            level = levels[-1]
-            if level.subdirs:
-                name = level.subdirs.pop()
-                try:
-                    child = os.open(name, _WALK_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    if exc.errno not in _NOT_A_DIRECTORY:
-                        raise
-                    continue  # no longer a directory: its lstat was counted, nothing below it
-                here = os.fstat(fd)
-                os.close(fd)
-                fd = child
-                counted, subdirs = _measure(fd, seen)
-                total += counted
-                levels.append(_Level(name, (here.st_dev, here.st_ino), subdirs))
-                continue
-            levels.pop()
-            if not levels:
-                break
-            up = os.open("..", _WALK_FLAGS, dir_fd=fd)
-            there = os.fstat(up)
-            os.close(fd)
-            fd = up
-            if (there.st_dev, there.st_ino) != level.parent:
-                raise OSError(errno.ESTALE, f"the tree changed while it was measured (at {level.name!r})")
-    finally:
+        return subdirs
+
+    try:
+        total = os.fstat(fd).st_blocks * 512
+    except OSError:
         os.close(fd)
+        raise
+    _depth_first(fd, flags=_WALK_FLAGS, visit=visit, not_a_directory=_skip, left=_skip, what="measured")
     return total
+
+
+def _skip(fd: int, name: str) -> None:
+    """A name that is no longer a directory was measured by its lstat already; nothing to do on the way up."""
 
 
 def _measure(fd: int, seen: set[tuple[int, int]]) -> tuple[int, list[str]]:
