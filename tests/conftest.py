@@ -44,6 +44,17 @@ async def queue() -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def exchange() -> AsyncIterator[str]:
+    """A pool exchange of the test's own, deleted after it."""
+    name = unique("pool")
+    yield name
+    connection = await aio_pika.connect(BROKER_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.exchange_delete(name)
+
+
+@pytest.fixture
 async def node(queue: str, base: Path) -> AsyncIterator[RunningNode]:
     running = await start_node(queue, base)
     yield running

@@ -44,6 +44,17 @@ def q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: The seed job: what the attack tests run afterwards, to show that the node still serves.
+SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out")}
+
+
+async def seed_runs(submitter: Submitter, timeout_s: float = 30) -> None:
+    """The seed job is answered Exited 0 with its output."""
+    final = (await submitter.run(SEED, timeout_s=timeout_s))[-1]
+    assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
+    assert final.zip_read("job.out") == b"Hello Grid!\n"
+
+
 @dataclass
 class Reply:
     headers: dict[str, Any]

@@ -25,7 +25,7 @@ from carod.classads import ad_from_headers, evaluate
 from carod.evaluator import Evaluator
 from carod.holdcodes import HoldCode
 from carod.resources import Request
-from tests.helpers import BROKER_URL, RunningNode, Submitter, q, start_daemon, start_node, unique, write_config
+from tests.helpers import BROKER_URL, RunningNode, Submitter, q, seed_runs, start_daemon, start_node, write_config
 
 SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out"), "Requirements": "TRUE"}
 HELD = 5
@@ -66,13 +66,6 @@ def assert_held_for_evaluation(replies: list[Any], *needles: str) -> str:
     return reason
 
 
-async def assert_seed_runs(sub: Submitter) -> None:
-    done = (await sub.run(SEED, timeout_s=30))[-1]
-    assert done.status == 4, done.headers
-    assert done.headers["ExitCode"] == 0
-    assert done.zip_read("job.out") == b"Hello Grid!\n"
-
-
 # ---------------------------------------------------------------- job ads
 
 
@@ -87,11 +80,11 @@ async def test_strcat_doublings_are_held_and_carod_stays_small(queue: str, base:
         # carod itself never built the strings: its peak RSS is what it was, give or take (the attack took +618 MiB).
         peak_kib = vm_kib(daemon.proc.pid, "VmHWM")
         assert peak_kib < before_kib + 64 * 1024, (before_kib, peak_kib)
-        await assert_seed_runs(submitter)
+        await seed_runs(submitter)
         assert await daemon.stop() == 0
         # ...and it starts again cleanly and serves.
         daemon = await start_daemon(config)
-        await assert_seed_runs(submitter)
+        await seed_runs(submitter)
     finally:
         assert await daemon.stop() == 0, "".join(daemon.log[-20:])
 
@@ -112,7 +105,7 @@ async def test_exponential_time_without_functions_is_held(evalnode: RunningNode,
     assert evaluator.pid != child
     fine = await submitter.run({**SEED, "Cmd": 'replaceAll("x", "/bin/xcho", "e")'})  # /bin/echo, via the child
     assert fine[-1].status == 4 and fine[-1].zip_read("job.out") == b"Hello Grid!\n", fine[-1].headers
-    await assert_seed_runs(submitter)
+    await seed_runs(submitter)
 
 
 async def test_replace_all_quadratic_is_held_for_memory(queue: str, base: Path, submitter: Submitter) -> None:
@@ -122,7 +115,7 @@ async def test_replace_all_quadratic_is_held_for_memory(queue: str, base: Path, 
         job = {"Cmd": q("/bin/echo"), "S": q("x" * 20_000), "Junk": 'replaceAll(".", S, S)'}
         replies = await submitter.run(job, timeout_s=60)
         assert_held_for_evaluation(replies, "took more than 64 MiB to evaluate", "attribute Junk")
-        await assert_seed_runs(submitter)
+        await seed_runs(submitter)
     finally:
         await running.stop()
 
@@ -139,7 +132,7 @@ async def test_sprintf_width(evalnode: RunningNode, submitter: Submitter) -> Non
     assert_held_for_evaluation(
         await submitter.run(about_machine), "the job's Requirements depends on the machine", "sprintf()"
     )
-    await assert_seed_runs(submitter)
+    await seed_runs(submitter)
 
 
 async def test_plain_ads_take_the_fast_path(evalnode: RunningNode, submitter: Submitter) -> None:
@@ -151,16 +144,6 @@ async def test_plain_ads_take_the_fast_path(evalnode: RunningNode, submitter: Su
 
 
 # ---------------------------------------------------------------- forged adverts
-
-
-@pytest.fixture
-async def exchange() -> AsyncIterator[str]:
-    name = unique("pool")
-    yield name
-    connection = await aio_pika.connect(BROKER_URL)
-    async with connection:
-        channel = await connection.channel()
-        await channel.exchange_delete(name)
 
 
 async def publish(exchange: str, key: str, body: bytes) -> None:
@@ -205,7 +188,7 @@ async def test_forged_advert_with_doublings_is_dropped(
         # A cheap forged advert is kept (adverts are not authenticated), and matching goes on.
         await publish(exchange, "advert.cheap", forged("cheap", queue, machine_text()))
         await until(lambda: "cheap" in node.pool.peers)
-        await assert_seed_runs(submitter)
+        await seed_runs(submitter)
     finally:
         await running.stop()
 
@@ -236,7 +219,7 @@ async def test_a_job_only_a_forged_node_matches_is_still_held(
         assert replies[-1].status == HELD, replies[-1].headers
         reason = str(replies[-1].headers["HoldReason"])
         assert "no execute node matched" in reason and "ghost" in reason and "max_pass_s" in reason, reason
-        await assert_seed_runs(submitter)
+        await seed_runs(submitter)
     finally:
         stop.set()
         await ghost
@@ -358,4 +341,4 @@ async def test_a_chain_that_walks_a_long_string_never_runs_on_the_loop(
     replies = await submitter.run(toupper_chain(300), timeout_s=30)
     assert evaluator.preflights == before + 1  # the bounded child did the work, not carod's loop
     assert_held_for_evaluation(replies, "to evaluate (attribute T")  # the child's bound, not carod's loop
-    await assert_seed_runs(submitter)
+    await seed_runs(submitter)

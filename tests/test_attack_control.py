@@ -29,16 +29,6 @@ def rm(message_id: str, reason: str = "test") -> bytes:
 
 
 @pytest.fixture
-async def exchange() -> AsyncIterator[str]:
-    name = unique("pool")
-    yield name
-    connection = await aio_pika.connect(BROKER_URL)
-    async with connection:
-        channel = await connection.channel()
-        await channel.exchange_delete(name)
-
-
-@pytest.fixture
 async def ctlnode(queue: str, base: Path, exchange: str) -> AsyncIterator[RunningNode]:
     running = await start_node(queue, base, node={"max_removals": 5}, pool={"exchange": exchange})
     yield running

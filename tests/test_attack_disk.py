@@ -30,19 +30,20 @@ from carod import diskquota
 from carod.errors import ConfigError
 from tests.helpers import (
     CAROD,
+    SEED,
     Reply,
     RunningNode,
     Submitter,
     processes_with,
     q,
     raw_zip,
+    seed_runs,
     start_daemon,
     start_node,
     write_config,
 )
 
 MIB = 1024 * 1024
-SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out")}
 #: A small image keeps the tests' sparse files small; the limits below fit it many times.
 IMAGE_MIB = 2048
 DISK = {"disk_quota": "required", "disk_image_mib": IMAGE_MIB, "check_interval_s": 0.2}
@@ -64,11 +65,6 @@ def held_mib(reply: Reply) -> float:
     found = re.search(r"the sandbox held ([0-9.]+) MiB", reply.headers["HoldReason"])
     assert found is not None, reply.headers
     return float(found.group(1))
-
-
-async def seed_runs(submitter: Submitter) -> None:
-    final = (await submitter.run(SEED))[-1]
-    assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
 
 
 def image_allocated_bytes(node: RunningNode) -> int:

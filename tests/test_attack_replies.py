@@ -39,6 +39,7 @@ from tests.helpers import (
     queue_depth,
     rabbit_env,
     rabbitmqctl,
+    seed_runs,
     start_daemon,
     start_node,
     write_config,
@@ -57,12 +58,6 @@ def literal(text: object) -> str:
     value = classad2.ExprTree(text).eval()
     assert isinstance(value, str)
     return value
-
-
-async def seed_runs(sub: Submitter, timeout_s: float = 30) -> None:
-    final = (await sub.run(SEED, timeout_s=timeout_s))[-1]
-    assert final.status == 4 and final.headers["ExitCode"] == 0
-    assert final.zip_read("job.out") == b"Hello Grid!\n"
 
 
 def counter(node: RunningNode, name: str, **labels: str) -> float:

@@ -22,17 +22,17 @@ import pytest
 
 from carod import isolation
 from tests.helpers import (
+    SEED,
     RunningNode,
     Submitter,
     processes_with,
     q,
     raw_zip,
+    seed_runs,
     start_daemon,
     start_node,
     write_config,
 )
-
-SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out")}
 
 EVIL_C = r"""
 #include <fcntl.h>
@@ -52,12 +52,6 @@ __attribute__((constructor)) static void evil(void) {
 
 def sh(script: str, **attrs: object) -> dict[str, object]:
     return {"Cmd": q("/bin/sh"), "Arguments": q(f"-c '{script}'"), "Out": q("out"), "Err": q("err"), **attrs}
-
-
-async def seed_runs(submitter: Submitter) -> None:
-    final = (await submitter.run(SEED))[-1]
-    assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
-    assert final.zip_read("job.out") == b"Hello Grid!\n"
 
 
 @pytest.fixture

@@ -43,13 +43,13 @@ from tests.helpers import (
     config_text,
     q,
     raw_zip,
+    seed_runs,
     start_daemon,
     start_node,
     write_config,
 )
 
 MIB = 1024 * 1024
-SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out")}
 #: The sandbox is measured by walking it, five times a second.
 FALLBACK = {"disk_quota": "none", "check_interval_s": 0.2}
 PY = "/usr/bin/python3"
@@ -60,11 +60,6 @@ def script_job(source: str, **attrs: Any) -> tuple[dict[str, Any], bytes]:
     return {"Cmd": q(PY), "Arguments": q("attack.py"), "Out": q("out"), "Err": q("err"), **attrs}, raw_zip(
         ("attack.py", source.encode(), 0o100644)
     )
-
-
-async def seed_runs(submitter: Submitter) -> None:
-    final = (await submitter.run(SEED))[-1]
-    assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
 
 
 @pytest.fixture
