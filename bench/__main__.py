@@ -44,11 +44,11 @@ from typing import Any
 
 import aio_pika
 
-from carod import classads, jobad
-from carod.client import Client
+from carod.client.library import Client
 from carod.config import Config
-from carod.machine import detect
-from carod.message import parse_envelope
+from carod.node.machine import detect
+from carod.wire import classads, jobad
+from carod.wire.message import parse_envelope
 
 URL = os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SEED: dict[str, Any] = {

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from carod import config as configuration
-from carod import logs
-from carod.server import Server
+from carod.edges import logs
+from carod.node.server import Server
 
 INTERVAL_S = 0.005
 

@@ -18,9 +18,10 @@ import time
 
 import classad2
 
-from carod import config, machine
-from carod.classads import ad_from_headers
-from carod.evaluator import Evaluator
+from carod import config
+from carod.node import machine
+from carod.node.evaluator import Evaluator
+from carod.wire.classads import ad_from_headers
 
 SEED = {"Cmd": '"/bin/echo"', "Arguments": '"Hello Grid!"', "Out": '"job.out"', "Requirements": "TRUE"}
 

@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from carod.isolation import SH, Layers, command
-from carod.users import resolve_user
+from carod.sandbox.isolation import SH, Layers, command
+from carod.sandbox.users import resolve_user
 
 TRUE = "/bin/true"
 

@@ -27,9 +27,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bench.__main__ import Submitter, delete_queues
-from carod import answer, execute, journal, node, runner
 from carod import config as configuration
-from carod.server import Server
+from carod.edges import journal
+from carod.node import answer
+from carod.node import arrival as node
+from carod.node.server import Server
+from carod.sandbox import execute, runner
 
 TIMES: dict[str, list[float]] = defaultdict(list)
 

@@ -25,12 +25,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from carod import __version__, logs, machine, pool
+from carod import __version__
 from carod import config as configuration
-from carod.classads import to_classad_text
-from carod.client import Client, ClientError, JobReply, PoolStatus, pool_status, remove
+from carod.client.library import Client, ClientError, JobReply, PoolStatus, pool_status, remove
+from carod.edges import logs
 from carod.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, ConfigError, StartupError
-from carod.server import Server
+from carod.node import machine, pool
+from carod.node.server import Server
+from carod.wire.classads import to_classad_text
 
 DEFAULT_CONFIG = "/etc/carod/carod.conf"
 EXIT_HELD = 125

@@ -20,8 +20,8 @@ from typing import Any
 
 import classad2
 
-from carod.classads import ATTRIBUTE_NAME
 from carod.errors import ConfigError
+from carod.wire.classads import ATTRIBUTE_NAME
 
 QUEUE_TYPES = ("quorum", "classic")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -143,7 +143,7 @@ class SandboxConfig:
     #: How often a running job's disk and memory usage is checked.
     check_interval_s: float = 5.0
     #: The kernel bounds each sandbox's disk (a btrfs image with a quota group per job,
-    #: carod/diskquota.py): auto = when the host can; required = refuse to start without it;
+    #: carod/sandbox/diskquota.py): auto = when the host can; required = refuse to start without it;
     #: none = RLIMIT_FSIZE and the periodic check only.
     disk_quota: str = "auto"
     #: Size of that image (MiB), the most all sandboxes together can hold; 0 = half the space

@@ -9,7 +9,7 @@
 # image does, move every process into a child cgroup `init` and enable the
 # cpu, memory and pids controllers below the root; carod then finds its
 # cgroup (/init), moves itself into /init/supervisor and makes its job
-# cgroups next to it (carod/cgroup.py).
+# cgroups next to it (carod/sandbox/cgroup.py).
 #
 # Nothing is done unless all of this holds: root, cgroup v2 mounted on
 # /sys/fs/cgroup and writable (docker mounts it read-only unless the container

@@ -2,7 +2,7 @@
 """The image's HEALTHCHECK: scrape carod's Prometheus metrics over loopback.
 
 carod reads its live gauges on its event loop when a scrape arrives and
-answers 503 when the loop does not respond within 5 s (carod/metrics.py), so
+answers 503 when the loop does not respond within 5 s (carod/edges/metrics.py), so
 a scrape that is refused, fails or times out means carod is not serving or is
 stuck. Exit status as docker wants it: 0 healthy, 1 unhealthy; the line
 printed shows in `docker inspect --format '{{json .State.Health}}' CONTAINER`.

@@ -26,7 +26,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod import config as configuration
-from carod.server import Server
+from carod.node.server import Server
 
 BROKER_URL = os.environ.get(
     "CAROD_TEST_BROKER_URL", os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")

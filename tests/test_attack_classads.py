@@ -20,11 +20,12 @@ import aio_pika
 import classad2
 import pytest
 
-from carod import adcost, pool
-from carod.classads import ad_from_headers, evaluate
-from carod.evaluator import Evaluator
-from carod.holdcodes import HoldCode
-from carod.resources import Request
+from carod.node import pool
+from carod.node.evaluator import Evaluator
+from carod.node.resources import Request
+from carod.wire import adcost
+from carod.wire.classads import ad_from_headers, evaluate
+from carod.wire.holdcodes import HoldCode
 from tests.helpers import BROKER_URL, RunningNode, Submitter, q, seed_runs, start_daemon, start_node, write_config
 
 SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out"), "Requirements": "TRUE"}

@@ -18,7 +18,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from carod import control
+from carod.wire import control
 from tests.helpers import BROKER_URL, RunningNode, Submitter, q, start_node, unique
 
 SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out"), "Requirements": "TRUE"}

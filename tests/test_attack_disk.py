@@ -1,6 +1,6 @@
 """Issue 14, "disk and time are unbounded by default": each attack against a real carod.
 
-With the kernel's bound (carod/diskquota.py: a btrfs image with a quota
+With the kernel's bound (carod/sandbox/diskquota.py: a btrfs image with a quota
 group per sandbox) a job cannot put more than its limit on the node's disk,
 whether it asked for a limit or not, and however it hides the data; a job
 that leaves too many files is Held before its results are walked; a job that
@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from carod import config as configuration
-from carod import diskquota
 from carod.errors import ConfigError
+from carod.sandbox import diskquota
 from tests.helpers import (
     CAROD,
     SEED,

@@ -26,8 +26,8 @@ import classad2
 import pytest
 
 from carod import config as configuration
-from carod.replies import MAX_HEADERS_BYTES, MAX_TEXT_HEADER_BYTES, headers_size
-from carod.server import stop_bound_s
+from carod.node.server import stop_bound_s
+from carod.wire.replies import MAX_HEADERS_BYTES, MAX_TEXT_HEADER_BYTES, headers_size
 from tests.helpers import (
     BROKER_URL,
     RABBITMQCTL,

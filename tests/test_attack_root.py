@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from carod import isolation
+from carod.sandbox import isolation
 from tests.helpers import (
     SEED,
     RunningNode,
@@ -113,7 +113,7 @@ async def test_root_chain_runs_with_a_fixed_environment_in_root() -> None:
         hidden=(),
         setpriv="/usr/bin/setpriv",
     )
-    from carod.users import JobUser
+    from carod.sandbox.users import JobUser
 
     user = JobUser("nobody", 65534, 65534, switch=True)
     box = Path("/srv/box")

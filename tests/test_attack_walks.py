@@ -27,15 +27,17 @@ from typing import Any
 import pytest
 
 from carod import config as configuration
-from carod import limits, safezip, sandbox
 from carod.errors import JobHeld
-from carod.execute import Executor, Run
-from carod.holdcodes import HoldCode
-from carod.isolation import Layers
-from carod.jobad import JobSpec
-from carod.limits import JobLimits
-from carod.replies import ExitInfo
-from carod.users import JobUser, UserPool
+from carod.sandbox import limits
+from carod.sandbox import workdir as sandbox
+from carod.sandbox.execute import Executor, Run
+from carod.sandbox.isolation import Layers
+from carod.sandbox.limits import JobLimits
+from carod.sandbox.users import JobUser, UserPool
+from carod.wire import safezip
+from carod.wire.holdcodes import HoldCode
+from carod.wire.jobad import JobSpec
+from carod.wire.replies import ExitInfo
 from tests.helpers import (
     Daemon,
     RunningNode,

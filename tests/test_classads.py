@@ -5,9 +5,9 @@ from __future__ import annotations
 import classad2
 import pytest
 
-from carod import classads
-from carod.classads import ERROR, UNDEFINED, ad_from_headers, format_headers, format_value, header_to_value, match
 from carod.errors import JobHeld
+from carod.wire import classads
+from carod.wire.classads import ERROR, UNDEFINED, ad_from_headers, format_headers, format_value, header_to_value, match
 
 
 def q(text: str) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from carod import cmdpath
-from carod.sandbox import Owner
+from carod.sandbox import cmdpath
+from carod.sandbox.workdir import Owner
 
 NOBODY = Owner(65534, 65534)
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import classad2
 import pytest
 
-from carod.classads import ad_from_headers
 from carod.errors import JobHeld
-from carod.jobad import (
+from carod.wire.classads import ad_from_headers
+from carod.wire.jobad import (
     JobSpec,
     apply_defaults,
     format_args_v2,

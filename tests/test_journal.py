@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from carod.journal import FINISHED, INTERRUPTED, RECEIVED, REPLIED, RUNNING, Journal, JournalError
+from carod.edges.journal import FINISHED, INTERRUPTED, RECEIVED, REPLIED, RUNNING, Journal, JournalError
 
 
 async def opened(path: Path) -> Journal:

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 from carod import config as configuration
-from carod import isolation, jobad, limits
-from carod.classads import ad_from_headers
 from carod.config import SandboxConfig
 from carod.errors import ConfigError, JobHeld
-from carod.isolation import Layers
-from carod.replies import ExitInfo
-from carod.resources import Request
-from carod.users import JobUser
+from carod.node.resources import Request
+from carod.sandbox import isolation, limits
+from carod.sandbox.isolation import Layers
+from carod.sandbox.users import JobUser
+from carod.wire import jobad
+from carod.wire.classads import ad_from_headers
+from carod.wire.replies import ExitInfo
 
 USER = JobUser("nobody", 65534, 65534, switch=True)
 BOX = Path("/srv/carod/sandboxes/job.1234")

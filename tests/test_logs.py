@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from carod import logs
+from carod.edges import logs
 
 
 def test_a_message_id_with_a_newline_cannot_forge_a_log_line() -> None:

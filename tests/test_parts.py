@@ -13,9 +13,9 @@ import aio_pika
 import aiormq
 import pytest
 
-from carod import parts
-from carod.client import Client
-from carod.parts import Assembler, ResultError
+from carod.client.library import Client
+from carod.wire import parts
+from carod.wire.parts import Assembler, ResultError
 from tests.helpers import (
     BROKER_URL,
     RunningNode,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from carod import control, replies
-from carod.classads import Scalar
-from carod.client import remove
+from carod.client.library import remove
 from carod.config import NodeConfig
-from carod.progress import Bucket, Progress, Publish, Tail
+from carod.node.progress import Bucket, Progress, Publish, Tail
+from carod.wire import control, replies
+from carod.wire.classads import Scalar
 from tests.helpers import BROKER_URL, RunningNode, Submitter, q, queue_depth, start_node
 
 # ---------------------------------------------------------------- pure: what to read and send

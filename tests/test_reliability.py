@@ -220,7 +220,7 @@ async def test_consumer_timeout_costs_only_a_redelivery(
 async def test_journal_failure_passes_job_on_then_holds(queue: str, base: Path, submitter: Submitter) -> None:
     """A node whose journal cannot be written (e.g. its disk filled up after start)
     hands jobs to other nodes; when none can take it, the job is Held, not looped."""
-    from carod.journal import JournalError
+    from carod.edges.journal import JournalError
     from tests.helpers import start_node
 
     node = await start_node(queue, base, broker={"max_offers": 3, "unmatched_delay_s": 0.05})

@@ -6,10 +6,10 @@ import aiormq
 import classad2
 import pytest
 
-from carod import replies
-from carod.broker import ReplyRefused, ReplyUndeliverable, refusal
-from carod.holdcodes import HoldCode
-from carod.replies import MAX_HEADERS_BYTES, MAX_TEXT_HEADER_BYTES, TRUNCATED
+from carod.edges.broker import ReplyRefused, ReplyUndeliverable, refusal
+from carod.wire import replies
+from carod.wire.holdcodes import HoldCode
+from carod.wire.replies import MAX_HEADERS_BYTES, MAX_TEXT_HEADER_BYTES, TRUNCATED
 
 
 def _literal(text: object) -> str:

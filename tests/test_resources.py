@@ -9,12 +9,12 @@ import classad2
 import pytest
 
 from carod import config as configuration
-from carod import machine, pool
-from carod.classads import ad_from_headers
 from carod.errors import ConfigError
-from carod.jobad import job_spec
-from carod.message import FIRST_OFFER_HEADER, OFFERS_HEADER, parse_envelope
-from carod.resources import Request, Resources, Totals, flow
+from carod.node import machine, pool
+from carod.node.resources import Request, Resources, Totals, flow
+from carod.wire.classads import ad_from_headers
+from carod.wire.jobad import job_spec
+from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, parse_envelope
 
 TOTALS = Totals(cpus=4, memory_mib=4096, disk_kib=1_000_000, slots=4)
 

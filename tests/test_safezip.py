@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from carod import safezip
+from carod.wire import safezip
 
 
 def archive(count: int, *, zip64: bool = False) -> bytes:

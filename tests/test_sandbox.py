@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from carod import sandbox
 from carod.errors import JobHeld
-from carod.holdcodes import HoldCode
-from carod.jobad import JobSpec
-from carod.sandbox import Owner
+from carod.sandbox import workdir as sandbox
+from carod.sandbox.workdir import Owner
+from carod.wire.holdcodes import HoldCode
+from carod.wire.jobad import JobSpec
 from tests.helpers import raw_zip
 
 OWNER = Owner(os.getuid(), os.getgid())

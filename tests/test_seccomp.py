@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from carod import seccomp
+from carod.sandbox import seccomp
 
 JEQ = 0x15
 

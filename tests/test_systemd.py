@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from carod.notify import Notifier, parse_address, parse_watchdog_s
+from carod.edges.notify import Notifier, parse_address, parse_watchdog_s
 from tests.helpers import start_daemon, write_config
 
 UNIT = Path(__file__).parent.parent / "systemd" / "carod.service"

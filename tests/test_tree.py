@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from carod import tree
+from carod.sandbox import tree
 
 
 def make_deep(top: Path, levels: int) -> None:

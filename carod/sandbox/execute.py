@@ -19,20 +19,21 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from carod import cgroup, limits, sandbox
-from carod.cgroup import CgroupError, JobCgroup
 from carod.config import Config
-from carod.diskquota import DiskQuota, kernel_limit_bytes, limit_slack_bytes
 from carod.errors import JobHeld
-from carod.holdcodes import HoldCode
-from carod.isolation import Layers
-from carod.jobad import JobSpec
-from carod.limits import JobLimits
-from carod.replies import ExitInfo
-from carod.resources import Request
-from carod.runner import JobProcess, check_command, job_environment, kill_leftover, kill_stopped_gates, rlimits
-from carod.sandbox import Stdio
-from carod.users import JobUser, UserPool
+from carod.node.resources import Request
+from carod.sandbox import cgroup, limits
+from carod.sandbox import workdir as sandbox
+from carod.sandbox.cgroup import CgroupError, JobCgroup
+from carod.sandbox.diskquota import DiskQuota, kernel_limit_bytes, limit_slack_bytes
+from carod.sandbox.isolation import Layers
+from carod.sandbox.limits import JobLimits
+from carod.sandbox.runner import JobProcess, check_command, job_environment, kill_leftover, kill_stopped_gates, rlimits
+from carod.sandbox.users import JobUser, UserPool
+from carod.sandbox.workdir import Stdio
+from carod.wire.holdcodes import HoldCode
+from carod.wire.jobad import JobSpec
+from carod.wire.replies import ExitInfo
 
 log = logging.getLogger("carod.execute")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod.errors import BrokerError
-from carod.resources import Request, Resources, flow
+from carod.node.resources import Request, Resources, flow
 
 log = logging.getLogger("carod.admission")
 

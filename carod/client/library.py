@@ -33,12 +33,13 @@ import aiormq
 import classad2
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from carod import control, parts, pool, replies
 from carod.errors import CarodError, JobHeld
-from carod.jobad import format_args_v2
-from carod.pool import Advert
-from carod.replies import JobStatus
-from carod.sandbox import MIB, Owner, unpack_input
+from carod.node import pool
+from carod.node.pool import Advert
+from carod.sandbox.workdir import MIB, Owner, unpack_input
+from carod.wire import control, parts, replies
+from carod.wire.jobad import format_args_v2
+from carod.wire.replies import JobStatus
 
 FINAL = (JobStatus.COMPLETED, JobStatus.HELD, JobStatus.REMOVED)
 #: Largest result (sent in parts) a client accepts unless told otherwise.

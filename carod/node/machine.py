@@ -19,10 +19,10 @@ from pathlib import Path
 import classad2
 
 from carod import __version__
-from carod.classads import ad_from_expressions, evaluate
 from carod.config import Config
 from carod.errors import ConfigError
-from carod.resources import Resources, Totals
+from carod.node.resources import Resources, Totals
+from carod.wire.classads import ad_from_expressions, evaluate
 
 _OS_NAMES = {
     "debian": "Debian",

@@ -25,18 +25,9 @@ from pathlib import Path
 import classad2
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import classads, jobad, machine, pool, replies, sandbox
-from carod.admission import Admission
-from carod.answer import Answerer
-from carod.broker import Broker, park, settle
 from carod.config import Config
-from carod.control import Removals
-from carod.errors import EXIT_SOFTWARE, BrokerError, JobHeld, StartupError
-from carod.evaluator import Evaluator, EvaluatorError
-from carod.execute import Executor, Run
-from carod.holdcodes import HoldCode
-from carod.job import Job, job_info, log_state, set_requests
-from carod.journal import (
+from carod.edges.broker import Broker, park, settle
+from carod.edges.journal import (
     FINISHED,
     INTERRUPTED,
     RECEIVED,
@@ -46,12 +37,23 @@ from carod.journal import (
     Journal,
     JournalError,
 )
-from carod.message import parse_envelope
-from carod.metrics import Metrics
-from carod.pool import HandBacks, JobInfo, PoolView
-from carod.progress import Progress
-from carod.resources import Request
-from carod.runner import process_start_time
+from carod.edges.metrics import Metrics
+from carod.errors import EXIT_SOFTWARE, BrokerError, JobHeld, StartupError
+from carod.node import machine, pool
+from carod.node.admission import Admission
+from carod.node.answer import Answerer
+from carod.node.evaluator import Evaluator, EvaluatorError
+from carod.node.job import Job, job_info, log_state, set_requests
+from carod.node.pool import HandBacks, JobInfo, PoolView
+from carod.node.progress import Progress
+from carod.node.resources import Request
+from carod.sandbox import workdir as sandbox
+from carod.sandbox.execute import Executor, Run
+from carod.sandbox.runner import process_start_time
+from carod.wire import classads, jobad, replies
+from carod.wire.control import Removals
+from carod.wire.holdcodes import HoldCode
+from carod.wire.message import parse_envelope
 
 log = logging.getLogger("carod.job")
 

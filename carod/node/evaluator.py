@@ -3,7 +3,7 @@
 A job ad whose cost :mod:`carod.adcost` cannot bound from its text (a call to
 ``sprintf``, a chain of ``strcat`` doublings, ...) is never evaluated on
 carod's event loop. At the job's arrival it goes, with this node's machine
-ad, to a long-lived child (``python -m carod.evaluator``, started with carod)
+ad, to a long-lived child (``python -m carod.node.evaluator``, started with carod)
 that runs under ``RLIMIT_AS`` (``[node] eval_memory_mib`` above what it needs
 to start) and answers within ``[node] eval_timeout_s`` or is killed and
 replaced. The child does the pre-flight (:func:`preflight`):
@@ -45,14 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 import classad2
 
-from carod import adcost
-from carod.classads import Undefined, evaluate, evaluate_in_match
 from carod.errors import CarodError, JobHeld
-from carod.holdcodes import HoldCode
+from carod.wire import adcost
+from carod.wire.classads import Undefined, evaluate, evaluate_in_match
+from carod.wire.holdcodes import HoldCode
 
 if TYPE_CHECKING:  # not imported by the child
     from carod.config import Config
-    from carod.metrics import Metrics
+    from carod.edges.metrics import Metrics
 
 log = logging.getLogger("carod.evaluator")
 
@@ -144,7 +144,7 @@ def _vm_size_kib() -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m carod.evaluator MEMORY_MIB PAGE_FD [UID GID]``: answer requests on stdin until it closes.
+    """``python -m carod.node.evaluator MEMORY_MIB PAGE_FD [UID GID]``: answer requests on stdin until it closes.
 
     Started by root, it becomes UID:GID (no groups, so no capabilities) before it reads a request.
     """
@@ -227,12 +227,12 @@ class Evaluator:
         """Start the child. Raises EvaluatorError."""
         self._abandon()
         self._machine_sent = None
-        command = f"{sys.executable} -m carod.evaluator"
+        command = f"{sys.executable} -m carod.node.evaluator"
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "carod.evaluator",
+                "carod.node.evaluator",
                 str(self.memory_mib),
                 str(self._page_fd),
                 *self._ids,

@@ -24,17 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from carod import tree
-from carod.cgroup import Limits
 from carod.config import SandboxConfig
 from carod.errors import JobHeld
-from carod.holdcodes import HoldCode
-from carod.jobad import JobSpec
-from carod.replies import ExitInfo
-from carod.resources import Request
+from carod.node.resources import Request
+from carod.sandbox import tree
+from carod.sandbox.cgroup import Limits
+from carod.wire.holdcodes import HoldCode
+from carod.wire.jobad import JobSpec
+from carod.wire.replies import ExitInfo
 
 if TYPE_CHECKING:
-    from carod.runner import JobProcess
+    from carod.sandbox.runner import JobProcess
 
 MIB = 1024 * 1024
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import classad2
 
-from carod.classads import UNDEFINED, Undefined, evaluate
 from carod.errors import JobHeld
+from carod.wire.classads import UNDEFINED, Undefined, evaluate
 
 DEV_NULL = "/dev/null"
 VANILLA_UNIVERSE = 5

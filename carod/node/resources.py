@@ -16,7 +16,7 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from carod.jobad import JobSpec
+from carod.wire.jobad import JobSpec
 
 
 @dataclass(frozen=True)

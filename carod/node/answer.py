@@ -34,15 +34,15 @@ from typing import BinaryIO
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import parts, replies
-from carod.broker import Broker, ReplyRefused, ReplyUndeliverable, ReplyUnroutable, reply_and_ack, settle
-from carod.classads import Scalar
 from carod.config import Config
+from carod.edges.broker import Broker, ReplyRefused, ReplyUndeliverable, ReplyUnroutable, reply_and_ack, settle
+from carod.edges.journal import Journal, OutboxEntry
+from carod.edges.metrics import Metrics
 from carod.errors import BrokerError
-from carod.job import Job
-from carod.journal import Journal, OutboxEntry
-from carod.message import ReplyAddress
-from carod.metrics import Metrics
+from carod.node.job import Job
+from carod.wire import parts, replies
+from carod.wire.classads import Scalar
+from carod.wire.message import ReplyAddress
 
 log = logging.getLogger("carod.job")
 

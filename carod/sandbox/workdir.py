@@ -30,10 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from carod import safezip, tree
 from carod.errors import JobHeld
-from carod.holdcodes import HoldCode
-from carod.jobad import JobSpec
+from carod.sandbox import tree
+from carod.wire import safezip
+from carod.wire.holdcodes import HoldCode
+from carod.wire.jobad import JobSpec
 
 MIB = 1024 * 1024
 _CHUNK = MIB

@@ -37,9 +37,9 @@ from typing import Any
 
 import classad2
 
-from carod import adcost, classads
 from carod.errors import CarodError
-from carod.resources import Request
+from carod.node.resources import Request
+from carod.wire import adcost, classads
 
 VERSION = 1
 RUNNING = "Running"

@@ -35,12 +35,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from carod import cmdpath, seccomp
-from carod.cgroup import CgroupError, Cgroups
-from carod.cgroup import detect as detect_cgroups
 from carod.config import Config
 from carod.errors import EXIT_CONFIG, EXIT_NOPERM, StartupError
-from carod.users import JobUser
+from carod.sandbox import cmdpath, seccomp
+from carod.sandbox.cgroup import CgroupError, Cgroups
+from carod.sandbox.cgroup import detect as detect_cgroups
+from carod.sandbox.users import JobUser
 
 MIB = 1024 * 1024
 SH = "/bin/sh"

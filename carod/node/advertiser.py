@@ -18,12 +18,13 @@ import time
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import control, pool
-from carod.broker import Broker
 from carod.config import Config
+from carod.edges.broker import Broker
 from carod.errors import BrokerError
-from carod.node import Node
-from carod.pool import ADVERT_KEY_PREFIX, QUERY_KEY, Advert, AdvertError, PoolView
+from carod.node import pool
+from carod.node.arrival import Node
+from carod.node.pool import ADVERT_KEY_PREFIX, QUERY_KEY, Advert, AdvertError, PoolView
+from carod.wire import control
 
 log = logging.getLogger("carod.pool")
 

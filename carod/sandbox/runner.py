@@ -35,16 +35,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from carod import cmdpath, isolation
-from carod.cgroup import JobCgroup, Limits, sweep_user, uid_of
 from carod.errors import JobHeld
-from carod.holdcodes import HoldCode
-from carod.isolation import Layers
-from carod.jobad import JobSpec
-from carod.limits import JobLimits
-from carod.replies import ExitInfo, Usage
-from carod.sandbox import Stdio, executable_by
-from carod.users import JobUser
+from carod.sandbox import cmdpath, isolation
+from carod.sandbox.cgroup import JobCgroup, Limits, sweep_user, uid_of
+from carod.sandbox.isolation import Layers
+from carod.sandbox.limits import JobLimits
+from carod.sandbox.users import JobUser
+from carod.sandbox.workdir import Stdio, executable_by
+from carod.wire.holdcodes import HoldCode
+from carod.wire.jobad import JobSpec
+from carod.wire.replies import ExitInfo, Usage
 
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: How long to wait for a SIGKILLed job's processes to actually die.

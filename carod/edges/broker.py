@@ -43,12 +43,12 @@ from aio_pika.abc import (
     DeliveryMode,
 )
 
-from carod.classads import Scalar
 from carod.config import BrokerConfig, redact_url
-from carod.control import CONTROL_KEY
 from carod.errors import BrokerError
-from carod.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
-from carod.pool import ADVERT_KEY_PREFIX, QUERY_KEY
+from carod.node.pool import ADVERT_KEY_PREFIX, QUERY_KEY
+from carod.wire.classads import Scalar
+from carod.wire.control import CONTROL_KEY
+from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
 
 log = logging.getLogger("carod.broker")
 

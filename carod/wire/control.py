@@ -26,7 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from carod.errors import CarodError
-from carod.pool import json_object
+from carod.node.pool import json_object
 
 VERSION = 1
 CONTROL_KEY = "control"

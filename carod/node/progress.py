@@ -27,13 +27,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from carod import replies
-from carod.answer import Answerer
-from carod.classads import Scalar
 from carod.config import Config, NodeConfig
-from carod.job import Job
-from carod.journal import JournalError
-from carod.runner import JobProcess
+from carod.edges.journal import JournalError
+from carod.node.answer import Answerer
+from carod.node.job import Job
+from carod.sandbox.runner import JobProcess
+from carod.wire import replies
+from carod.wire.classads import Scalar
 
 log = logging.getLogger("carod.job")
 

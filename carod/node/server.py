@@ -30,13 +30,14 @@ from pathlib import Path
 import classad2
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import __version__, diskquota, isolation, logs, machine, pool, runner, sandbox
+from carod import __version__
 from carod import config as configuration
-from carod.admission import Admission
-from carod.advertiser import Advertiser
-from carod.broker import Broker, settle
-from carod.cgroup import CgroupError
 from carod.config import Config, redact_url
+from carod.edges import logs
+from carod.edges.broker import Broker, settle
+from carod.edges.journal import Journal, JournalError
+from carod.edges.metrics import Metrics, ScrapeFailed, Snapshot
+from carod.edges.notify import Notifier
 from carod.errors import (
     EXIT_CANTCREAT,
     EXIT_CONFIG,
@@ -48,17 +49,20 @@ from carod.errors import (
     JobHeld,
     StartupError,
 )
-from carod.execute import Executor
-from carod.isolation import Layers
-from carod.journal import Journal, JournalError
-from carod.message import parse_envelope
-from carod.metrics import Metrics, ScrapeFailed, Snapshot
-from carod.node import Node
-from carod.notify import Notifier
-from carod.pool import PoolView
-from carod.resources import Request, Resources, Totals
-from carod.sandbox import prepare_root, untraversable
-from carod.users import JobUser, UserPool
+from carod.node import machine, pool
+from carod.node.admission import Admission
+from carod.node.advertiser import Advertiser
+from carod.node.arrival import Node
+from carod.node.pool import PoolView
+from carod.node.resources import Request, Resources, Totals
+from carod.sandbox import diskquota, isolation, runner
+from carod.sandbox import workdir as sandbox
+from carod.sandbox.cgroup import CgroupError
+from carod.sandbox.execute import Executor
+from carod.sandbox.isolation import Layers
+from carod.sandbox.users import JobUser, UserPool
+from carod.sandbox.workdir import prepare_root, untraversable
+from carod.wire.message import parse_envelope
 
 log = logging.getLogger("carod.server")
 

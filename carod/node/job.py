@@ -12,12 +12,12 @@ import aiormq
 import classad2
 from aio_pika.abc import AbstractIncomingMessage
 
-from carod import classads, jobad
-from carod.admission import Ticket
-from carod.message import Envelope
-from carod.pool import JobInfo
-from carod.resources import Request
-from carod.runner import JobProcess
+from carod.node.admission import Ticket
+from carod.node.pool import JobInfo
+from carod.node.resources import Request
+from carod.sandbox.runner import JobProcess
+from carod.wire import classads, jobad
+from carod.wire.message import Envelope
 
 log = logging.getLogger("carod.job")
 

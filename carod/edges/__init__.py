@@ -1,0 +1,1 @@
+"""The edges: the broker, the journal, metrics, systemd notify and logs."""
