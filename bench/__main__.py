@@ -44,7 +44,7 @@ from typing import Any
 
 import aio_pika
 
-from carod.client.library import Client
+from carod.client import Client
 from carod.config import Config
 from carod.node.machine import detect
 from carod.wire import classads, jobad

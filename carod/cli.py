@@ -1,4 +1,4 @@
-"""The ``carod`` command: a thin layer over Server, Client and the config.
+"""The ``carod`` command: a thin layer over the Server (carod.node) and the client's commands (carod.client).
 
     carod [--config FILE]               run the daemon in the foreground
     carod machine-ad [--config FILE]    print this node's machine ClassAd
@@ -15,28 +15,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
-import getpass
-import json
 import os
-import socket
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from carod import __version__
 from carod import config as configuration
-from carod.client.library import Client, ClientError, JobReply, PoolStatus, pool_status, remove
+from carod.client import commands
+from carod.client.commands import fail
 from carod.edges import logs
-from carod.errors import EXIT_CONFIG, EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE, ConfigError, StartupError
-from carod.node import machine, pool
+from carod.errors import EXIT_CONFIG, EXIT_OK, ConfigError, StartupError
+from carod.node import machine
 from carod.node.server import Server
 from carod.wire.classads import to_classad_text
 
 DEFAULT_CONFIG = "/etc/carod/carod.conf"
-EXIT_HELD = 125
-EXIT_TIMEOUT = 124
 
 
 def _load_config(path: str | None) -> configuration.Config:
@@ -48,11 +42,6 @@ def _load_config(path: str | None) -> configuration.Config:
     return configuration.load(path)
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"carod: {message}", file=sys.stderr)
-    return code
-
-
 # ---------------------------------------------------------------- commands
 
 
@@ -60,13 +49,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = _load_config(args.config)
     except ConfigError as exc:
-        return _fail(f"config error: {exc}", EXIT_CONFIG)
+        return fail(f"config error: {exc}", EXIT_CONFIG)
     logs.setup(config.node.log_level, config.node.log_format)
     server = Server(config, config_path=None if config.source == "<defaults>" else Path(config.source))
     try:
         asyncio.run(server.serve())
     except StartupError as exc:
-        return _fail(str(exc), exc.exit_code)
+        return fail(str(exc), exc.exit_code)
     return EXIT_OK
 
 
@@ -74,7 +63,7 @@ def cmd_machine_ad(args: argparse.Namespace) -> int:
     try:
         config = _load_config(args.config)
     except ConfigError as exc:
-        return _fail(f"config error: {exc}", EXIT_CONFIG)
+        return fail(f"config error: {exc}", EXIT_CONFIG)
     sys.stdout.write(to_classad_text(machine.detect(config)))
     return EXIT_OK
 
@@ -83,220 +72,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = configuration.load(args.file)
     except ConfigError as exc:
-        return _fail(f"config error: {exc}", EXIT_CONFIG)
+        return fail(f"config error: {exc}", EXIT_CONFIG)
     sys.stdout.write(configuration.effective(config))
     sys.stdout.write("\n# machine ad\n")
     sys.stdout.write(to_classad_text(machine.detect(config)))
-    return EXIT_OK
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    attributes: dict[str, str | int | float | bool] = {}
-    for item in args.attribute:
-        name, sep, expr = item.partition("=")
-        if not sep or not name.strip():
-            return _fail(f"-a {item!r}: expected NAME=EXPR", 2)
-        attributes[name.strip()] = expr.strip()
-    if args.follow:
-        attributes.setdefault("StreamOut", "TRUE")
-        attributes.setdefault("StreamErr", "TRUE")
-    try:
-        return asyncio.run(_submit(args, attributes))
-    except ClientError as exc:
-        return _fail(str(exc), EXIT_UNAVAILABLE)
-
-
-async def _submit(args: argparse.Namespace, attributes: dict[str, str | int | float | bool]) -> int:
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    async with Client(args.url, queue=args.queue, exchange=args.exchange, routing_key=args.routing_key) as client:
-        started = time.monotonic()
-        job = await client.submit(args.cmd, args.args, attributes=attributes, inputs=args.input)
-        _event(args, {"event": "submitted", "message_id": job.message_id}, f"submitted {job.message_id}", started)
-        try:
-            final = None
-            async for reply in job.replies(args.timeout):
-                _show(args, reply, started)
-                final = reply
-        except TimeoutError:
-            _event(args, {"event": "timeout"}, f"no final reply within {args.timeout}s", started)
-            return EXIT_TIMEOUT
-        if final is None:
-            return EXIT_SOFTWARE
-        if job.result_error is not None:
-            _event(args, {"event": "error", "error": str(job.result_error)}, str(job.result_error), started)
-            return EXIT_SOFTWARE
-        if final.body:
-            target = out_dir or Path(f"job-{job.message_id[:8]}")
-            target.mkdir(parents=True, exist_ok=True)
-            zip_path = target.parent / f"{target.name}.zip"
-            zip_path.write_bytes(final.body)
-            final.unpack(target)
-            names = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
-            _event(
-                args,
-                {"event": "results", "zip": str(zip_path), "directory": str(target), "files": names},
-                f"results: {zip_path} unpacked into {target}/ ({', '.join(names) or 'no files'})",
-                started,
-            )
-        return _exit_status(final)
-
-
-def _exit_status(final: JobReply) -> int:
-    if final.status != 4:
-        return EXIT_HELD
-    signal_number = final.get("ExitSignal")
-    if final.get("ExitBySignal") is True and isinstance(signal_number, int):
-        return 128 + signal_number
-    code = final.get("ExitCode")
-    return code if isinstance(code, int) else EXIT_SOFTWARE
-
-
-def _show(args: argparse.Namespace, reply: JobReply, started: float) -> None:
-    if reply.stream is not None:
-        _output(args, reply, started)
-        return
-    state = reply.state
-    if reply.status == 2 and "RemoteWallClockTime" in reply.headers:
-        text = (
-            f"{state} on {reply.get('RemoteHost')} for {_seconds(reply.get('RemoteWallClockTime'))}: "
-            f"user {_seconds(reply.get('RemoteUserCpu'))}, sys {_seconds(reply.get('RemoteSysCpu'))}, "
-            f"memory {_mib(reply.get('ResidentSetSize'))} (peak {_mib(reply.get('ImageSize'))}), "
-            f"{reply.get('NumPids')} process(es)"
-        )
-    elif reply.status == 2:
-        text = f"{state} on {reply.get('RemoteHost')} (pid {reply.get('JobPid')})"
-    elif reply.status == 4:
-        how = (
-            f"signal {reply.get('ExitSignal')}"
-            if reply.get("ExitBySignal") is True
-            else f"exit code {reply.get('ExitCode')}"
-        )
-        text = (
-            f"{state} with {how} after {_seconds(reply.get('JobDuration'))} "
-            f"(user {_seconds(reply.get('RemoteUserCpu'))}, sys {_seconds(reply.get('RemoteSysCpu'))})"
-        )
-    elif reply.status == 5:
-        text = f"{state}: {reply.get('HoldReason')} (HoldReasonCode {reply.get('HoldReasonCode')})"
-    elif reply.status == 3:
-        text = f"{state}: {reply.get('RemoveReason')}"
-    elif reply.status == 1:
-        text = f"{state}: {reply.get('LastVacateReason')}"
-    else:
-        text = f"{state} (JobStatus {reply.status})"
-    data = {"event": "reply", **{k: reply.get(k) for k in reply.headers}}
-    _event(args, data, text, started)
-
-
-_DECODERS: dict[str, codecs.IncrementalDecoder] = {}
-
-
-def _output(args: argparse.Namespace, reply: JobReply, started: float) -> None:
-    """Live output (--follow): the bytes as they are, or one JSON event per chunk."""
-    if args.json:
-        # One decoder per stream: a character split between two chunks is decoded whole.
-        decoder = _DECODERS.setdefault(str(reply.stream), codecs.getincrementaldecoder("utf-8")("replace"))
-        if reply.skipped:
-            decoder.reset()
-        data: dict[str, object] = {
-            "event": "output",
-            "stream": reply.stream,
-            "skipped": reply.skipped,
-            "data": decoder.decode(reply.body),
-        }
-        _event(args, data, "", started)
-        return
-    target = sys.stderr if reply.stream == "stderr" else sys.stdout
-    if reply.skipped:
-        target.write(f"\n[... {reply.skipped} bytes skipped: the job writes faster than the node sends ...]\n")
-    target.flush()
-    target.buffer.write(reply.body)
-    target.buffer.flush()
-
-
-def _mib(value: object) -> str:
-    return f"{value / 1024:.1f} MiB" if isinstance(value, int | float) else "?"
-
-
-def _seconds(value: object) -> str:
-    return f"{value:.3f}s" if isinstance(value, int | float) else "?"
-
-
-def _event(args: argparse.Namespace, data: dict[str, object], text: str, started: float) -> None:
-    elapsed = time.monotonic() - started
-    if args.json:
-        print(json.dumps({"elapsed_s": round(elapsed, 6), **data}, default=str), flush=True)
-    else:  # with --follow the job's own output owns stdout
-        print(f"[{elapsed:8.3f}s] {text}", file=sys.stderr if args.follow else sys.stdout, flush=True)
-
-
-def _pool_status(args: argparse.Namespace) -> PoolStatus | int:
-    """The nodes' answers (carod status, carod q), or the exit code when the broker cannot be asked."""
-    queue = None if args.all_queues else args.queue
-    try:
-        return asyncio.run(pool_status(args.url, exchange=args.pool_exchange, queue=queue, wait_s=args.wait))
-    except ClientError as exc:
-        return _fail(str(exc), EXIT_UNAVAILABLE)
-
-
-def cmd_q(args: argparse.Namespace) -> int:
-    status = _pool_status(args)
-    if isinstance(status, int):
-        return status
-    jobs = [(advert.node, job) for advert in status.adverts.values() for job in advert.jobs]
-    if args.json:
-        for node, job in jobs:
-            print(json.dumps({"node": node, **job.to_json()}))
-        return EXIT_OK
-    sys.stdout.write(pool.queue_table(jobs, time.time()))
-    if status.silent:
-        print(f"({len(status.silent)} node(s) did not answer: {', '.join(sorted(status.silent))})")
-    return EXIT_OK
-
-
-def cmd_rm(args: argparse.Namespace) -> int:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # a uid with no passwd entry (containers)
-        user = str(os.getuid())
-    by = f"{user}@{socket.gethostname()}"
-    try:
-        found = asyncio.run(
-            remove(args.url, args.ids, reason=args.reason, by=by, exchange=args.pool_exchange, wait_s=args.wait)
-        )
-    except ClientError as exc:
-        return _fail(str(exc), EXIT_UNAVAILABLE)
-    missing = 0
-    for mid, answers in found.items():
-        if answers:
-            where = ", ".join(f"{a.node} ({a.state})" for a in answers)
-            print(f"{mid}: removed on {where}")
-        else:
-            missing += 1
-            print(
-                f"{mid}: no node has it now; the nodes that heard this will answer it Removed if it reaches them",
-                file=sys.stderr,
-            )
-    return EXIT_OK if not missing else 1
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    status = _pool_status(args)
-    if isinstance(status, int):
-        return status
-    now = time.time()
-    if args.long is not None:
-        advert = status.adverts.get(args.long)
-        if advert is None:
-            return _fail(f"no node named {args.long!r} answered within {args.wait}s", 1)
-        sys.stdout.write(to_classad_text(advert.machine_ad()))
-        for job in advert.jobs:
-            print(f"# job {job.message_id} owner={job.owner} cmd={job.cmd} running {now - job.started:.1f}s")
-        return EXIT_OK
-    if args.json:
-        for advert in status.adverts.values():
-            print(json.dumps(json.loads(pool.encode(advert))))
-        return EXIT_OK
-    sys.stdout.write(pool.status_table(status.adverts, status.silent, now))
     return EXIT_OK
 
 
@@ -354,24 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("cmd")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_submit)
+    p.set_defaults(func=commands.cmd_submit)
 
     p = sub.add_parser("status", help="the pool: each node's state, free resources and jobs (condor_status)")
     _pool_options(p)
     p.add_argument("-l", "--long", metavar="NODE", help="the whole machine ad of one node")
     p.add_argument("--json", action="store_true", help="one advert per line, as JSON")
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=commands.cmd_status)
 
     p = sub.add_parser("q", help="the jobs running in the pool, from the nodes' adverts (condor_q)")
     _pool_options(p)
     p.add_argument("--json", action="store_true", help="one job per line, as JSON")
-    p.set_defaults(func=cmd_q)
+    p.set_defaults(func=commands.cmd_q)
 
     p = sub.add_parser("rm", help="remove jobs by message_id: running ones are killed and answered Removed")
     _pool_options(p)
     p.add_argument("--reason", default="", help="why (goes into the Removed reply's RemoveReason)")
     p.add_argument("ids", nargs="+", metavar="ID", help="the jobs' message_ids")
-    p.set_defaults(func=cmd_rm)
+    p.set_defaults(func=commands.cmd_rm)
     return parser
 
 

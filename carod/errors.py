@@ -7,7 +7,7 @@ only has to know about this module.
 
 from __future__ import annotations
 
-from carod.wire.holdcodes import HoldCode
+from carod.holdcodes import HoldCode
 
 # Process exit codes (sysexits.h), documented in docs/operations.md.
 EXIT_OK = 0

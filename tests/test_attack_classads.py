@@ -20,12 +20,12 @@ import aio_pika
 import classad2
 import pytest
 
+from carod.holdcodes import HoldCode
 from carod.node import pool
 from carod.node.evaluator import Evaluator
-from carod.node.resources import Request
-from carod.wire import adcost
+from carod.wire import adcost, adverts
 from carod.wire.classads import ad_from_headers, evaluate
-from carod.wire.holdcodes import HoldCode
+from carod.wire.jobad import Request
 from tests.helpers import BROKER_URL, RunningNode, Submitter, q, seed_runs, start_daemon, start_node, write_config
 
 SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out"), "Requirements": "TRUE"}
@@ -276,30 +276,30 @@ def test_adcost_bounds_the_reported_shapes() -> None:
 
 
 def test_forged_advert_checks() -> None:
-    def advert(**extra: str) -> pool.Advert:
-        return pool.Advert("n", "grid", pool.RUNNING, 1.0, 5.0, machine_text(**extra))
+    def advert(**extra: str) -> adverts.Advert:
+        return adverts.Advert("n", "grid", adverts.RUNNING, 1.0, 5.0, machine_text(**extra))
 
-    assert pool.checked_ad(advert()) is not None
-    with pytest.raises(pool.AdvertError, match="calls sprintf"):
-        pool.checked_ad(advert(Start='sprintf("%d", TARGET.X) == ""'))
-    with pytest.raises(pool.AdvertError, match="only Start, Requirements and Rank"):
-        pool.checked_ad(advert(Cpus="TARGET.RequestCpus"))
-    with pytest.raises(pool.AdvertError, match="bytes long"):
-        pool.checked_ad(advert(Pad=q("y" * 5000)))
-    with pytest.raises(pool.AdvertError, match="at most 10"):
-        pool.decode(forged("n", "grid", machine_text()), max_bytes=10)
+    assert adverts.checked_ad(advert()) is not None
+    with pytest.raises(adverts.AdvertError, match="calls sprintf"):
+        adverts.checked_ad(advert(Start='sprintf("%d", TARGET.X) == ""'))
+    with pytest.raises(adverts.AdvertError, match="only Start, Requirements and Rank"):
+        adverts.checked_ad(advert(Cpus="TARGET.RequestCpus"))
+    with pytest.raises(adverts.AdvertError, match="bytes long"):
+        adverts.checked_ad(advert(Pad=q("y" * 5000)))
+    with pytest.raises(adverts.AdvertError, match="at most 10"):
+        adverts.decode(forged("n", "grid", machine_text()), max_bytes=10)
     view = pool.PoolView("grid", "me", timeout_s=10, max_nodes=1)
-    assert view.heard(pool.Advert("a", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=0)
-    with pytest.raises(pool.AdvertError, match="max_nodes"):
-        view.heard(pool.Advert("b", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=1)
-    assert view.heard(pool.Advert("b", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=11)  # "a" timed out
+    assert view.heard(adverts.Advert("a", "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=0)
+    with pytest.raises(adverts.AdvertError, match="max_nodes"):
+        view.heard(adverts.Advert("b", "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=1)
+    assert view.heard(adverts.Advert("b", "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=11)  # "a" timed out
 
 
 def test_matching_against_many_adverts_is_time_boxed() -> None:
     ticks = iter(range(1_000_000))
     view = pool.PoolView("grid", "me", timeout_s=10, clock=lambda: float(next(ticks)))  # each reading: 1 s later
     for name in ("a", "b", "c"):
-        assert view.heard(pool.Advert(name, "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=0)
+        assert view.heard(adverts.Advert(name, "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=0)
     job = ad_from_headers({"Cmd": q("/bin/true"), "Requirements": "TARGET.HasGPU"})
     # Over budget after each node: one node per call, taking turns, so none is hidden for good.
     seen = [view.could_ever_run(job, Request(1, 128), now=1) for _ in range(4)]
@@ -308,7 +308,7 @@ def test_matching_against_many_adverts_is_time_boxed() -> None:
 
 def test_a_node_not_heard_recently_does_not_count() -> None:
     view = pool.PoolView("grid", "me", timeout_s=10)
-    assert view.heard(pool.Advert("ghost", "grid", pool.RUNNING, 1.0, 5.0, machine_text()), now=0)
+    assert view.heard(adverts.Advert("ghost", "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=0)
     job = ad_from_headers({"Cmd": q("/bin/true"), "Requirements": "TARGET.HasGPU"})
     assert view.could_ever_run(job, Request(1, 128), now=9) == ["ghost"]
     # Not yet expired from the view (the advertiser's loop does that), but silent too long: it does not count.

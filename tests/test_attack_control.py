@@ -18,6 +18,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from carod.node import removals
 from carod.wire import control
 from tests.helpers import BROKER_URL, RunningNode, Submitter, q, start_node, unique
 
@@ -103,14 +104,14 @@ def test_decode_request_bounds() -> None:
 
 
 def test_removals_cap_and_expiry() -> None:
-    removals = control.Removals(max_count=3, keep_s=10)
+    memo = removals.Removals(max_count=3, keep_s=10)
     for i in range(5):
-        removals.add(f"m{i}", f"r{i}", now=float(i))
-    assert len(removals) == 3 and removals.dropped == 2
-    assert removals.get("m0", now=5) is None and removals.get("m4", now=5) == "r4"
-    assert removals.get("m2", now=13) is None  # older than keep_s
-    removals.expire(now=13.5)
-    assert len(removals) == 1 and removals.get("m4", now=13.5) == "r4"
-    removals.add("m3", "again", now=14)  # re-added: the newest
-    removals.expire(now=14.5)
-    assert removals.get("m3", now=14.5) == "again"
+        memo.add(f"m{i}", f"r{i}", now=float(i))
+    assert len(memo) == 3 and memo.dropped == 2
+    assert memo.get("m0", now=5) is None and memo.get("m4", now=5) == "r4"
+    assert memo.get("m2", now=13) is None  # older than keep_s
+    memo.expire(now=13.5)
+    assert len(memo) == 1 and memo.get("m4", now=13.5) == "r4"
+    memo.add("m3", "again", now=14)  # re-added: the newest
+    memo.expire(now=14.5)
+    assert memo.get("m3", now=14.5) == "again"

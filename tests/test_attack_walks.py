@@ -27,15 +27,16 @@ from typing import Any
 import pytest
 
 from carod import config as configuration
+from carod import unzip
 from carod.errors import JobHeld
-from carod.sandbox import limits
+from carod.holdcodes import HoldCode
+from carod.sandbox import limits, results
 from carod.sandbox import workdir as sandbox
 from carod.sandbox.execute import Executor, Run
 from carod.sandbox.isolation import Layers
 from carod.sandbox.limits import JobLimits
 from carod.sandbox.users import JobUser, UserPool
 from carod.wire import safezip
-from carod.wire.holdcodes import HoldCode
 from carod.wire.jobad import JobSpec
 from carod.wire.replies import ExitInfo
 from tests.helpers import (
@@ -232,7 +233,7 @@ async def test_many_files_are_held_before_the_walk_grows(walk_node: RunningNode,
 
 # ---------------------------------------------------------------- the file functions, directly
 
-OWNER = sandbox.Owner(os.getuid(), os.getgid())
+OWNER = unzip.Owner(os.getuid(), os.getgid())
 
 
 def spec() -> JobSpec:
@@ -261,7 +262,7 @@ def test_the_result_walk_memory_is_bounded_by_the_cap(tmp_path: Path) -> None:
     tracemalloc.start()
     try:
         with pytest.raises(JobHeld) as info:
-            sandbox.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER, max_files=1000)
+            results.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER, max_files=1000)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -285,7 +286,7 @@ def test_the_result_walk_bounds_the_length_of_the_paths_it_keeps(tmp_path: Path)
     finally:
         os.close(fd)
     with pytest.raises(JobHeld) as info:
-        sandbox.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER)
+        results.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER)
     assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
     assert "the paths of the job's files and directories take more than 32 MiB together" in info.value.reason
 
@@ -296,7 +297,7 @@ def test_an_input_zip_that_implies_too_many_directories_is_held(tmp_path: Path) 
     box = tmp_path / "box"
     box.mkdir()
     with pytest.raises(JobHeld) as info:
-        sandbox.unpack_input(body, box, OWNER, max_files=1000, max_bytes=MIB)
+        unzip.unpack_input(body, box, OWNER, max_files=1000, max_bytes=MIB)
     assert info.value.code == HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED
     assert "makes more than 1000 directories" in info.value.reason
 
@@ -305,12 +306,12 @@ def test_an_unpack_makes_each_directory_once_and_still_refuses_a_file_as_a_direc
     box = tmp_path / "box"
     box.mkdir()
     body = raw_zip(("a/b/1", b"1", 0o100644), ("a/b/2", b"2", 0o100644), ("a/c", b"c", 0o100644))
-    sandbox.unpack_input(body, box, OWNER, max_files=100, max_bytes=MIB)
+    unzip.unpack_input(body, box, OWNER, max_files=100, max_bytes=MIB)
     assert sorted(str(p.relative_to(box)) for p in box.rglob("*")) == ["a", "a/b", "a/b/1", "a/b/2", "a/c"]
     other = tmp_path / "other"
     other.mkdir()
     with pytest.raises(JobHeld, match="as both a file and a directory"):
-        sandbox.unpack_input(
+        unzip.unpack_input(
             raw_zip(("a/c", b"c", 0o100644), ("a/c/x", b"x", 0o100644)), other, OWNER, max_files=100, max_bytes=MIB
         )
 
@@ -334,7 +335,7 @@ async def test_what_zipfile_refuses_is_held_not_an_internal_error(
     run = Run(user, box=tmp_path / "box")
     executor.results_dir.mkdir(parents=True)
 
-    def refuse(*_args: object, **_kwargs: object) -> sandbox.Results:
+    def refuse(*_args: object, **_kwargs: object) -> results.Results:
         (executor.results_dir / "box.zip").write_bytes(b"partial")
         raise error
 

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from carod.sandbox import cmdpath
-from carod.sandbox.workdir import Owner
+from carod.unzip import Owner
 
 NOBODY = Owner(65534, 65534)
 

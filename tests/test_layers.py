@@ -11,12 +11,12 @@ import pytest
 from carod import config as configuration
 from carod.config import SandboxConfig
 from carod.errors import ConfigError, JobHeld
-from carod.node.resources import Request
 from carod.sandbox import isolation, limits
 from carod.sandbox.isolation import Layers
 from carod.sandbox.users import JobUser
 from carod.wire import jobad
 from carod.wire.classads import ad_from_headers
+from carod.wire.jobad import Request
 from carod.wire.replies import ExitInfo
 
 USER = JobUser("nobody", 65534, 65534, switch=True)

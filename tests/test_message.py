@@ -7,8 +7,8 @@ from pathlib import Path
 import classad2
 import pytest
 
+from carod.holdcodes import HoldCode
 from carod.wire import replies
-from carod.wire.holdcodes import HoldCode
 from carod.wire.message import OFFERS_HEADER, ReplyAddress, parse_envelope, parse_reply_to
 from carod.wire.replies import ExitInfo, JobStatus
 

@@ -13,7 +13,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from carod.client.library import Client
+from carod.client import Client
 from carod.wire import parts
 from carod.wire.parts import Assembler, ResultError
 from tests.helpers import (

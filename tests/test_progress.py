@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from carod.client.library import remove
+from carod.client import remove
 from carod.config import NodeConfig
 from carod.node.progress import Bucket, Progress, Publish, Tail
 from carod.wire import control, replies

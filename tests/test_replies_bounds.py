@@ -7,8 +7,8 @@ import classad2
 import pytest
 
 from carod.edges.broker import ReplyRefused, ReplyUndeliverable, refusal
+from carod.holdcodes import HoldCode
 from carod.wire import replies
-from carod.wire.holdcodes import HoldCode
 from carod.wire.replies import MAX_HEADERS_BYTES, MAX_TEXT_HEADER_BYTES, TRUNCATED
 
 

@@ -9,11 +9,13 @@ import classad2
 import pytest
 
 from carod import config as configuration
+from carod.client import tables
 from carod.errors import ConfigError
 from carod.node import machine, pool
-from carod.node.resources import Request, Resources, Totals, flow
+from carod.node.resources import Resources, Totals, flow
+from carod.wire import adverts
 from carod.wire.classads import ad_from_headers
-from carod.wire.jobad import job_spec
+from carod.wire.jobad import Request, job_spec
 from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, parse_envelope
 
 TOTALS = Totals(cpus=4, memory_mib=4096, disk_kib=1_000_000, slots=4)
@@ -153,15 +155,17 @@ def node_ad(name: str, *, cpus: int, total_cpus: int, memory: int, **extra: obje
     return str(ad)
 
 
-def advert(name: str, state: str = pool.RUNNING, *, queue: str = "grid", sent: float = 100.0, **ad: int) -> pool.Advert:
+def advert(
+    name: str, state: str = adverts.RUNNING, *, queue: str = "grid", sent: float = 100.0, **ad: int
+) -> adverts.Advert:
     text = node_ad(name, **{"cpus": 2, "total_cpus": 2, "memory": 1024, **ad})
-    job = pool.JobInfo("job-1", "alice", "/bin/sleep", 90.0, 1, 128)
-    return pool.Advert(name, queue, state, sent, 5.0, text, (job,), {"other": 99.0})
+    job = adverts.JobInfo("job-1", "alice", "/bin/sleep", 90.0, 1, 128)
+    return adverts.Advert(name, queue, state, sent, 5.0, text, (job,), {"other": 99.0})
 
 
 def test_adverts_round_trip() -> None:
     original = advert("n1")
-    again = pool.decode(pool.encode(original))
+    again = adverts.decode(adverts.encode(original))
     assert again == original
     assert again.machine_ad().eval("Cpus") == 2
 
@@ -177,8 +181,8 @@ def test_adverts_round_trip() -> None:
     ],
 )
 def test_bad_adverts_are_named(body: bytes, message: str) -> None:
-    with pytest.raises(pool.AdvertError, match=message):
-        pool.decode(body)
+    with pytest.raises(adverts.AdvertError, match=message):
+        adverts.decode(body)
 
 
 def test_pool_view_knows_who_could_run_a_job() -> None:
@@ -187,20 +191,20 @@ def test_pool_view_knows_who_could_run_a_job() -> None:
     assert not view.heard(advert("stranger", queue="other"), now=0)  # another queue's pool
     assert view.heard(advert("busy", cpus=0, total_cpus=2), now=0)
     assert view.heard(advert("idle", cpus=2, total_cpus=2), now=5)
-    assert view.heard(advert("leaving", pool.DRAINING), now=5)
+    assert view.heard(advert("leaving", adverts.DRAINING), now=5)
     job = ad_from_headers({"Cmd": '"/bin/true"', "Requirements": "TARGET.TotalCpus >= 2"})
     assert view.could_run_now(job, Request(1, 128), now=6) == ["idle"]
     assert sorted(view.could_ever_run(job, Request(2, 128), now=6)) == ["busy", "idle"]
     assert view.could_ever_run(job, Request(4, 128), now=6) == []  # bigger than any node
     assert set(view.last_heard()) == {"busy", "idle", "leaving"}
     assert view.expire(now=12) == ["busy"]
-    view.heard(advert("idle", pool.OFFLINE), now=13)
+    view.heard(advert("idle", adverts.OFFLINE), now=13)
     assert set(view.peers) == {"leaving"}
 
 
 def test_status_table() -> None:
-    adverts = {"n1": advert("n1", cpus=1, total_cpus=2, sent=98.0), "n2": advert("n2", pool.DRAINING)}
-    table = pool.status_table(adverts, {"n3": 90.0}, now=100.0)
+    known = {"n1": advert("n1", cpus=1, total_cpus=2, sent=98.0), "n2": advert("n2", adverts.DRAINING)}
+    table = tables.status_table(known, {"n3": 90.0}, now=100.0)
     rows = [line.split() for line in table.splitlines()]
     assert rows[1] == ["n1", "Running", "1/2", "1024/1024", "1", "0.50", "2.0s"]
     assert rows[2][:2] == ["n2", "Draining"]

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from carod import unzip
 from carod.errors import JobHeld
+from carod.holdcodes import HoldCode
+from carod.sandbox import results as result_walk
 from carod.sandbox import workdir as sandbox
-from carod.sandbox.workdir import Owner
-from carod.wire.holdcodes import HoldCode
+from carod.unzip import Owner
 from carod.wire.jobad import JobSpec
 from tests.helpers import raw_zip
 
@@ -67,7 +69,7 @@ def reg(name: str, data: bytes = b"x", perm: int = 0o644) -> tuple[str, bytes, i
 
 
 def unpack(body: bytes, box: Path, *, max_files: int = 100, max_bytes: int = MIB, what: str = "input zip") -> int:
-    return sandbox.unpack_input(body, box, OWNER, max_files=max_files, max_bytes=max_bytes, what=what)
+    return unzip.unpack_input(body, box, OWNER, max_files=max_files, max_bytes=max_bytes, what=what)
 
 
 def spec(
@@ -437,9 +439,9 @@ def test_open_stdio_closes_what_it_opened_when_held(dirs: Dirs) -> None:
 # ---------------------------------------------------------------- collect_results
 
 
-def collect(dirs: Dirs, job: JobSpec, *, max_bytes: int = MIB) -> tuple[sandbox.Results, dict[str, bytes]]:
+def collect(dirs: Dirs, job: JobSpec, *, max_bytes: int = MIB) -> tuple[result_walk.Results, dict[str, bytes]]:
     dest = dirs.base / "result.zip"
-    results = sandbox.collect_results(job, dirs.box, dest, max_bytes=max_bytes, owner=OWNER)
+    results = result_walk.collect_results(job, dirs.box, dest, max_bytes=max_bytes, owner=OWNER)
     return results, zip_contents(dest)
 
 
@@ -466,7 +468,7 @@ def test_collect_keeps_file_modes_and_stores_uncompressed(dirs: Dirs) -> None:
     (dirs.box / "data").write_bytes(b"d" * 1000)
     (dirs.box / "data").chmod(0o640)
     dest = dirs.base / "result.zip"
-    sandbox.collect_results(spec(), dirs.box, dest, max_bytes=MIB, owner=OWNER)
+    result_walk.collect_results(spec(), dirs.box, dest, max_bytes=MIB, owner=OWNER)
     with zipfile.ZipFile(dest) as archive:
         infos = {info.filename: info for info in archive.infolist()}
     assert stat.S_IMODE(infos["run.sh"].external_attr >> 16) == 0o755
@@ -517,7 +519,7 @@ def test_collect_transfer_output_empty_list_returns_only_stdio(dirs: Dirs) -> No
 def test_collect_transfer_output_missing_name_is_held(dirs: Dirs) -> None:
     (dirs.box / "present.txt").write_bytes(b"p")
     with pytest.raises(JobHeld) as info:
-        sandbox.collect_results(
+        result_walk.collect_results(
             spec(transfer_output=("present.txt", "absent.txt")),
             dirs.box,
             dirs.base / "r.zip",
@@ -569,7 +571,7 @@ def test_collect_over_the_limit_is_held(dirs: Dirs) -> None:
     (dirs.box / "a").write_bytes(b"a" * 600)
     (dirs.box / "b").write_bytes(b"b" * 401)
     with pytest.raises(JobHeld) as info:
-        sandbox.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=1000, owner=OWNER)
+        result_walk.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=1000, owner=OWNER)
     assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
     assert "1000 bytes" in info.value.reason
 
@@ -581,7 +583,7 @@ def test_collect_sparse_file_counts_at_its_size(dirs: Dirs) -> None:
         f.truncate(1024**4)  # 1 TiB apparent size, no blocks: reading it all would take far too long
     assert os.stat(sparse).st_blocks * 512 < MIB
     with pytest.raises(JobHeld) as info:
-        sandbox.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=8 * MIB, owner=OWNER)
+        result_walk.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=8 * MIB, owner=OWNER)
     assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
     assert "8 MiB" in info.value.reason
 
@@ -625,6 +627,6 @@ def test_unpack_entry_name_too_long_is_held(tmp_path: Path) -> None:
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("x" * 300, b"data")
     with pytest.raises(JobHeld) as info:
-        sandbox.unpack_input(buf.getvalue(), tmp_path, OWNER, max_files=10, max_bytes=1000)
+        unzip.unpack_input(buf.getvalue(), tmp_path, OWNER, max_files=10, max_bytes=1000)
     assert info.value.code == HoldCode.TRANSFER_INPUT_ERROR
     assert "File name too long" in info.value.reason

@@ -34,10 +34,10 @@ import classad2
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
 from carod.errors import CarodError, JobHeld
-from carod.node import pool
-from carod.node.pool import Advert
-from carod.sandbox.workdir import MIB, Owner, unpack_input
-from carod.wire import control, parts, replies
+from carod.units import MIB
+from carod.unzip import Owner, unpack_input
+from carod.wire import adverts, control, parts, replies
+from carod.wire.adverts import Advert
 from carod.wire.jobad import format_args_v2
 from carod.wire.replies import JobStatus
 
@@ -312,16 +312,18 @@ async def pool_status(
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         try:
-            advert = pool.decode(message.body)
-        except pool.AdvertError:
+            advert = adverts.decode(message.body)
+        except adverts.AdvertError:
             return
         if queue is None or advert.queue == queue:
             answers.append(advert)
             arrived.set()
 
-    async with _pool_inbox(url, exchange, on_message, listen=f"{pool.ADVERT_KEY_PREFIX}#") as (pool_exchange, inbox):
+    async with _pool_inbox(url, exchange, on_message, listen=f"{adverts.ADVERT_KEY_PREFIX}#") as (pool_exchange, inbox):
         try:
-            await pool_exchange.publish(aio_pika.Message(b"", reply_to=inbox.name, expiration=wait_s), pool.QUERY_KEY)
+            await pool_exchange.publish(
+                aio_pika.Message(b"", reply_to=inbox.name, expiration=wait_s), adverts.QUERY_KEY
+            )
         except _BROKER_ERRORS as exc:
             raise ClientError(f"cannot query the pool on exchange {exchange!r}: {exc}") from exc
         loop = asyncio.get_running_loop()
@@ -334,8 +336,8 @@ async def pool_status(
             except TimeoutError:
                 if _all_answered(answers):
                     break
-    latest = {name: a for name, a in pool.newest(answers).items() if a.state != pool.OFFLINE}
-    gone = {a.node for a in answers if a.state == pool.OFFLINE}
+    latest = {name: a for name, a in adverts.newest(answers).items() if a.state != adverts.OFFLINE}
+    gone = {a.node for a in answers if a.state == adverts.OFFLINE}
     silent: dict[str, float] = {}
     for advert in answers:  # every answer: a peer may drop a silent node while we wait
         for name, heard in advert.peers.items():

@@ -45,7 +45,7 @@ from aio_pika.abc import (
 
 from carod.config import BrokerConfig, redact_url
 from carod.errors import BrokerError
-from carod.node.pool import ADVERT_KEY_PREFIX, QUERY_KEY
+from carod.wire.adverts import ADVERT_KEY_PREFIX, QUERY_KEY
 from carod.wire.classads import Scalar
 from carod.wire.control import CONTROL_KEY
 from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress

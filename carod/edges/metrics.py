@@ -31,7 +31,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from carod.errors import EXIT_CONFIG, StartupError
-from carod.wire.holdcodes import HoldCode
+from carod.holdcodes import HoldCode
 
 log = logging.getLogger("carod.metrics")
 

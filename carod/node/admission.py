@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod.errors import BrokerError
-from carod.node.resources import Request, Resources, flow
+from carod.node.resources import Resources, flow
+from carod.wire.jobad import Request
 
 log = logging.getLogger("carod.admission")
 

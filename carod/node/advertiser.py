@@ -21,10 +21,10 @@ from aio_pika.abc import AbstractIncomingMessage
 from carod.config import Config
 from carod.edges.broker import Broker
 from carod.errors import BrokerError
-from carod.node import pool
 from carod.node.arrival import Node
-from carod.node.pool import ADVERT_KEY_PREFIX, QUERY_KEY, Advert, AdvertError, PoolView
-from carod.wire import control
+from carod.node.pool import PoolView
+from carod.wire import adverts, control
+from carod.wire.adverts import ADVERT_KEY_PREFIX, QUERY_KEY, Advert, AdvertError
 
 log = logging.getLogger("carod.pool")
 
@@ -61,7 +61,7 @@ class Advertiser:
         self.node = node
         self.broker = broker
         self.view = view
-        self.state = pool.RUNNING
+        self.state = adverts.RUNNING
         self._task: asyncio.Task[None] | None = None
         self._key = ADVERT_KEY_PREFIX + config.node_name
         self.dropped = DropLog()
@@ -70,7 +70,7 @@ class Advertiser:
     async def start(self) -> None:
         """Listen to the pool and start advertising. Raises BrokerError."""
         try:
-            pool.checked_ad(self.advert())
+            adverts.checked_ad(self.advert())
         except AdvertError as exc:
             log.warning("other nodes will drop this node's adverts (they cannot pass jobs to it): %s", exc)
         await self.broker.open_pool(self.config.pool.exchange, self._on_message)
@@ -100,7 +100,7 @@ class Advertiser:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.say(pool.OFFLINE)
+        await self.say(adverts.OFFLINE)
 
     async def _advertise(self) -> None:
         changed = self.node.admission.changed
@@ -138,7 +138,7 @@ class Advertiser:
                 log.warning("job=%s could not tell carod rm that it is removed: %s", request.message_id, exc)
 
     async def _publish(self, reply_to: str | None = None) -> None:
-        body = pool.encode(self.advert())
+        body = adverts.encode(self.advert())
         try:
             await self.broker.publish_advert(self._key, body, ttl_s=self.config.pool.node_timeout_s, reply_to=reply_to)
         except BrokerError as exc:
@@ -154,9 +154,9 @@ class Advertiser:
             return
         now = time.monotonic()
         try:
-            advert = pool.decode(message.body, max_bytes=self.config.pool.max_advert_kib * 1024)
+            advert = adverts.decode(message.body, max_bytes=self.config.pool.max_advert_kib * 1024)
             if self.view.heard(advert, now):
-                if advert.state == pool.OFFLINE:
+                if advert.state == adverts.OFFLINE:
                     log.info("node %s left the pool", advert.node[:64])
                 if now - self._reconsidered >= _RECONSIDER_GAP_S:
                     self._reconsidered = now

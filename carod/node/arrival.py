@@ -39,20 +39,22 @@ from carod.edges.journal import (
 )
 from carod.edges.metrics import Metrics
 from carod.errors import EXIT_SOFTWARE, BrokerError, JobHeld, StartupError
+from carod.holdcodes import HoldCode
 from carod.node import machine, pool
 from carod.node.admission import Admission
 from carod.node.answer import Answerer
 from carod.node.evaluator import Evaluator, EvaluatorError
 from carod.node.job import Job, job_info, log_state, set_requests
-from carod.node.pool import HandBacks, JobInfo, PoolView
+from carod.node.pool import HandBacks, PoolView
 from carod.node.progress import Progress
-from carod.node.resources import Request
+from carod.node.removals import Removals
+from carod.sandbox import results
 from carod.sandbox import workdir as sandbox
 from carod.sandbox.execute import Executor, Run
-from carod.sandbox.runner import process_start_time
+from carod.sandbox.procfs import process_start_time
 from carod.wire import classads, jobad, replies
-from carod.wire.control import Removals
-from carod.wire.holdcodes import HoldCode
+from carod.wire.adverts import JobInfo
+from carod.wire.jobad import Request
 from carod.wire.message import parse_envelope
 
 log = logging.getLogger("carod.job")
@@ -520,7 +522,7 @@ class Node:
             await cleanup
 
     async def _answer_exited(
-        self, job: Job, info: replies.ExitInfo, result_zip: Path, results: sandbox.Results
+        self, job: Job, info: replies.ExitInfo, result_zip: Path, results: results.Results
     ) -> None:
         if results.skipped:
             log.info(

@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 import classad2
 
 from carod.errors import CarodError, JobHeld
+from carod.holdcodes import HoldCode
 from carod.wire import adcost
 from carod.wire.classads import Undefined, evaluate, evaluate_in_match
-from carod.wire.holdcodes import HoldCode
 
 if TYPE_CHECKING:  # not imported by the child
     from carod.config import Config

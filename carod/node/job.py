@@ -13,10 +13,10 @@ import classad2
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod.node.admission import Ticket
-from carod.node.pool import JobInfo
-from carod.node.resources import Request
 from carod.sandbox.runner import JobProcess
 from carod.wire import classads, jobad
+from carod.wire.adverts import JobInfo
+from carod.wire.jobad import Request
 from carod.wire.message import Envelope
 
 log = logging.getLogger("carod.job")

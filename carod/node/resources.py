@@ -16,29 +16,7 @@ import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from carod.wire.jobad import JobSpec
-
-
-@dataclass(frozen=True)
-class Request:
-    """What one job reserves while it runs."""
-
-    cpus: float = 1.0
-    memory_mib: float = 0.0
-    disk_kib: float = 0.0
-    #: where memory_mib came from, for hold reasons
-    memory_source: str = "RequestMemory"
-
-    @classmethod
-    def for_job(cls, spec: JobSpec, default_memory_mib: int) -> Request:
-        if spec.request_memory_mib is not None:
-            return cls(spec.request_cpus, spec.request_memory_mib, spec.request_disk_kib or 0.0)
-        return cls(
-            spec.request_cpus,
-            float(default_memory_mib),
-            spec.request_disk_kib or 0.0,
-            "the node's default RequestMemory, [node] default_request_memory_mib",
-        )
+from carod.wire.jobad import Request
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,12 @@ from carod.errors import (
     JobHeld,
     StartupError,
 )
-from carod.node import machine, pool
+from carod.node import machine
 from carod.node.admission import Admission
 from carod.node.advertiser import Advertiser
 from carod.node.arrival import Node
 from carod.node.pool import PoolView
-from carod.node.resources import Request, Resources, Totals
+from carod.node.resources import Resources, Totals
 from carod.sandbox import diskquota, isolation, runner
 from carod.sandbox import workdir as sandbox
 from carod.sandbox.cgroup import CgroupError
@@ -62,6 +62,8 @@ from carod.sandbox.execute import Executor
 from carod.sandbox.isolation import Layers
 from carod.sandbox.users import JobUser, UserPool
 from carod.sandbox.workdir import prepare_root, untraversable
+from carod.wire import adverts
+from carod.wire.jobad import Request
 from carod.wire.message import parse_envelope
 
 log = logging.getLogger("carod.server")
@@ -339,7 +341,7 @@ class Server:
         except (BrokerError, TimeoutError) as exc:
             log.warning("could not stop consuming cleanly (%r); deliveries still arriving are requeued", exc)
         if self.advertiser is not None:
-            await _bounded(self.advertiser.say(pool.DRAINING), "advertise Draining")
+            await _bounded(self.advertiser.say(adverts.DRAINING), "advertise Draining")
         drain_s = self.config.node.drain_timeout_s
         if self.tasks and not self.force_exit:
             _done, pending = await asyncio.wait(self.tasks, timeout=drain_s)

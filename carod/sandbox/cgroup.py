@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carod.errors import CarodError
+from carod.sandbox import procfs
 
 log = logging.getLogger("carod.cgroup")
 
@@ -38,7 +39,6 @@ V2_CONTROLLERS = ("memory", "pids", "cpu")
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
 CPU_PERIOD_US = 100_000
 KILL_TIMEOUT_S = 5.0
-_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
 class CgroupError(CarodError):
@@ -184,7 +184,7 @@ class JobCgroup:
     def signal(self, sig: int, uid: int | None = None) -> None:
         """Send ``sig`` to every process in the cgroup (only those of ``uid`` when given)."""
         for pid in self.pids():
-            if uid is not None and uid_of(pid) != uid:
+            if uid is not None and procfs.uid_of(pid) != uid:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
@@ -332,8 +332,8 @@ class V1Job(JobCgroup):
         user_s = sys_s = 0.0
         if f := self._file("cpuacct", "cpuacct.stat"):
             ticks = _keyed(f)
-            user_s = ticks.get("user", 0) / _TICKS_PER_S
-            sys_s = ticks.get("system", 0) / _TICKS_PER_S
+            user_s = ticks.get("user", 0) / procfs.TICKS_PER_S
+            sys_s = ticks.get("system", 0) / procfs.TICKS_PER_S
         peak: int | None = None
         current: int | None = None
         oom = 0
@@ -363,18 +363,6 @@ def _freeze_and_kill(group: JobCgroup, state: Path, frozen: str, thawed: str, de
         with contextlib.suppress(OSError):
             _write(state, thawed)
     return group._wait_empty(deadline)
-
-
-def uid_of(pid: int) -> int | None:
-    """The real uid of ``pid`` (not the owner of /proc/PID, which a non-dumpable process changes)."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 # ---------------------------------------------------------------- detection
@@ -474,7 +462,7 @@ def sweep_user(uid: int, timeout_s: float = KILL_TIMEOUT_S) -> int:
     deadline = time.monotonic() + timeout_s
     killed = 0
     while True:
-        found = [pid for pid in _all_pids() if uid_of(pid) == uid and _alive(pid)]
+        found = [pid for pid in procfs.all_pids() if procfs.uid_of(pid) == uid and procfs.alive(pid)]
         if not found or time.monotonic() > deadline:
             return killed
         for pid in found:
@@ -482,18 +470,3 @@ def sweep_user(uid: int, timeout_s: float = KILL_TIMEOUT_S) -> int:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
         time.sleep(0.002)
-
-
-def _all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _alive(pid: int) -> bool:
-    """Not a zombie (a zombie cannot be killed, only reaped by its parent)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")

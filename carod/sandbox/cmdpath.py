@@ -31,7 +31,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from carod.sandbox.workdir import Owner, executable_by
+from carod.sandbox.workdir import executable_by
+from carod.unzip import Owner
 
 #: Symbolic links followed while resolving one Cmd (the kernel's own limit).
 MAX_LINKS = 40

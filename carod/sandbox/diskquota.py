@@ -44,8 +44,8 @@ from pathlib import Path
 
 from carod.config import Config
 from carod.errors import EXIT_CONFIG, StartupError
+from carod.units import MIB
 
-MIB = 1024 * 1024
 IMAGE_NAME = "sandboxes.img"
 #: The smallest image mkfs.btrfs is happy with, with room for a few jobs.
 MIN_IMAGE_MIB = 256

@@ -19,20 +19,21 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from carod import units, unzip
 from carod.config import Config
 from carod.errors import JobHeld
-from carod.node.resources import Request
+from carod.holdcodes import HoldCode
 from carod.sandbox import cgroup, limits
 from carod.sandbox import workdir as sandbox
 from carod.sandbox.cgroup import CgroupError, JobCgroup
 from carod.sandbox.diskquota import DiskQuota, kernel_limit_bytes, limit_slack_bytes
 from carod.sandbox.isolation import Layers
 from carod.sandbox.limits import JobLimits
+from carod.sandbox.results import Results, collect_results
 from carod.sandbox.runner import JobProcess, check_command, job_environment, kill_leftover, kill_stopped_gates, rlimits
 from carod.sandbox.users import JobUser, UserPool
 from carod.sandbox.workdir import Stdio
-from carod.wire.holdcodes import HoldCode
-from carod.wire.jobad import JobSpec
+from carod.wire.jobad import JobSpec, Request
 from carod.wire.replies import ExitInfo
 
 log = logging.getLogger("carod.execute")
@@ -131,8 +132,8 @@ class Executor:
                     exc.errno or 0,
                 ) from exc
         if body:
-            sandbox.unpack_input(
-                body, box, owner, max_files=node.max_input_files, max_bytes=node.max_input_mib * sandbox.MIB
+            unzip.unpack_input(
+                body, box, owner, max_files=node.max_input_files, max_bytes=node.max_input_mib * units.MIB
             )
         executable = check_command(spec, box, run.user, self.layers.job_view(box))
         if self.layers.cgroups is not None:
@@ -170,18 +171,18 @@ class Executor:
         limit = kernel_limit_bytes(run.limits.disk_bytes)
         return limits.DiskMeter(lambda: quota.used_bytes(group), limit_slack_bytes(limit), min_limit_bytes=limit)
 
-    async def collect(self, run: Run, spec: JobSpec) -> tuple[Path, sandbox.Results]:
+    async def collect(self, run: Run, spec: JobSpec) -> tuple[Path, Results]:
         """Zip the results into the state directory. Raises JobHeld."""
         if run.box is None:
             raise RuntimeError("collect() before create_box()")
         result_zip = self.results_dir / f"{run.box.name}.zip"
         try:
             results = await asyncio.to_thread(
-                sandbox.collect_results,
+                collect_results,
                 spec,
                 run.box,
                 result_zip,
-                max_bytes=self.config.node.max_result_mib * sandbox.MIB,
+                max_bytes=self.config.node.max_result_mib * units.MIB,
                 owner=run.user.owner,
                 max_files=self.config.node.max_result_files,
             )

@@ -41,8 +41,8 @@ from carod.sandbox import cmdpath, seccomp
 from carod.sandbox.cgroup import CgroupError, Cgroups
 from carod.sandbox.cgroup import detect as detect_cgroups
 from carod.sandbox.users import JobUser
+from carod.units import MIB
 
-MIB = 1024 * 1024
 SH = "/bin/sh"
 #: The whole environment of the root part of the chain: nothing of the job's.
 ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}

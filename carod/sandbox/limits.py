@@ -22,21 +22,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from carod.config import SandboxConfig
 from carod.errors import JobHeld
-from carod.node.resources import Request
+from carod.holdcodes import HoldCode
 from carod.sandbox import tree
 from carod.sandbox.cgroup import Limits
-from carod.wire.holdcodes import HoldCode
-from carod.wire.jobad import JobSpec
+from carod.units import MIB
+from carod.wire.jobad import JobSpec, Request
 from carod.wire.replies import ExitInfo
 
-if TYPE_CHECKING:
-    from carod.sandbox.runner import JobProcess
 
-MIB = 1024 * 1024
+class Watched(Protocol):
+    """What :func:`enforce` needs of a running job (carod.sandbox.runner.JobProcess is one)."""
+
+    async def wait(self) -> ExitInfo: ...
+
+    async def stop(self, kill_sig: int, grace_s: float) -> ExitInfo: ...
+
+    def oom_kills(self) -> int: ...
+
+    def peak_memory_kib(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,7 @@ def walk_meter(box: Path) -> DiskMeter:
 
 
 async def enforce(
-    process: JobProcess, limits: JobLimits, disk: DiskMeter, *, interval_s: float, kill_sig: int, grace_s: float
+    process: Watched, limits: JobLimits, disk: DiskMeter, *, interval_s: float, kill_sig: int, grace_s: float
 ) -> tuple[ExitInfo, JobHeld | None]:
     """Wait for the job; stop it when it exceeds a limit. Returns its exit and the limit it broke.
 

@@ -36,13 +36,13 @@ import time
 from pathlib import Path
 
 from carod.errors import JobHeld
-from carod.sandbox import cmdpath, isolation
-from carod.sandbox.cgroup import JobCgroup, Limits, sweep_user, uid_of
+from carod.holdcodes import HoldCode
+from carod.sandbox import cmdpath, isolation, procfs
+from carod.sandbox.cgroup import JobCgroup, Limits, sweep_user
 from carod.sandbox.isolation import Layers
 from carod.sandbox.limits import JobLimits
 from carod.sandbox.users import JobUser
 from carod.sandbox.workdir import Stdio, executable_by
-from carod.wire.holdcodes import HoldCode
 from carod.wire.jobad import JobSpec
 from carod.wire.replies import ExitInfo, Usage
 
@@ -278,8 +278,8 @@ class JobProcess:
         if self.cgroup is not None:
             self.cgroup.signal(sig, uid=self.user.uid)
             return
-        for pid in _live_members(self.pid):
-            if uid_of(pid) == self.user.uid:
+        for pid in procfs.live_members(self.pid):
+            if procfs.uid_of(pid) == self.user.uid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
 
@@ -310,7 +310,7 @@ class JobProcess:
             return Usage(
                 wall_s, measured.user_cpu_s, measured.sys_cpu_s, memory, measured.peak_memory_kib or memory, pids
             )
-        user_s, sys_s, rss_kib, pids = await asyncio.to_thread(_group_usage, self.pid)
+        user_s, sys_s, rss_kib, pids = await asyncio.to_thread(procfs.group_usage, self.pid)
         return Usage(wall_s, user_s, sys_s, rss_kib, rss_kib, pids)
 
     def oom_kills(self) -> int:
@@ -392,49 +392,9 @@ def _group_exists(pgid: int) -> bool:
     return True
 
 
-def _live_members(pgid: int) -> list[int]:
-    """PIDs in process group ``pgid`` that are not yet zombies."""
-    members = []
-    for name in os.listdir("/proc"):
-        fields = _stat_fields(int(name)) if name.isdigit() else None
-        if fields is not None and len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            members.append(int(name))
-    return members
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """The fields of /proc/PID/stat after the command name, from the state on (None: gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # pid (comm) state ppid pgrp ... ; comm may contain spaces and parentheses
-    return stat[stat.rfind(b")") + 2 :].split()
-
-
-_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-_PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _group_usage(pgid: int) -> tuple[float, float, int, int]:
-    """CPU seconds (user, sys), resident KiB and process count of process group ``pgid`` now (blocking)."""
-    user = system = rss = 0
-    members = _live_members(pgid)
-    for pid in members:
-        fields = _stat_fields(pid)
-        if fields is None or len(fields) < 22:
-            continue
-        # utime, stime are fields 14, 15 and rss 24 of proc(5); here offset by the 2 before the state
-        user += int(fields[11])
-        system += int(fields[12])
-        rss += int(fields[21])
-    return user / _TICKS_PER_S, system / _TICKS_PER_S, rss * _PAGE_KIB, len(members)
-
-
 def _wait_group_dead(pgid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while _live_members(pgid):
+    while procfs.live_members(pgid):
         if time.monotonic() > deadline:
             log.warning("processes of job group %d still alive %.1fs after SIGKILL", pgid, timeout_s)
             return
@@ -496,19 +456,13 @@ def kill_stopped_gates(sandbox_root: Path) -> int:
     return killed
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), to tell it from a reused pid."""
-    fields = _stat_fields(pid)
-    return fields[19].decode() if fields is not None and len(fields) > 19 else None
-
-
 def kill_leftover(pid: int, start_time: str | None) -> bool:
     """Kill the process group of a job carod lost track of (it died while the job ran).
 
     Only when ``pid`` is still the same process (same start time). Blocking:
     call it in a thread. Returns True when something was killed.
     """
-    if start_time is None or process_start_time(pid) != start_time:
+    if start_time is None or procfs.process_start_time(pid) != start_time:
         return False
     _kill_group(pid, signal.SIGKILL)
     _wait_group_dead(pid, GROUP_DEATH_TIMEOUT_S)

@@ -8,7 +8,7 @@ import pwd
 from dataclasses import dataclass
 
 from carod.errors import EXIT_NOPERM, EXIT_NOUSER, StartupError
-from carod.sandbox.workdir import Owner
+from carod.unzip import Owner
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 import classad2
 
 from carod.errors import JobHeld
-from carod.wire.holdcodes import HoldCode
+from carod.holdcodes import HoldCode
 
 #: A ClassAd attribute name: HTCondor's identifier syntax.
 ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")

@@ -10,7 +10,7 @@ The node running (or holding) the job answers to the request's
 nodes that do not have it stay silent, and remember the removal for
 ``[node] journal_retention_s`` in case the job reaches them later
 (docs/operations.md, "Removing jobs"): at most ``[node] max_removals`` of
-them, the oldest forgotten first (:class:`Removals`).
+them, the oldest forgotten first (:class:`carod.node.removals.Removals`).
 
 Anyone who may publish to the pool exchange may remove any job (docs/security.md);
 what one request can cost a node is bounded: a body of at most
@@ -22,11 +22,10 @@ cannot name a job), a reason of at most :data:`MAX_REASON` characters.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from carod.errors import CarodError
-from carod.node.pool import json_object
+from carod.wire.adverts import json_object
 
 VERSION = 1
 CONTROL_KEY = "control"
@@ -93,41 +92,6 @@ def decode_request(body: bytes) -> Request:
     if not isinstance(reason, str) or not isinstance(by, str):
         raise ControlError("reason and by must be strings")
     return Request(action, message_id, reason[:MAX_REASON], by[:MAX_BY])
-
-
-class Removals:
-    """Removals of jobs not (yet) here: message_id -> reason, for ``keep_s``, at most ``max_count`` (oldest dropped)."""
-
-    def __init__(self, max_count: int, keep_s: float) -> None:
-        self.max_count = max_count
-        self.keep_s = keep_s
-        self._items: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        #: removals forgotten early because there were too many
-        self.dropped = 0
-
-    def add(self, message_id: str, reason: str, now: float) -> None:
-        self._items.pop(message_id, None)
-        self._items[message_id] = (reason, now)
-        while len(self._items) > self.max_count:
-            self._items.popitem(last=False)
-            self.dropped += 1
-
-    def get(self, message_id: str, now: float) -> str | None:
-        """The reason, while the removal is remembered."""
-        item = self._items.get(message_id)
-        if item is None or now - item[1] > self.keep_s:
-            return None
-        return item[0]
-
-    def expire(self, now: float) -> None:
-        while self._items:
-            _, when = next(iter(self._items.values()))
-            if now - when <= self.keep_s:
-                return
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def encode_answer(answer: Answer) -> bytes:

@@ -284,3 +284,25 @@ def format_args_v2(arguments: list[str] | tuple[str, ...]) -> str:
         else:
             out.append("'" + arg.replace("'", "''") + "'")
     return " ".join(out)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one job reserves while it runs."""
+
+    cpus: float = 1.0
+    memory_mib: float = 0.0
+    disk_kib: float = 0.0
+    #: where memory_mib came from, for hold reasons
+    memory_source: str = "RequestMemory"
+
+    @classmethod
+    def for_job(cls, spec: JobSpec, default_memory_mib: int) -> Request:
+        if spec.request_memory_mib is not None:
+            return cls(spec.request_cpus, spec.request_memory_mib, spec.request_disk_kib or 0.0)
+        return cls(
+            spec.request_cpus,
+            float(default_memory_mib),
+            spec.request_disk_kib or 0.0,
+            "the node's default RequestMemory, [node] default_request_memory_mib",
+        )

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import classad2
 
+from carod.holdcodes import HoldCode
 from carod.wire.classads import Scalar, format_value
-from carod.wire.holdcodes import HoldCode
 
 #: Longest a text header of a reply may be, in bytes as it goes on the wire
 #: (ClassAd-quoted: one byte of job text can become four). Text a job or a
