@@ -31,15 +31,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from carod.errors import CarodError
+from carod.states import JOURNALED, JobState
 
 _T = TypeVar("_T")
 
-RECEIVED = "received"
-RUNNING = "running"
-FINISHED = "finished"
-#: was running when carod stopped; its leftovers are cleaned up; it runs again when redelivered
-INTERRUPTED = "interrupted"
-REPLIED = "replied"
+# A row's state is one of carod.states.JOURNALED: received, running, finished (final reply
+# stored), replied (final reply confirmed), interrupted (was running when carod stopped;
+# its leftovers are cleaned up; it runs again when redelivered).
+RECEIVED, RUNNING, FINISHED, INTERRUPTED, REPLIED = (
+    JobState.RECEIVED,
+    JobState.RUNNING,
+    JobState.FINISHED,
+    JobState.INTERRUPTED,
+    JobState.REPLIED,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -80,7 +85,7 @@ class JournalError(CarodError):
 @dataclass(frozen=True)
 class JobRecord:
     message_id: str
-    state: str
+    state: JobState
     attempts: int
     sequence: int
     sandbox: str | None
@@ -88,6 +93,11 @@ class JobRecord:
     pid_start: str | None
     #: the reply address of the first message with this id (None: recorded before carod kept it)
     reply_to: str | None = None
+
+
+def _record(row: tuple[Any, ...]) -> JobRecord:
+    message_id, state, *rest = row
+    return JobRecord(message_id, JobState(state), *rest)
 
 
 @dataclass(frozen=True)
@@ -171,7 +181,7 @@ class Journal:
 
     def _get(self, message_id: str) -> JobRecord | None:
         row = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE message_id = ?", (message_id,)).fetchone()  # noqa: S608
-        return JobRecord(*row) if row else None
+        return _record(row) if row else None
 
     async def get(self, message_id: str) -> JobRecord | None:
         return await self._call(self._get, message_id)
@@ -242,7 +252,9 @@ class Journal:
     async def set_pid(self, message_id: str, pid: int, pid_start: str | None) -> None:
         await self._call(lambda: self._set(message_id, pid=pid, pid_start=pid_start))
 
-    async def set_state(self, message_id: str, state: str) -> None:
+    async def set_state(self, message_id: str, state: JobState) -> None:
+        if state not in JOURNALED:
+            raise ValueError(f"{state!r} is not a state the journal keeps")
         await self._call(lambda: self._set(message_id, state=state))
 
     async def interrupted(self) -> list[JobRecord]:
@@ -250,7 +262,7 @@ class Journal:
 
         def find() -> list[JobRecord]:
             rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ?", (RUNNING,)).fetchall()  # noqa: S608
-            return [JobRecord(*row) for row in rows]
+            return [_record(row) for row in rows]
 
         return await self._call(find)
 

@@ -32,20 +32,13 @@ from prometheus_client.registry import Collector
 
 from carod.errors import EXIT_CONFIG, StartupError
 from carod.holdcodes import HoldCode
+from carod.states import REQUEUED, RUN_ENDS, JobState
 
 log = logging.getLogger("carod.metrics")
 
 #: Longest a scrape waits for the event loop.
 SCRAPE_TIMEOUT_S = 5.0
 
-#: Job states (carod.job.log_state) after which the message went back to the queue, by reason label.
-REQUEUED = {
-    "evicted": "evicted",
-    "handed-back": "handed_back",
-    "passed": "passed",
-    "declined": "declined",
-    "error": "internal_error",
-}
 
 _LATENCY_BUCKETS_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _RUN_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
@@ -132,28 +125,28 @@ class Metrics:
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
-    def job_state(self, state: str, fields: dict[str, object]) -> None:
-        """Count one job state change (the same ones carod.job.log_state logs)."""
-        if state == "received":
-            self.received.inc()
-        elif state == "running":
-            self.started.inc()
-            latency = fields.get("start_latency_s")
-            if isinstance(latency, float | int):
-                self.start_latency.observe(latency)
-        elif state == "exited":
-            self.completed.inc()
-        elif state == "held":
-            code = fields.get("code")
-            self.held.labels(code=_code_name(code)).inc()
-        elif state == "removed":
-            self.removed.inc()
-        elif state == "reused-id":
-            self.reused_ids.inc()
-        elif state in REQUEUED:
+    def job_state(self, state: JobState, fields: dict[str, object]) -> None:
+        """Count one job state change (the same ones carod.node.job.log_state logs)."""
+        match state:
+            case JobState.RECEIVED:
+                self.received.inc()
+            case JobState.RUNNING:
+                self.started.inc()
+                latency = fields.get("start_latency_s")
+                if isinstance(latency, float | int):
+                    self.start_latency.observe(latency)
+            case JobState.EXITED:
+                self.completed.inc()
+            case JobState.HELD:
+                self.held.labels(code=_code_name(fields.get("code"))).inc()
+            case JobState.REMOVED:
+                self.removed.inc()
+            case JobState.REUSED_ID:
+                self.reused_ids.inc()
+        if state in REQUEUED:
             self.requeued.labels(reason=REQUEUED[state]).inc()
         duration = fields.get("duration_s")
-        if state in ("exited", "held", "removed", "evicted") and isinstance(duration, float | int):
+        if state in RUN_ENDS and isinstance(duration, float | int):
             self.run_time.observe(duration)
 
     def watch(self, loop: asyncio.AbstractEventLoop, snapshot: Callable[[], Awaitable[Snapshot]]) -> None:

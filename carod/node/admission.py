@@ -17,8 +17,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-
-from aio_pika.abc import AbstractIncomingMessage
+from typing import Protocol
 
 from carod.errors import BrokerError
 from carod.node.resources import Resources, flow
@@ -31,6 +30,13 @@ _FLOW_RETRY_S = 1.0
 #: Called with the prefetch to consume with (0: stop consuming); returns the
 #: new consumer's tag (None when stopped). Raises BrokerError.
 FlowControl = Callable[[int], Awaitable[str | None]]
+
+
+class Holding(Protocol):
+    """A delivery the node holds (carod.edges.delivery.Delivery): counted against the consumer it came from."""
+
+    @property
+    def consumer_tag(self) -> str | None: ...
 
 
 @dataclass(eq=False)
@@ -73,8 +79,8 @@ class Admission:
         self.resources = resources
         self.default = default
         self.max_prefetch = max_prefetch
-        #: deliveries held (id -> consumer tag they came from)
-        self._held: dict[int, str | None] = {}
+        #: deliveries held (by identity) -> the consumer tag they came from
+        self._held: dict[Holding, str | None] = {}
         self._unreserved: set[Ticket] = set()
         self._waiters: deque[Waiting] = deque()
         #: set on every change (the advertiser publishes then)
@@ -87,20 +93,20 @@ class Admission:
 
     # ------------------------------------------------------------ deliveries
 
-    def arrive(self, message: AbstractIncomingMessage) -> Ticket:
-        self.hold(message)
+    def arrive(self, delivery: Holding) -> Ticket:
+        self.hold(delivery)
         ticket = Ticket(self)
         self._unreserved.add(ticket)
         self._changed()
         return ticket
 
-    def hold(self, message: AbstractIncomingMessage) -> None:
-        """A delivery the node keeps (a new job, or a redelivery adopted by a running one)."""
-        self._held[id(message)] = message.consumer_tag
+    def hold(self, delivery: Holding) -> None:
+        """A delivery the node keeps (a new job, or a running job's that adopted a redelivery: its tag now)."""
+        self._held[delivery] = delivery.consumer_tag
 
-    def done(self, message: AbstractIncomingMessage) -> None:
+    def done(self, delivery: Holding) -> None:
         """The node no longer holds this delivery (settled, or its channel died). Idempotent."""
-        if self._held.pop(id(message), "absent") != "absent":
+        if self._held.pop(delivery, "absent") != "absent":
             self._changed()
 
     def reset_deliveries(self) -> None:

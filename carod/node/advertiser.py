@@ -16,10 +16,9 @@ import contextlib
 import logging
 import time
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from carod.config import Config
 from carod.edges.broker import Broker
+from carod.edges.delivery import PoolMessage
 from carod.errors import BrokerError
 from carod.node.arrival import Node
 from carod.node.pool import PoolView
@@ -116,7 +115,7 @@ class Advertiser:
             await self._publish()
             await asyncio.sleep(_MIN_GAP_S)
 
-    async def _control(self, message: AbstractIncomingMessage) -> None:
+    async def _control(self, message: PoolMessage) -> None:
         """``carod rm``: the node that has the job stops it and says so; the others remember it."""
         try:
             request = control.decode_request(message.body)
@@ -144,7 +143,7 @@ class Advertiser:
         except BrokerError as exc:
             log.debug("advert not sent: %s", exc)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: PoolMessage) -> None:
         if message.routing_key == QUERY_KEY:
             if message.reply_to:
                 await self._publish(reply_to=message.reply_to)

@@ -27,19 +27,22 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from carod.config import Config
-from carod.edges.broker import Broker, ReplyRefused, ReplyUndeliverable, ReplyUnroutable, reply_and_ack, settle
+from carod.edges.amqp import ReplyRefused, ReplyUndeliverable, ReplyUnroutable
+from carod.edges.broker import Broker
+from carod.edges.delivery import Delivery, Settle
 from carod.edges.journal import Journal, OutboxEntry
 from carod.edges.metrics import Metrics
 from carod.errors import BrokerError
-from carod.node.job import Job
+from carod.node.job import Job, log_state
+from carod.node.outcome import Evicted, Exited, Held, Outcome, Removed, reply_for
+from carod.states import JobState
 from carod.wire import parts, replies
 from carod.wire.classads import Scalar
 from carod.wire.message import ReplyAddress
@@ -74,6 +77,46 @@ class Answerer:
         self.metrics = metrics
         self.part_bytes = config.broker.result_part_mib * 1024 * 1024
 
+    def reply(self, job: Job, outcome: Outcome) -> replies.Reply:
+        """The outcome's state change (log line, metrics) and its reply: the one place a job's end is told."""
+        match outcome:
+            case Exited(info, _zip, results):
+                if results.skipped:
+                    log.info(
+                        "job=%s result zip skipped non-regular, foreign or undecodable entries: %s",
+                        job.envelope.label,
+                        ", ".join(results.skipped[:20]),
+                    )
+                log_state(
+                    job,
+                    JobState.EXITED,
+                    self.metrics,
+                    exit_code=info.exit_code,
+                    exit_signal=info.exit_signal,
+                    duration_s=round(info.duration_s, 6),
+                    result_bytes=results.bytes,
+                )
+            case Held(held, info):
+                log_state(job, JobState.HELD, self.metrics, code=int(held.code), reason=held.reason, info=info)
+            case Removed(reason, info):
+                log_state(job, JobState.REMOVED, self.metrics, reason=reason, info=info)
+            case Evicted(reason, info):
+                log_state(job, JobState.EVICTED, self.metrics, reason=reason, info=info)
+        return reply_for(
+            outcome, sequence=job.next_sequence(), node=self.config.node_name, now=time.time(), run_count=job.run_count
+        )
+
+    async def conclude(self, job: Job, outcome: Outcome) -> None:
+        """Answer how the job ended here: its final reply and ack; for an eviction, Idle and back to the queue."""
+        reply = self.reply(job, outcome)
+        if isinstance(outcome, Evicted):
+            await self.send(job, reply)
+            # Not an interruption: the next delivery runs it afresh.
+            await self.journal.set_state(job.message_id, JobState.RECEIVED)
+            await job.delivery.settle(Settle.REQUEUE, label=job.envelope.label)
+            return
+        await self.final(job, reply)
+
     async def final(self, job: Job, reply: replies.Reply) -> None:
         """Journal the final reply, then send it and ack. A cancel must not split these."""
         address = job.envelope.reply_to
@@ -97,13 +140,14 @@ class Answerer:
         if first_reply_to is None or first_reply_to == str(job.envelope.reply_to):
             return False
         log.warning(
-            "job=%s state=reused-id: this message_id was first used with another reply_to; this message "
+            "job=%s state=%s: this message_id was first used with another reply_to; this message "
             "(reply_to %s) is acknowledged and not answered",
             job.envelope.label,
+            JobState.REUSED_ID.value,
             job.envelope.reply_to,
         )
         self.metrics.reused_ids.inc()
-        await settle(job.message, "ack", label=job.envelope.label)
+        await job.delivery.settle(Settle.ACK, label=job.envelope.label)
         return True
 
     async def resend_final(self, job: Job, entry: OutboxEntry) -> None:
@@ -113,14 +157,15 @@ class Answerer:
             # Not this message's answer (its message_id was first used with
             # another reply_to): it goes to its own address or nowhere.
             log.warning(
-                "job=%s state=reused-id: the stored final reply is for %s, not for this message's reply_to %s; "
+                "job=%s state=%s: the stored final reply is for %s, not for this message's reply_to %s; "
                 "acknowledged, not answered",
                 job.envelope.label,
+                JobState.REUSED_ID.value,
                 address,
                 job.envelope.reply_to,
             )
             self.metrics.reused_ids.inc()
-            await settle(job.message, "ack", label=job.envelope.label)
+            await job.delivery.settle(Settle.ACK, label=job.envelope.label)
             return
         headers: dict[str, Scalar] = replies.bound_headers(entry.headers)
         body = b""
@@ -139,7 +184,7 @@ class Answerer:
         count = parts.count(size, self.part_bytes)
         digest = hashlib.sha256()
         # Only to a live delivery: parts of a job that went to another node would be noise.
-        await job.wait_live(self.config.node.redelivery_wait_s, self.stopping)
+        await job.delivery.wait_live(self.config.node.redelivery_wait_s, self.stopping)
         started = asyncio.get_running_loop().time()
         f = await asyncio.to_thread(path.open, "rb")
         try:
@@ -162,7 +207,7 @@ class Answerer:
         self, job: Job, entry: OutboxEntry, headers: Mapping[str, Scalar], body: bytes
     ) -> None:
         try:
-            committed_on = await self.commit_final(job, headers, body)
+            await self.commit_final(job, headers, body)
         except GaveUp as exc:
             # Nothing is lost and nothing spins: the reply stays in the journal,
             # the message goes back to the broker, and its next delivery (here,
@@ -171,7 +216,7 @@ class Answerer:
             self.metrics.replies_given_up.labels(kind="final").inc()
             if self.running.get(entry.message_id) is job:
                 del self.running[entry.message_id]
-            await settle(job.message, "requeue", label=job.envelope.label)
+            await job.delivery.settle(Settle.REQUEUE, label=job.envelope.label)
             return
         except TimeoutError:
             # Its delivery died and the broker has not given it back: another
@@ -189,50 +234,46 @@ class Answerer:
         # From here on a redelivery is answered from the journal (acked), not adopted.
         if self.running.get(entry.message_id) is job:
             del self.running[entry.message_id]
-        if job.message is not committed_on:
-            await settle(job.message, "ack", label=job.envelope.label)
+        if not job.delivery.acked:  # a redelivery adopted since the commit: it is answered too
+            await job.delivery.settle(Settle.ACK, label=job.envelope.label)
         if entry.body_path:
             await asyncio.to_thread(Path(entry.body_path).unlink, missing_ok=True)
 
-    async def commit_final(
-        self, job: Job, headers: Mapping[str, Scalar], body: bytes
-    ) -> AbstractIncomingMessage | None:
+    async def commit_final(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> None:
         """Publish the final reply and ack the job in one transaction, retrying until it commits (within bounds).
 
         Only on a live delivery: if the delivery died with its channel, this
         waits for the broker to deliver the job again (to this node); if it
         went to another node instead, that node answers and this reply stays
-        unsent, so the submitter never gets two final replies. Returns the
-        delivery that was acked with the reply (or alone, when the broker
-        refuses every reply to the job's address). Raises GaveUp after
+        unsent, so the submitter never gets two final replies. The delivery
+        is acked with the reply (or alone, when the broker refuses every
+        reply to the job's address). Raises GaveUp after
         ``[broker] reply_retry_s`` of transient failures, TimeoutError when
         no live delivery came back.
         """
         env = job.envelope
         address = env.reply_to
         if address is None:
-            await settle(job.message, "ack", label=env.label)
-            return job.message
+            await job.delivery.settle(Settle.ACK, label=env.label)
+            return
         headers = replies.bound_headers(headers)
         deadline = asyncio.get_running_loop().time() + self.config.broker.reply_retry_s
         attempt = 0
         replaced = False
         while True:
-            await job.wait_live(self.config.node.redelivery_wait_s, self.stopping)
-            delivery = job.message
+            await job.delivery.wait_live(self.config.node.redelivery_wait_s, self.stopping)
+            delivery = job.delivery
             if job.unanswerable is not None:
                 return await self._settle_unanswered(job, delivery, job.unanswerable)
             try:
-                await reply_and_ack(
-                    self.broker,
-                    delivery,
+                await delivery.reply_and_ack(
                     address,
                     correlation_id=env.message_id,
                     headers=headers,
                     body=body,
                     timeout_s=self.config.broker.confirm_timeout_s,
                 )
-                return delivery
+                return
             except ReplyRefused as exc:
                 self._refused(job, exc)
                 if replaced:
@@ -246,14 +287,16 @@ class Answerer:
             except BrokerError as exc:
                 attempt = await _pause_before_retry(env.label, "final reply not committed", exc, attempt, deadline)
 
-    async def _settle_unanswered(
-        self, job: Job, delivery: AbstractIncomingMessage, why: str
-    ) -> AbstractIncomingMessage:
+    async def _settle_unanswered(self, job: Job, delivery: Delivery, why: str) -> None:
         """Nobody can be answered: ack the delivery alone (a lost ack: the redelivery is acked as answered)."""
-        log.error("job=%s state=unanswered: acknowledged without a final reply: %s", job.envelope.label, why)
+        log.error(
+            "job=%s state=%s: acknowledged without a final reply: %s",
+            job.envelope.label,
+            JobState.UNANSWERED.value,
+            why,
+        )
         self.metrics.jobs_unanswered.inc()
-        await settle(delivery, "ack", label=job.envelope.label)
-        return delivery
+        await delivery.settle(Settle.ACK, label=job.envelope.label)
 
     def _refused(self, job: Job, exc: ReplyUndeliverable) -> None:
         """Count a permanent refusal; one of the address means nothing more is sent for the job."""

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
+import enum
 import logging
 import signal
 import time
 from dataclasses import dataclass, field
 
-import aiormq
 import classad2
-from aio_pika.abc import AbstractIncomingMessage
 
+from carod.edges.delivery import Delivery
+from carod.edges.metrics import Metrics
 from carod.node.admission import Ticket
 from carod.sandbox.runner import JobProcess
+from carod.states import JobState
 from carod.wire import classads, jobad
 from carod.wire.adverts import JobInfo
 from carod.wire.jobad import Request
 from carod.wire.message import Envelope
+from carod.wire.replies import ExitInfo
 
 log = logging.getLogger("carod.job")
+
+
+class Ending(enum.Enum):
+    """Why a running job is being stopped before its process ends by itself."""
+
+    #: carod rm: answered Removed
+    REMOVED = "removed"
+    #: the node is stopping: handed back to the queue
+    EVICTED = "evicted"
 
 
 @dataclass
@@ -27,31 +38,38 @@ class Job:
     """The node's view of one job while it is handled here."""
 
     envelope: Envelope
-    message: AbstractIncomingMessage
-    #: its claim on the node's resources (carod.admission)
+    delivery: Delivery
+    #: its claim on the node's resources (carod.node.admission)
     ticket: Ticket
     received: float = field(default_factory=time.monotonic)
+    #: where it is here: RECEIVED (matching) -> WAITING (for resources) -> RUNNING (its process) -> EXITED
+    #: (its process ended; being answered)
+    state: JobState = JobState.RECEIVED
+    #: asked to stop (carod rm, or the node stopping), and why: (how it ends, the reason)
+    ending: tuple[Ending, str] | None = None
     sequence: int = 0
     run_count: int = 0
     process: JobProcess | None = None
     kill_sig: int = signal.SIGTERM
-    evicted: str | None = None
-    #: set by carod rm: the reason (the job is stopped and answered Removed)
-    removed: str | None = None
-    #: its process has ended (from here on it is answered as it ended, not removed)
-    exited: bool = False
-    redelivered: asyncio.Event = field(default_factory=asyncio.Event)
-    #: finished, waiting for a live delivery to answer on
-    waiting: bool = False
     ad: classad2.ClassAd | None = None
     info: JobInfo | None = None
     #: why nobody can ever be answered: the broker refused its reply address for good
-    #: (carod.answer); the job is stopped, and settled without a reply
+    #: (carod.node.answer); the job is stopped, and settled without a reply
     unanswerable: str | None = None
 
     @property
     def message_id(self) -> str:
         return self.envelope.message_id or ""
+
+    @property
+    def removed(self) -> str | None:
+        """The reason of a carod rm, if one came."""
+        return self.ending[1] if self.ending is not None and self.ending[0] is Ending.REMOVED else None
+
+    def end_with(self, how: Ending, reason: str) -> None:
+        """Ask the job to end: the first request wins, except that a removal always does (it is answered)."""
+        if self.ending is None or how is Ending.REMOVED:
+            self.ending = (how, reason)
 
     def next_sequence(self) -> int:
         self.sequence += 1
@@ -59,42 +77,6 @@ class Job:
 
     def elapsed_s(self) -> float:
         return time.monotonic() - self.received
-
-    def adopt(self, message: AbstractIncomingMessage) -> None:
-        """A new delivery of this job arrived (its old channel died): it is ours now."""
-        self.message = message
-        self.redelivered.set()
-
-    def delivery_live(self) -> bool:
-        try:
-            self.message.channel  # noqa: B018 - raises when the delivery's channel is gone
-        except aiormq.exceptions.ChannelInvalidStateError:
-            return False
-        return True
-
-    async def wait_live(self, timeout_s: float, stopping: asyncio.Event) -> None:
-        """Until the job has a delivery on an open channel.
-
-        TimeoutError after ``timeout_s``, or at once when the node is stopping
-        (the broker will not give the job back to a node that is leaving).
-        """
-        if self.delivery_live():
-            return
-        self.waiting = True
-        try:
-            async with asyncio.timeout(timeout_s):
-                while not self.delivery_live():
-                    if stopping.is_set():
-                        raise TimeoutError
-                    self.redelivered.clear()
-                    waits = {asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(self.redelivered.wait())}
-                    try:
-                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        for waiter in waits:
-                            waiter.cancel()
-        finally:
-            self.waiting = False
 
 
 def set_requests(ad: classad2.ClassAd, request: Request) -> None:
@@ -126,15 +108,20 @@ def _short(value: object) -> object:
     return value
 
 
-def log_state(env: Envelope, state: str, job: Job, **fields: object) -> None:
+def log_state(job: Job, state: JobState, metrics: Metrics, *, info: ExitInfo | None = None, **fields: object) -> None:
+    """One job state change: its log line and its metrics (with how long it ran, when it did)."""
+    if info is not None:
+        fields["duration_s"] = round(info.duration_s, 6)
     fields = {k: _short(v) for k, v in fields.items()}
     extra = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in fields.items())
     elapsed = job.elapsed_s()
+    label = job.envelope.label
     log.info(
         "job=%s state=%s elapsed_s=%.6f %s",
-        env.label,
-        state,
+        label,
+        state.value,
         elapsed,
         extra,
-        extra={"message_id": env.label, "job_state": state, "elapsed_s": round(elapsed, 6), "fields": fields},
+        extra={"message_id": label, "job_state": state.value, "elapsed_s": round(elapsed, 6), "fields": fields},
     )
+    metrics.job_state(state, fields)

@@ -28,13 +28,13 @@ from collections.abc import Coroutine
 from pathlib import Path
 
 import classad2
-from aio_pika.abc import AbstractIncomingMessage
 
 from carod import __version__
 from carod import config as configuration
 from carod.config import Config, redact_url
 from carod.edges import logs
-from carod.edges.broker import Broker, settle
+from carod.edges.broker import Broker
+from carod.edges.delivery import Delivery, Settle
 from carod.edges.journal import Journal, JournalError
 from carod.edges.metrics import Metrics, ScrapeFailed, Snapshot
 from carod.edges.notify import Notifier
@@ -276,7 +276,7 @@ class Server:
             view,
             self.metrics,
         )
-        await self.node.recover()
+        await self.node.recovery.recover()
         self.advertiser = Advertiser(config, self.node, self.broker, view)
         try:
             await self.broker.connect()
@@ -405,17 +405,17 @@ class Server:
         while True:
             await asyncio.sleep(min(3600.0, self.config.node.journal_retention_s))
             if self.node is not None:
-                await self.node.expire()
+                await self.node.recovery.expire()
 
     # ------------------------------------------------------------ deliveries
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, delivery: Delivery) -> None:
         if self.should_exit or self.node is None:
             # Arrived after we stopped consuming: hand it straight back.
-            label = parse_envelope(message.message_id, None, {}).label
-            await settle(message, "requeue", label=label)
+            label = parse_envelope(delivery.message_id, None, {}).label
+            await delivery.settle(Settle.REQUEUE, label=label)
             return
-        task = asyncio.create_task(self.node.handle(message))
+        task = asyncio.create_task(self.node.handle(delivery))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

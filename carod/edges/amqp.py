@@ -1,0 +1,113 @@
+"""What the broker edge shares: which aio-pika/aiormq failures are transient, which refusals are final,
+and how a reply message is built. Only carod.edges imports aio-pika or aiormq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Mapping
+
+import aio_pika
+import aiormq
+from aio_pika.abc import DeliveryMode
+
+from carod.errors import BrokerError
+from carod.wire.classads import Scalar
+
+#: aio-pika/aiormq failures that mean "the broker or the channel is away".
+TRANSIENT = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class ReplyUndeliverable(BrokerError):
+    """The reply's address cannot receive it, for good: retrying cannot help.
+
+    No such exchange (404), publishing to it refused (403: an internal
+    exchange such as ``amq.rabbitmq.trace``, or no write permission), or no
+    queue bound for it. ``kind`` is the metrics label (carod_replies_refused).
+    """
+
+    kind = "address"
+
+
+class ReplyUnroutable(ReplyUndeliverable):
+    """No queue is bound for the reply's address (the submitter's queue is gone)."""
+
+    kind = "unroutable"
+
+
+class ReplyRefused(ReplyUndeliverable):
+    """The broker refused this message for its size or shape (larger than its
+    max_message_size, a header frame larger than its frame_max): the same
+    message is refused again, a smaller one may pass."""
+
+    kind = "size"
+
+
+#: Bytes of a reply's header frame besides its headers table (the other properties), at most.
+_PROPERTIES_BYTES = 512
+
+
+_FRAME_TOO_LARGE = re.compile(r"frame_too_large,\s*(\d+),\s*(\d+)")
+
+
+_MESSAGE_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+
+
+def refusal(exc: BaseException, exchange: str, *, headers_bytes: int, body_bytes: int) -> ReplyUndeliverable | None:
+    """The permanent refusal of one reply that ``exc`` (from publishing it) is, or None: a transient failure.
+
+    A channel or connection error fails every publish pending on it, so a
+    refusal counts as this reply's only when it names this reply's exchange
+    or a limit this reply's headers or body exceed; otherwise it is the
+    broker refusing another message, and this one may be sent again.
+    """
+    text = str(exc)
+    named = f"exchange '{exchange or 'amq.default'}'" in text
+    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity) and named:
+        return ReplyUndeliverable(f"there is no exchange {exchange!r}")
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused) and named:
+        return ReplyUndeliverable(f"the broker refuses publishing to exchange {exchange or 'amq.default'!r}: {text}")
+    too_large = _MESSAGE_TOO_LARGE.search(text)
+    max_message = int(too_large.group(2)) if too_large else None
+    if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and max_message and body_bytes > max_message:
+        return ReplyRefused(f"a message of {body_bytes} bytes is larger than the broker's max_message_size")
+    frame = _FRAME_TOO_LARGE.search(text)
+    frame_max = int(frame.group(2)) if frame else None
+    if isinstance(exc, aiormq.exceptions.ConnectionFrameError) and frame_max and headers_bytes >= frame_max:
+        return ReplyRefused(f"headers of about {headers_bytes} bytes do not fit the broker's frame_max")
+    return None
+
+
+def reply_message(
+    correlation_id: str | None, headers: Mapping[str, Scalar], body: bytes, message_type: str | None = None
+) -> aio_pika.Message:
+    content_type = "application/octet-stream" if message_type is not None else "application/zip" if body else None
+    return aio_pika.Message(
+        body,
+        headers=dict(headers),
+        message_id=str(uuid.uuid4()),
+        correlation_id=correlation_id,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        content_type=content_type,
+        type=message_type,
+        timestamp=time.time(),
+    )
+
+
+def headers_bytes(headers: Mapping[str, object] | None) -> int:
+    """About how many bytes a message with ``headers`` has in its header frame (a generous estimate:
+    the headers table and, at most, the other properties)."""
+    if not headers:
+        return _PROPERTIES_BYTES
+    return _PROPERTIES_BYTES + sum(
+        len(str(k)) + len(str(v).encode("utf-8", "surrogateescape")) + 10 for k, v in headers.items()
+    )
