@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.evaluator [--runs 2000]
 
-Rows: the fast path (carod.adcost reads the seed job's ad and finds it
+Rows: the fast path (carod.wire.adcost reads the seed job's ad and finds it
 bounded: no round trip), and the round trip to the evaluator child for the
 same ad with one attribute adcost cannot bound (``replaceAll``), against
 this host's machine ad. Wall time per job (p50, p90), one job at a time.

@@ -4,7 +4,7 @@
 
 Each row is the wall time (p50, p90) from "start it" to "it has exited and
 been reaped", one process at a time, as root. The last rows are carod's
-chain (docs/security.md) built by carod.isolation, cold as carod runs it
+chain (docs/security.md) built by carod.sandbox.isolation, cold as carod runs it
 today, and warm: bubblewrap, its namespaces and setpriv started ahead of
 time, the job user's shell waiting on a pipe for the word to exec the job
 (the design docs/performance.md proposes to close the latency gap).

@@ -6,7 +6,7 @@ import aiormq
 import classad2
 import pytest
 
-from carod.edges.broker import ReplyRefused, ReplyUndeliverable, refusal
+from carod.edges.amqp import ReplyRefused, ReplyUndeliverable, refusal
 from carod.holdcodes import HoldCode
 from carod.wire import replies
 from carod.wire.replies import MAX_HEADERS_BYTES, MAX_TEXT_HEADER_BYTES, TRUNCATED

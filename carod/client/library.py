@@ -11,7 +11,7 @@ Attributes are ClassAd expression text (``'"job.out"'`` is a string,
 ``"TARGET.Memory > 100"`` an expression), or Python ints/floats/bools.
 A result sent in parts (larger than the node's ``result_part_mib``) is
 reassembled and verified here: the final reply's ``body`` is the whole zip,
-and :meth:`Submission.result` raises :class:`carod.parts.ResultError` when
+and :meth:`Submission.result` raises :class:`carod.wire.parts.ResultError` when
 it did not arrive whole.
 """
 

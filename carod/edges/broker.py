@@ -18,7 +18,7 @@ Topology (docs/protocol.md):
   the original, in one transaction); it expires after ``unmatched_delay_s``
   and dead-letters back to ``<queue>``, where any node may take it again;
 * ``[pool] exchange`` (topic): node adverts, status queries and control
-  requests (``carod rm``, carod.control).
+  requests (``carod rm``, carod.wire.control).
 """
 
 from __future__ import annotations

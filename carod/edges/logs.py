@@ -36,7 +36,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        # A job's state change (carod.job.log_state) carries its fields as well, for ELK and journald.
+        # A job's state change (carod.node.job.log_state) carries its fields as well, for ELK and journald.
         for key in ("message_id", "job_state", "elapsed_s"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)

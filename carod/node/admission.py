@@ -1,10 +1,10 @@
 """The one place that limits what runs on this node (docs/pool.md).
 
 :class:`Admission` holds the partitionable slot's reservations
-(:class:`~carod.resources.Resources`), the jobs waiting for resources (in
+(:class:`~carod.node.resources.Resources`), the jobs waiting for resources (in
 arrival order), and the deliveries the node holds. After every change it
 works out how many more deliveries the node could start now and, through
-:func:`~carod.resources.flow`, asks the broker edge to stop consuming or
+:func:`~carod.node.resources.flow`, asks the broker edge to stop consuming or
 to consume with a prefetch that matches, so the node never holds messages
 it cannot start.
 """

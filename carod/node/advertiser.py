@@ -3,7 +3,7 @@
 Every ``[pool] advertise_interval_s``, and soon after each change (a job
 starts or ends), the node publishes its live machine ad and its running jobs
 to ``[pool] exchange`` (topic, key ``advert.<node>``). It listens on the same
-exchange: other nodes' adverts feed its :class:`~carod.pool.PoolView` (so it
+exchange: other nodes' adverts feed its :class:`~carod.node.pool.PoolView` (so it
 knows who could start a job sooner), and a ``query`` (``carod status``) is
 answered at once with an advert sent to the query's ``reply_to``. On SIGTERM
 the node advertises ``Draining``, and ``Offline`` as it leaves.

@@ -4,7 +4,7 @@ A final reply (Completed or Held) is published only while the job has a
 live delivery, in one AMQP transaction with that delivery's ack
 (docs/reliability.md); a non-final one is published and confirmed alone.
 A result zip larger than ``[broker] result_part_mib`` goes ahead of the
-final reply in parts (carod.parts), each confirmed before the next is read,
+final reply in parts (carod.wire.parts), each confirmed before the next is read,
 so at most one part of it is in memory.
 
 Nothing is retried without a bound (docs/reliability.md, "Replies the broker
@@ -14,7 +14,7 @@ refuses"): a transient failure (connection lost, no confirm) is retried for
 * the address refuses it (no such exchange, ACCESS_REFUSED): nobody can
   ever be answered; the job is stopped, acked without a reply, logged, counted;
 * the broker refuses the message for its size or shape: a final reply is
-  replaced once by a small Held one that says so (:func:`carod.replies.refused`);
+  replaced once by a small Held one that says so (:func:`carod.wire.replies.refused`);
   an update is dropped.
 
 Every reply goes to the address its job's first message named: a final reply
@@ -43,6 +43,7 @@ from carod.errors import BrokerError
 from carod.node.job import Job, log_state
 from carod.node.outcome import Evicted, Exited, Held, Outcome, Removed, reply_for
 from carod.states import JobState
+from carod.units import MIB
 from carod.wire import parts, replies
 from carod.wire.classads import Scalar
 from carod.wire.message import ReplyAddress
@@ -75,7 +76,7 @@ class Answerer:
         self.running = running
         self.stopping = stopping
         self.metrics = metrics
-        self.part_bytes = config.broker.result_part_mib * 1024 * 1024
+        self.part_bytes = config.broker.result_part_mib * MIB
 
     def reply(self, job: Job, outcome: Outcome) -> replies.Reply:
         """The outcome's state change (log line, metrics) and its reply: the one place a job's end is told."""
@@ -319,7 +320,7 @@ class Answerer:
             await self.journal.confirmed(entry.id, job.message_id, final=False)  # sent or given up
 
     async def progress(self, job: Job, reply: replies.Reply) -> bool:
-        """A periodic update (carod.progress): journaled for its Sequence, published once, dropped on failure.
+        """A periodic update (carod.node.progress): journaled for its Sequence, published once, dropped on failure.
 
         Unlike :meth:`send` it never waits for the broker to come back: a
         later update supersedes it, and the final reply must not wait behind it.
@@ -336,7 +337,7 @@ class Answerer:
             await self.journal.confirmed(entry.id, job.message_id, final=False)  # sent or given up
 
     async def output(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> bool:
-        """A chunk of live output (carod.progress), published once, not journaled. False: not delivered."""
+        """A chunk of live output (carod.node.progress), published once, not journaled. False: not delivered."""
         return await self._publish_once(job, headers, body, message_type=replies.OUTPUT_TYPE)
 
     async def _publish_once(

@@ -1,6 +1,6 @@
 """The bounded evaluator: a child process that evaluates the ClassAds carod cannot bound by reading them.
 
-A job ad whose cost :mod:`carod.adcost` cannot bound from its text (a call to
+A job ad whose cost :mod:`carod.wire.adcost` cannot bound from its text (a call to
 ``sprintf``, a chain of ``strcat`` doublings, ...) is never evaluated on
 carod's event loop. At the job's arrival it goes, with this node's machine
 ad, to a long-lived child (``python -m carod.node.evaluator``, started with carod)
@@ -15,7 +15,7 @@ replaced. The child does the pre-flight (:func:`preflight`):
   ``TARGET`` reference, direct or through other attributes) by its value,
   which must be at most :data:`MAX_VALUE_BYTES`;
 * checks that what is left (expressions about the machine) is bounded by
-  construction (:func:`carod.adcost.problem`), since carod evaluates those
+  construction (:func:`carod.wire.adcost.problem`), since carod evaluates those
   at every match.
 
 carod continues with the reduced ad in-process as before. A job that breaks a
@@ -47,6 +47,7 @@ import classad2
 
 from carod.errors import CarodError, JobHeld
 from carod.holdcodes import HoldCode
+from carod.units import MIB
 from carod.wire import adcost
 from carod.wire.classads import Undefined, evaluate, evaluate_in_match
 
@@ -59,7 +60,7 @@ log = logging.getLogger("carod.evaluator")
 #: Largest value an attribute may evaluate to (it replaces the expression in the ad carod keeps).
 MAX_VALUE_BYTES = 64 * 1024
 #: Largest reduced ad the child may send back.
-MAX_REPLY_BYTES = 4 * 1024 * 1024
+MAX_REPLY_BYTES = 4 * MIB
 _PAGE = 4096
 _LEN = struct.Struct(">I")
 #: How long the child may take to start and say it is ready.
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> int:
     global _page
     memory_mib, page_fd = int(argv[0]), int(argv[1])
     _page = mmap.mmap(page_fd, _PAGE)
-    limit = _vm_size_kib() * 1024 + memory_mib * 1024 * 1024
+    limit = _vm_size_kib() * 1024 + memory_mib * MIB
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if len(argv) >= 4 and os.geteuid() == 0:
         os.setgroups([])
@@ -264,7 +265,7 @@ class Evaluator:
     async def job_ad(self, job: classad2.ClassAd, machine: Callable[[], classad2.ClassAd]) -> classad2.ClassAd:
         """The ad carod handles in-process. Raises JobHeld.
 
-        ``job`` itself when :func:`carod.adcost.problem` bounds it from its text
+        ``job`` itself when :func:`carod.wire.adcost.problem` bounds it from its text
         (the fast path: no round trip, ``machine`` not called); otherwise the
         child's reduced ad, evaluated against ``machine()``.
         """

@@ -7,7 +7,7 @@
 * A job with ``StreamOut = TRUE`` / ``StreamErr = TRUE``: its Out/Err file is
   read through a descriptor carod opened on it before the job started (the
   job cannot point it elsewhere), every ``stream_interval_s``, and what is new
-  goes out as ``carod.output`` messages (:func:`carod.replies.output_headers`)
+  goes out as ``carod.output`` messages (:func:`carod.wire.replies.output_headers`)
   of at most ``stream_chunk_kib``, at most ``stream_rate_kib_s`` per job.
   Output that falls further behind than ten seconds of that rate has its
   middle skipped (the message says how many bytes); the whole output is in

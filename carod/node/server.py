@@ -303,7 +303,7 @@ class Server:
         self._housekeeping = asyncio.create_task(self._expire_periodically())
 
     async def _setup_disk(self, executor: Executor, machine_ad: classad2.ClassAd, totals: Totals) -> tuple[Totals, str]:
-        """The sandboxes' file system (carod.diskquota), after what earlier runs left is killed."""
+        """The sandboxes' file system (carod.sandbox.diskquota), after what earlier runs left is killed."""
         config = self.config
         killed = await executor.clean_host()  # before their old file system is detached
         if killed:
@@ -381,7 +381,7 @@ class Server:
             self.admission.reset_deliveries()
 
     async def _snapshot(self) -> Snapshot:
-        """The live gauges (carod.metrics), on the loop."""
+        """The live gauges (carod.edges.metrics), on the loop."""
         if self.node is None or self.broker is None or self.journal is None or self.admission is None:
             raise ScrapeFailed("carod is starting")
         resources = self.node.resources

@@ -46,13 +46,13 @@ class Run:
     user: JobUser
     ended: bool = False
     box: Path | None = None
-    #: the sandbox's quota group (carod.diskquota), when the kernel bounds its disk
+    #: the sandbox's quota group (carod.sandbox.diskquota), when the kernel bounds its disk
     quota_group: int | None = None
     cgroup: JobCgroup | None = None
     limits: JobLimits | None = None
     process: JobProcess | None = None
     skipped: tuple[str, ...] = field(default=())
-    #: live output: stream name -> a read-only descriptor of its file (carod.progress)
+    #: live output: stream name -> a read-only descriptor of its file (carod.node.progress)
     streams: dict[str, int] = field(default_factory=dict)
 
 

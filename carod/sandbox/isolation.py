@@ -52,7 +52,7 @@ ROOT_CWD = "/"
 EXEC_SCRIPT = 'exec "$0" "$@"'
 
 #: The gate stops itself until carod has put it under its limits and sends SIGCONT.
-#: (Should carod die meanwhile, it stays stopped: the next start kills it, carod.runner.kill_stopped_gates.)
+#: (Should carod die meanwhile, it stays stopped: the next start kills it, carod.sandbox.runner.kill_stopped_gates.)
 GATE_SCRIPT = 'kill -STOP $$; exec "$@"'
 #: What the start-up probe job prints: its credentials, namespaces and whether / is writable.
 PROBE_SCRIPT = (
@@ -78,7 +78,7 @@ class Layers:
     env: str = "/usr/bin/env"
     #: Files hidden from jobs (an empty read-only file is bound over each): carod's config.
     hidden_files: tuple[Path, ...] = ()
-    #: The seccomp filter bubblewrap loads (carod.seccomp): no keyrings, no user namespaces unless allowed.
+    #: The seccomp filter bubblewrap loads (carod.sandbox.seccomp): no keyrings, no user namespaces unless allowed.
     seccomp: bytes | None = None
     user_namespaces: bool = False
     notes: tuple[str, ...] = ()

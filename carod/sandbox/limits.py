@@ -9,7 +9,7 @@ and the caller gets a :class:`JobHeld` that names the limit and the usage,
 with HTCondor's hold code (34 out of resources, 47 execute duration).
 
 The disk is measured by a :class:`DiskMeter`: the sandbox's quota group when
-the kernel bounds it (carod.diskquota; "full" is usage within a small slack
+the kernel bounds it (carod.sandbox.diskquota; "full" is usage within a small slack
 of the limit, as the kernel stops writes just below it), else a walk of the
 sandbox's files (over the limit).
 """
@@ -137,7 +137,7 @@ def after_exit(limits: JobLimits, info: ExitInfo) -> JobHeld | None:
 
 
 def disk_usage_bytes(path: Path) -> int:
-    """Bytes the sandbox takes on disk (carod.tree.usage_bytes: allocated blocks, no link followed).
+    """Bytes the sandbox takes on disk (carod.sandbox.tree.usage_bytes: allocated blocks, no link followed).
 
     The job is still running: only directories are opened, without blocking
     and without following a link, and the walk is a loop, not a recursion.
@@ -157,7 +157,7 @@ class DiskMeter:
     used: Callable[[], int]
     #: a usage this close to the limit is "full" (the kernel stopped it); None: only past the limit
     slack_bytes: int | None = None
-    #: the limit the kernel enforces is never below this (carod.diskquota.kernel_limit_bytes)
+    #: the limit the kernel enforces is never below this (carod.sandbox.diskquota.kernel_limit_bytes)
     min_limit_bytes: int = 0
 
     def full(self, used_bytes: int, limit_bytes: int) -> bool:

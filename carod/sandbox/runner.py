@@ -2,11 +2,11 @@
 
 A job is started with :class:`subprocess.Popen` on the default asyncio loop's
 thread (never through uvloop, which cannot close inherited descriptors; see
-docs/security.md) as the chain :func:`carod.isolation.command` builds:
+docs/security.md) as the chain :func:`carod.sandbox.isolation.command` builds:
 
 * Popen itself runs as root with ``close_fds`` (only 0, 1, 2 are inherited),
   ``start_new_session`` (own session and process group, no controlling terminal), ``umask`` 077, in ``/`` with
-  a fixed environment (:data:`carod.isolation.ROOT_ENV`): the job's own environment (its ``Environment`` on top
+  a fixed environment (:data:`carod.sandbox.isolation.ROOT_ENV`): the job's own environment (its ``Environment`` on top
   of a minimal PATH/HOME/TMPDIR) and its sandbox as working directory are applied by ``env -i -C`` after the
   switch to the job user, never seen by a root process;
 * while the gate is stopped, carod (in a worker thread: a cgroup v1 move can
@@ -43,6 +43,7 @@ from carod.sandbox.isolation import Layers
 from carod.sandbox.limits import JobLimits
 from carod.sandbox.users import JobUser
 from carod.sandbox.workdir import Stdio, executable_by
+from carod.units import MIB
 from carod.wire.jobad import JobSpec
 from carod.wire.replies import ExitInfo, Usage
 
@@ -76,7 +77,7 @@ def check_command(spec: JobSpec, sandbox: Path, user: JobUser, view: cmdpath.Vie
     """The job's executable, checked the way exec would for the job user, in its view. Raises JobHeld. Blocking.
 
     carod runs as root, but it must not tell the job more than the job user
-    could find out (carod.cmdpath): the path is walked as the job user, in
+    could find out (carod.sandbox.cmdpath): the path is walked as the job user, in
     the job's view, without the kernel following a link for root.
     """
     path = command_path(spec, sandbox)
@@ -118,7 +119,7 @@ def rlimits(limits: JobLimits, cgroup: JobCgroup | None, controllers: frozenset[
     if limits.disk_bytes is not None:
         result.append((resource.RLIMIT_FSIZE, limits.disk_bytes))
     if limits.memory_mib and (cgroup is None or "memory" not in controllers):
-        result.append((resource.RLIMIT_AS, int(limits.memory_mib * 1024 * 1024)))
+        result.append((resource.RLIMIT_AS, int(limits.memory_mib * MIB)))
     return result
 
 
@@ -347,7 +348,7 @@ def _filter_fd(program: bytes) -> int:
 
 
 def probe_limits() -> Limits:
-    return Limits(memory_bytes=64 * 1024 * 1024, cpus=1.0, pids=64)
+    return Limits(memory_bytes=64 * MIB, cpus=1.0, pids=64)
 
 
 async def probe(layers: Layers, user: JobUser, box: Path, cgroup: JobCgroup | None) -> str:

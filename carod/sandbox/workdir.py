@@ -67,7 +67,7 @@ def untraversable(path: Path, owner: Owner) -> Path | None:
 def create(root: Path, message_id: str, owner: Owner, make_dir: Callable[[Path], None] | None = None) -> Path:
     """A fresh, empty directory for one job, 0700 and owned by the job user.
 
-    ``make_dir`` creates it instead of mkdir (carod.diskquota: a subvolume).
+    ``make_dir`` creates it instead of mkdir (carod.sandbox.diskquota: a subvolume).
     """
     stem = _SAFE_NAME.sub("_", message_id)[:64] or "job"
     path = root / f"{stem}.{secrets.token_hex(4)}"
@@ -88,7 +88,7 @@ def create(root: Path, message_id: str, owner: Owner, make_dir: Callable[[Path],
 
 
 def remove(path: Path) -> bool:
-    """Delete a sandbox, however deep (carod.tree). Never raises: False (logged) if it could not."""
+    """Delete a sandbox, however deep (carod.sandbox.tree). Never raises: False (logged) if it could not."""
     return tree.remove(path)
 
 

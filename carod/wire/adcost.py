@@ -18,7 +18,7 @@ arguments and whose time is about linear in them). Anything else (a call to
 ``sprintf``, ``replaceAll``, ``regexp``, ``eval``...; a nested ClassAd, whose
 own attributes this reading cannot follow; references that form a cycle) is
 not bounded here, and carod evaluates it only in the bounded evaluator
-(carod.evaluator). The bound over-approximates: a name counts as a reference
+(carod.node.evaluator). The bound over-approximates: a name counts as a reference
 to the ad's attribute of that name wherever it appears (except after
 ``TARGET.``, which names the other ad).
 """

@@ -119,7 +119,7 @@ class Advert:
 def checked_ad(advert: Advert) -> classad2.ClassAd:
     """The advert's machine ad, if evaluating it is cheap by construction. Raises AdvertError.
 
-    Every attribute must be bounded (:func:`carod.adcost.problem`); only
+    Every attribute must be bounded (:func:`carod.wire.adcost.problem`); only
     ``Start``, ``Requirements`` and ``Rank`` may refer to the job, at most
     :data:`MAX_JOB_REFERENCES` times each. A job cannot refer to those three
     (adcost.MACHINE_POLICY), so a match never goes back and forth between the ads.

@@ -2,7 +2,7 @@
 
 Every reply carries ``JobStatus``, ``JobState``, ``Sequence`` (1, 2, ... per
 job and attempt), ``RemoteHost`` and ``EnteredCurrentStatus``. Values follow
-the job-header convention (see :mod:`carod.classads`).
+the job-header convention (see :mod:`carod.wire.classads`).
 """
 
 from __future__ import annotations
