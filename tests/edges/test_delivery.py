@@ -1,0 +1,206 @@
+"""carod.edges.delivery: one job message settled, answered, parked and adopted, on the real broker.
+
+Each test has queues of its own; the messages are taken with basic.get and
+wrapped in a Delivery as the broker edge wraps what it consumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from carod.edges.amqp import ReplyUndeliverable
+from carod.edges.delivery import Delivery, Parking, Settle
+from carod.wire.classads import Scalar
+from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
+from tests.helpers import BROKER_URL, delete_queues, unique
+
+pytestmark = pytest.mark.usefixtures("broker")
+
+
+@dataclass
+class Queues:
+    channel: AbstractChannel
+    #: deliveries are taken on a channel without publisher confirms, as carod's: they are settled in transactions
+    consumer: AbstractChannel
+    jobs: str
+    replies: str
+    delay: str
+    dead: str
+
+
+@pytest.fixture
+async def queues() -> AsyncIterator[Queues]:
+    names = [unique("delivery-jobs"), unique("delivery-replies"), unique("delivery-delay"), unique("delivery-dead")]
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        channel = await connection.channel()
+        consumer = await connection.channel(publisher_confirms=False)
+        jobs, replies, delay, dead = names
+        await channel.declare_queue(
+            jobs, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead}
+        )
+        for name in (replies, delay, dead):
+            await channel.declare_queue(name)
+        yield Queues(channel, consumer, jobs, replies, delay, dead)
+    finally:
+        await connection.close()
+        await delete_queues(*names)
+
+
+async def no_check(address: ReplyAddress, headers: Mapping[str, Scalar]) -> None:
+    """The reply address's dry run: everything passes."""
+
+
+async def publish_job(q: Queues, message_id: str = "job-1", **headers: object) -> None:
+    message = aio_pika.Message(
+        b"input", message_id=message_id, reply_to=q.replies, headers={"Cmd": '"/bin/true"', **headers}
+    )
+    await q.channel.default_exchange.publish(message, q.jobs)
+
+
+async def take(q: Queues, name: str | None = None, timeout_s: float = 5) -> AbstractIncomingMessage:
+    queue = await q.consumer.get_queue(name or q.jobs)
+    async with asyncio.timeout(timeout_s):
+        while True:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is not None:
+                return message
+            await asyncio.sleep(0.02)  # basic.get polls: a message published a moment ago may not be routed yet
+
+
+async def depth(q: Queues, name: str) -> int:
+    declared = await q.channel.declare_queue(name, passive=True)
+    count = declared.declaration_result.message_count
+    return int(count or 0)
+
+
+async def test_ack_takes_the_message_off_the_queue(queues: Queues) -> None:
+    await publish_job(queues)
+    delivery = Delivery(await take(queues), no_check)
+    assert delivery.message_id == "job-1" and delivery.reply_to == queues.replies and delivery.body == b"input"
+    assert delivery.live() and not delivery.acked
+    assert await delivery.settle(Settle.ACK, label="job-1")
+    assert delivery.acked
+    assert await depth(queues, queues.jobs) == 0
+
+
+async def test_requeue_gives_the_message_back_marked_redelivered(queues: Queues) -> None:
+    await publish_job(queues)
+    delivery = Delivery(await take(queues), no_check)
+    assert await delivery.settle(Settle.REQUEUE, label="job-1")
+    assert not delivery.acked
+    again = Delivery(await take(queues), no_check)
+    assert again.message_id == "job-1" and again.redelivered
+
+
+async def test_reject_drops_the_message_to_the_queues_dead_letter(queues: Queues) -> None:
+    await publish_job(queues)
+    delivery = Delivery(await take(queues), no_check)
+    assert await delivery.settle(Settle.REJECT, label="job-1")
+    dead = await take(queues, queues.dead)
+    assert dead.message_id == "job-1"
+    assert await depth(queues, queues.jobs) == 0
+
+
+async def test_park_moves_a_copy_with_its_offers_counted_and_acks_the_original(queues: Queues) -> None:
+    await publish_job(queues, **{OFFERS_HEADER: 1, "x-forged": "dropped"})
+    delivery = Delivery(await take(queues), no_check)
+    parking = Parking(queues.delay, offers=2, first_offer=1_700_000_000, timeout_s=5)
+    assert await delivery.settle(Settle.PARK, label="job-1", parking=parking)
+    assert delivery.acked
+    parked = await take(queues, queues.delay)
+    headers = parked.headers or {}
+    assert parked.message_id == "job-1" and parked.reply_to == queues.replies and parked.body == b"input"
+    assert headers[OFFERS_HEADER] == 2 and headers[FIRST_OFFER_HEADER] == 1_700_000_000
+    assert headers["Cmd"] == '"/bin/true"' and "x-forged" not in headers
+    assert await depth(queues, queues.jobs) == 0
+
+
+async def test_park_without_a_parking_is_a_programming_error(queues: Queues) -> None:
+    await publish_job(queues)
+    delivery = Delivery(await take(queues), no_check)
+    with pytest.raises(ValueError, match="Parking"):
+        await delivery.settle(Settle.PARK, label="job-1")
+    assert delivery.live() and not delivery.acked
+
+
+async def test_the_final_reply_and_the_ack_commit_together(queues: Queues) -> None:
+    await publish_job(queues)
+    delivery = Delivery(await take(queues), no_check)
+    await delivery.reply_and_ack(
+        ReplyAddress("", queues.replies),
+        correlation_id="job-1",
+        headers={"JobStatus": 4},
+        body=b"zip",
+        timeout_s=5,
+    )
+    assert delivery.acked
+    reply = await take(queues, queues.replies)
+    assert reply.correlation_id == "job-1" and reply.body == b"zip" and (reply.headers or {})["JobStatus"] == 4
+    assert await depth(queues, queues.jobs) == 0
+
+
+async def test_an_address_refused_in_the_dry_run_leaves_the_delivery_intact(queues: Queues) -> None:
+    async def refuse(address: ReplyAddress, headers: Mapping[str, Scalar]) -> None:
+        raise ReplyUndeliverable("there is no exchange 'gone'")
+
+    await publish_job(queues)
+    delivery = Delivery(await take(queues), refuse)
+    with pytest.raises(ReplyUndeliverable):
+        await delivery.reply_and_ack(
+            ReplyAddress("gone", "k"), correlation_id="job-1", headers={"JobStatus": 4}, body=b"", timeout_s=5
+        )
+    assert delivery.live() and not delivery.acked
+    assert await delivery.settle(Settle.ACK, label="job-1"), "the delivery can still be settled"
+
+
+async def test_a_dead_channel_makes_the_delivery_wait_for_an_adopted_redelivery(queues: Queues) -> None:
+    await publish_job(queues)
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        other = await connection.channel(publisher_confirms=False)
+        queue = await other.get_queue(queues.jobs)
+        first = await queue.get(no_ack=False)
+        delivery = Delivery(first, no_check)
+        await other.close()  # the broker requeues what that channel held
+        assert not delivery.live()
+        assert not await delivery.settle(Settle.ACK, label="job-1"), "nothing reaches the broker"
+        stopping = asyncio.Event()
+        with pytest.raises(TimeoutError):
+            await delivery.wait_live(0.05, stopping)
+        waiter = asyncio.create_task(delivery.wait_live(5, stopping))
+        await asyncio.sleep(0)
+        assert delivery.waiting
+        redelivered = Delivery(await take(queues), no_check)
+        assert redelivered.redelivered
+        delivery.adopt(redelivered)
+        await asyncio.wait_for(waiter, 5)
+        assert delivery.live() and not delivery.waiting and not delivery.acked
+        assert await delivery.settle(Settle.ACK, label="job-1")
+        assert await depth(queues, queues.jobs) == 0
+    finally:
+        await connection.close()
+
+
+async def test_waiting_for_a_live_delivery_ends_at_once_when_the_node_stops(queues: Queues) -> None:
+    await publish_job(queues)
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        other = await connection.channel(publisher_confirms=False)
+        first = await (await other.get_queue(queues.jobs)).get(no_ack=False)
+        delivery = Delivery(first, no_check)
+        await other.close()
+        stopping = asyncio.Event()
+        waiter = asyncio.create_task(delivery.wait_live(60, stopping))
+        await asyncio.sleep(0)
+        stopping.set()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(waiter, 5)
+    finally:
+        await connection.close()
