@@ -18,7 +18,7 @@ import pytest
 from carod.edges.notify import Notifier, parse_address, parse_watchdog_s
 from tests.helpers import start_daemon, write_config
 
-UNIT = Path(__file__).parent.parent / "systemd" / "carod.service"
+UNIT = Path(__file__).parents[2] / "systemd" / "carod.service"
 
 
 class NotifySocket:
