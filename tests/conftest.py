@@ -9,7 +9,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from tests.helpers import BROKER_URL, RunningNode, Submitter, delete_queues, start_node, unique
+from tests.helpers import BROKER_URL, NotifySocket, RunningNode, Submitter, delete_queues, start_node, unique
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,3 +66,10 @@ async def submitter(queue: str) -> AsyncIterator[Submitter]:
     sub = await Submitter.open(queue)
     yield sub
     await sub.close()
+
+
+@pytest.fixture
+def notify_socket(base: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(base / "notify.sock")
+    yield sock
+    sock.close()

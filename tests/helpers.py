@@ -11,8 +11,11 @@ import io
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 import warnings
 import zipfile
@@ -376,3 +379,43 @@ def rabbit_env(key: str) -> str:
         text=True,
         timeout=60,
     ).stdout.strip()
+
+
+class NotifySocket:
+    """What systemd listens on: a datagram socket, read by a thread that timestamps each message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((time.monotonic(), fields))
+
+    def drain(self) -> list[tuple[float, dict[str, str]]]:
+        return list(self.messages)
+
+    async def wait_for(self, key: str, timeout_s: float = 20) -> dict[str, str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for _, fields in self.drain():
+                if key in fields:
+                    return fields
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {key} notification; got {[m for _, m in self.messages]}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reader.join()
+        self.sock.close()
