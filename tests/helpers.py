@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import classad2
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod import config as configuration
 from carod.node.server import Server
+from carod.wire import adverts
 
 BROKER_URL = os.environ.get(
     "CAROD_TEST_BROKER_URL", os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -419,3 +421,19 @@ class NotifySocket:
         self._stop.set()
         self._reader.join()
         self.sock.close()
+
+
+def node_ad(name: str, *, cpus: int, total_cpus: int, memory: int, **extra: object) -> str:
+    ad = classad2.ClassAd()
+    ad.update({"Name": name, "Cpus": cpus, "TotalCpus": total_cpus, "Memory": memory, "TotalMemory": memory})
+    ad.update({"Disk": 1000, "TotalDisk": 1000, "LoadAvg": 0.5, "Start": classad2.ExprTree("TRUE")})
+    ad.update(extra)
+    return str(ad)
+
+
+def advert(
+    name: str, state: str = adverts.RUNNING, *, queue: str = "grid", sent: float = 100.0, **ad: int
+) -> adverts.Advert:
+    text = node_ad(name, **{"cpus": 2, "total_cpus": 2, "memory": 1024, **ad})
+    job = adverts.JobInfo("job-1", "alice", "/bin/sleep", 90.0, 1, 128)
+    return adverts.Advert(name, queue, state, sent, 5.0, text, (job,), {"other": 99.0})

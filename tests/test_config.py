@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from carod import config
+from carod import config as configuration
 from carod.config import BrokerConfig, Config, NodeConfig
 from carod.errors import ConfigError
 
@@ -326,3 +327,36 @@ def test_load_errors_name_the_file_and_key(scratch: Path) -> None:
     path.write_text("[node]\nslotz = 1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"\[node\] slotz"):
         config.load(os.fspath(path), environ=NO_ENV)
+
+
+# ---------------------------------------------------------------- [sandbox]
+
+
+def test_sandbox_section_parses() -> None:
+    cfg = configuration.parse(
+        "[node]\nslots = 2\n[sandbox]\nisolation = none\ncgroups = v1\nnetwork = yes\n"
+        "slot_users = carod1, carod2\nmax_job_duration_s = 3600\n",
+        environ={},
+    )
+    assert cfg.sandbox.isolation == "none" and cfg.sandbox.cgroups == "v1" and cfg.sandbox.network is True
+    assert cfg.sandbox.slot_users == ("carod1", "carod2")
+    assert "slot_users = carod1, carod2" in configuration.effective(cfg)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[sandbox]\nisolation = docker\n", "[sandbox] isolation"),
+        ("[sandbox]\ncgroups = v3\n", "[sandbox] cgroups"),
+        ("[sandbox]\nnetwork = maybe\n", "[sandbox] network"),
+        ("[sandbox]\ntmp_mib = 0\n", "[sandbox] tmp_mib"),
+        ("[sandbox]\nmax_job_duration_s = -1\n", "[sandbox] max_job_duration_s"),
+        ("[sandbox]\nslot_users = a, root\n", "[sandbox] slot_users"),
+        ("[sandbox]\nslot_users = a, a\n", "[sandbox] slot_users"),
+        ("[node]\nslots = 3\n[sandbox]\nslot_users = a, b\n", "[sandbox] slot_users"),
+        ("[sandbox]\nbogus = 1\n", "[sandbox] bogus"),
+    ],
+)
+def test_bad_sandbox_settings_name_the_key(text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        configuration.parse(text, environ={})

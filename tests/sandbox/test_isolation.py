@@ -1,26 +1,24 @@
-"""The sandbox's pure parts: the command chain, the probe's verdict, the limits (no broker, no jobs)."""
+"""carod.sandbox.isolation: the command chain a job starts through, and the probe's verdict on the layers
+(no broker, no jobs)."""
 
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
 
-from carod import config as configuration
-from carod.config import SandboxConfig
-from carod.errors import ConfigError, JobHeld
-from carod.sandbox import isolation, limits
+from carod.sandbox import isolation
 from carod.sandbox.isolation import Layers
 from carod.sandbox.users import JobUser
-from carod.wire import jobad
-from carod.wire.classads import ad_from_headers
-from carod.wire.jobad import Request
-from carod.wire.replies import ExitInfo
 
 USER = JobUser("nobody", 65534, 65534, switch=True)
+
+
 BOX = Path("/srv/carod/sandboxes/job.1234")
+
+
+# ---------------------------------------------------------------- the command chain
 
 
 def layers(*, bwrap: bool, network: bool = False) -> Layers:
@@ -79,6 +77,9 @@ def test_chain_when_carod_is_the_job_user_only_sets_no_new_privs() -> None:
     ]
 
 
+# ---------------------------------------------------------------- the probe
+
+
 GOOD_PROBE = """Name:\tcat
 Uid:\t65534\t65534\t65534\t65534
 Gid:\t65534\t65534\t65534\t65534
@@ -113,117 +114,3 @@ def test_probe_problems_are_named(change: tuple[str, str], problem: str) -> None
 
 def test_empty_probe_output_is_a_problem() -> None:
     assert isolation.probe_problems("", USER, layers(bwrap=False)) == ["the probe job printed nothing"]
-
-
-# ---------------------------------------------------------------- limits
-
-
-def spec(**attrs: str) -> jobad.JobSpec:
-    ad = ad_from_headers({"Cmd": '"/bin/true"', **attrs})
-    return jobad.job_spec(ad)
-
-
-def limits_of(job: jobad.JobSpec, config: SandboxConfig, default_memory_mib: int = 128) -> limits.JobLimits:
-    return limits.limits_for(job, config, Request.for_job(job, default_memory_mib))
-
-
-def test_limits_from_the_jobs_requests() -> None:
-    job = spec(RequestMemory="512", RequestCpus="2", RequestDisk="2048", AllowedExecuteDuration="60")
-    got = limits_of(job, SandboxConfig(max_job_pids=100))
-    assert got.memory_mib == 512 and got.memory_source == "RequestMemory"
-    assert got.cpus == 2 and got.pids == 100
-    assert got.disk_bytes == 2048 * 1024
-    assert got.duration_s == 60 and got.duration_source == "AllowedExecuteDuration"
-    assert got.cgroup().memory_bytes == 512 * 1024 * 1024
-
-
-def test_limits_defaults_without_requests_are_what_the_job_reserves() -> None:
-    got = limits_of(spec(), SandboxConfig(), default_memory_mib=256)
-    assert got.memory_mib == 256
-    assert got.memory_source == "the node's default RequestMemory, [node] default_request_memory_mib"
-    assert got.cpus == 1 and got.disk_bytes is None
-    # issue 14: a job is ended after a day by default
-    assert (got.duration_s, got.duration_source) == (86400, "[sandbox] max_job_duration_s")
-
-
-def test_a_job_without_request_disk_gets_the_nodes_default_disk_limit() -> None:
-    job = spec()
-    got = limits.limits_for(job, SandboxConfig(), Request.for_job(job, 128), default_disk_kib=65536)
-    assert got.disk_bytes == 64 * 1024 * 1024
-    assert got.disk_source == "the node's default for a job without RequestDisk"
-
-
-def test_node_maximum_duration_wins_when_shorter() -> None:
-    shorter = limits_of(spec(AllowedExecuteDuration="600"), SandboxConfig(max_job_duration_s=60))
-    assert (shorter.duration_s, shorter.duration_source) == (60, "[sandbox] max_job_duration_s")
-    longer = limits_of(spec(AllowedExecuteDuration="6"), SandboxConfig(max_job_duration_s=60))
-    assert (longer.duration_s, longer.duration_source) == (6, "AllowedExecuteDuration")
-
-
-def info(**kwargs: object) -> ExitInfo:
-    base: dict[str, object] = {
-        "exit_code": None,
-        "exit_signal": None,
-        "duration_s": 1.0,
-        "user_cpu_s": 0.0,
-        "sys_cpu_s": 0.0,
-        "max_rss_kib": 65536,
-    }
-    base.update(kwargs)
-    return ExitInfo(**base)  # type: ignore[arg-type]
-
-
-def test_exit_by_sigxfsz_with_a_disk_request_is_the_disk_limit() -> None:
-    job = limits_of(spec(RequestDisk="1024"), SandboxConfig())
-    held = limits.after_exit(job, info(exit_signal=signal.SIGXFSZ))
-    assert held is not None and held.code == 34 and "disk limit of 1.0 MiB" in held.reason
-    assert limits.after_exit(job, info(exit_code=0)) is None
-
-
-def test_an_oom_kill_is_the_memory_limit() -> None:
-    job = limits_of(spec(RequestMemory="64"), SandboxConfig())
-    held = limits.after_exit(job, info(exit_signal=9, oom_kills=1))
-    assert held is not None and held.code == 34
-    assert "memory limit of 64.0 MiB (RequestMemory)" in held.reason and "peak usage 64.0 MiB" in held.reason
-
-
-@pytest.mark.parametrize(
-    ("attr", "value"),
-    [("RequestMemory", '"lots"'), ("RequestCpus", "0"), ("RequestDisk", "-1"), ("AllowedExecuteDuration", "TRUE")],
-)
-def test_bad_requests_are_held_naming_the_attribute(attr: str, value: str) -> None:
-    with pytest.raises(JobHeld, match=attr):
-        spec(**{attr: value})
-
-
-# ---------------------------------------------------------------- [sandbox] config
-
-
-def test_sandbox_section_parses() -> None:
-    cfg = configuration.parse(
-        "[node]\nslots = 2\n[sandbox]\nisolation = none\ncgroups = v1\nnetwork = yes\n"
-        "slot_users = carod1, carod2\nmax_job_duration_s = 3600\n",
-        environ={},
-    )
-    assert cfg.sandbox.isolation == "none" and cfg.sandbox.cgroups == "v1" and cfg.sandbox.network is True
-    assert cfg.sandbox.slot_users == ("carod1", "carod2")
-    assert "slot_users = carod1, carod2" in configuration.effective(cfg)
-
-
-@pytest.mark.parametrize(
-    ("text", "key"),
-    [
-        ("[sandbox]\nisolation = docker\n", "[sandbox] isolation"),
-        ("[sandbox]\ncgroups = v3\n", "[sandbox] cgroups"),
-        ("[sandbox]\nnetwork = maybe\n", "[sandbox] network"),
-        ("[sandbox]\ntmp_mib = 0\n", "[sandbox] tmp_mib"),
-        ("[sandbox]\nmax_job_duration_s = -1\n", "[sandbox] max_job_duration_s"),
-        ("[sandbox]\nslot_users = a, root\n", "[sandbox] slot_users"),
-        ("[sandbox]\nslot_users = a, a\n", "[sandbox] slot_users"),
-        ("[node]\nslots = 3\n[sandbox]\nslot_users = a, b\n", "[sandbox] slot_users"),
-        ("[sandbox]\nbogus = 1\n", "[sandbox] bogus"),
-    ],
-)
-def test_bad_sandbox_settings_name_the_key(text: str, key: str) -> None:
-    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
-        configuration.parse(text, environ={})

@@ -9,9 +9,11 @@ import classad2
 import pytest
 
 from carod.errors import JobHeld
+from carod.wire import jobad
 from carod.wire.classads import ad_from_headers
 from carod.wire.jobad import (
     JobSpec,
+    Request,
     apply_defaults,
     format_args_v2,
     job_spec,
@@ -353,3 +355,29 @@ def test_apply_defaults_keeps_a_present_owner_expression() -> None:
     ad = ad_from_headers({"Owner": 'strcat("al", "ice")'})
     apply_defaults(ad)
     assert ad.eval("Owner") == "alice"
+
+
+# ---------------------------------------------------------------- requests
+
+
+def test_request_defaults_come_from_the_node() -> None:
+    spec = job_spec(ad_from_headers({"Cmd": '"/bin/true"'}))
+    request = Request.for_job(spec, 256)
+    assert (request.cpus, request.memory_mib, request.disk_kib) == (1, 256, 0)
+    assert "default_request_memory_mib" in request.memory_source
+    asked = Request.for_job(job_spec(ad_from_headers({"Cmd": '"/bin/true"', "RequestMemory": 64})), 256)
+    assert (asked.memory_mib, asked.memory_source) == (64, "RequestMemory")
+
+
+def spec(**attrs: str) -> jobad.JobSpec:
+    ad = ad_from_headers({"Cmd": '"/bin/true"', **attrs})
+    return jobad.job_spec(ad)
+
+
+@pytest.mark.parametrize(
+    ("attr", "value"),
+    [("RequestMemory", '"lots"'), ("RequestCpus", "0"), ("RequestDisk", "-1"), ("AllowedExecuteDuration", "TRUE")],
+)
+def test_bad_requests_are_held_naming_the_attribute(attr: str, value: str) -> None:
+    with pytest.raises(JobHeld, match=attr):
+        spec(**{attr: value})

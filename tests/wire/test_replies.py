@@ -1,15 +1,18 @@
-"""Reply headers are bounded after ClassAd quoting (pure: no broker). Issue 14."""
+"""carod.wire.replies: the reply headers of each kind, every one a ClassAd value,
+and bounded after ClassAd quoting (issue 14)."""
 
 from __future__ import annotations
 
-import aiormq
+from pathlib import Path
+
 import classad2
 import pytest
 
-from carod.edges.broker import ReplyRefused, ReplyUndeliverable, refusal
 from carod.holdcodes import HoldCode
 from carod.wire import replies
-from carod.wire.replies import MAX_HEADERS_BYTES, MAX_TEXT_HEADER_BYTES, TRUNCATED
+from carod.wire.replies import MAX_HEADERS_BYTES, MAX_TEXT_HEADER_BYTES, TRUNCATED, ExitInfo, JobStatus
+
+# ---------------------------------------------------------------- bounds (issue 14)
 
 
 def _literal(text: object) -> str:
@@ -111,29 +114,132 @@ def test_the_stand_in_for_a_refused_final_reply_is_small_and_keeps_the_numbers()
     assert replies.headers_size(stand_in) < 2048
 
 
-def _closed(cls: type[Exception], text: str) -> Exception:
-    return cls(text)
+# ---------------------------------------------------------------- each kind of reply
 
 
-def test_refusals_are_told_apart_from_transient_failures() -> None:
-    trace = _closed(
-        aiormq.exceptions.ChannelAccessRefused,
-        "ACCESS_REFUSED - cannot publish to internal exchange 'amq.rabbitmq.trace' in vhost '/'",
+def normal_exit(code: int = 0) -> ExitInfo:
+    return ExitInfo(
+        exit_code=code, exit_signal=None, duration_s=1.2345678, user_cpu_s=0.5, sys_cpu_s=0.25, max_rss_kib=2048
     )
-    got = refusal(trace, "amq.rabbitmq.trace", headers_bytes=100, body_bytes=0)
-    assert type(got) is ReplyUndeliverable
-    # the same channel error fails every publish pending on the channel: not this reply's refusal
-    assert refusal(trace, "other", headers_bytes=100, body_bytes=0) is None
-    gone = _closed(aiormq.exceptions.ChannelNotFoundEntity, "NOT_FOUND - no exchange 'x' in vhost '/'")
-    assert type(refusal(gone, "x", headers_bytes=1, body_bytes=0)) is ReplyUndeliverable
-    size = _closed(
-        aiormq.exceptions.ChannelPreconditionFailed,
-        "PRECONDITION_FAILED - message size 3145728 is larger than configured max size 2097152",
+
+
+def signal_exit(sig: int = 9) -> ExitInfo:
+    return ExitInfo(exit_code=None, exit_signal=sig, duration_s=3.0, user_cpu_s=0.0, sys_cpu_s=0.0, max_rss_kib=0)
+
+
+def test_running_reply() -> None:
+    reply = replies.running(sequence=1, node="node-a", now=1700000000.7, start_date=1699999999.2, pid=4242)
+    h = reply.headers
+    assert reply.status == JobStatus.RUNNING
+    assert not reply.final
+    assert reply.body_path is None
+    assert h["JobStatus"] == 2
+    assert h["JobState"] == '"Running"'
+    assert h["Sequence"] == 1
+    assert h["RemoteHost"] == '"node-a"'
+    assert h["EnteredCurrentStatus"] == 1700000000
+    assert h["JobStartDate"] == 1699999999
+    assert h["JobPid"] == 4242
+    assert h["JobRunCount"] == 1
+    assert "ExitCode" not in h
+    assert "HoldReason" not in h
+
+
+def test_exited_reply_with_exit_code() -> None:
+    body = Path("/nonexistent/result.zip")
+    reply = replies.exited(sequence=2, node="node-a", now=1700000005.0, info=normal_exit(3), body_path=body)
+    h = reply.headers
+    assert reply.status == JobStatus.COMPLETED
+    assert reply.final
+    assert reply.body_path == body
+    assert h["JobStatus"] == 4
+    assert h["JobState"] == '"Exited"'
+    assert h["Sequence"] == 2
+    assert h["ExitBySignal"] == "FALSE"
+    assert h["ExitCode"] == 3
+    assert "ExitSignal" not in h
+    assert h["CompletionDate"] == 1700000005
+    assert h["JobDuration"] == pytest.approx(1.234568)
+    assert isinstance(h["JobDuration"], float)
+    assert h["RemoteUserCpu"] == 0.5
+    assert h["RemoteSysCpu"] == 0.25
+    assert h["ResidentSetSize"] == 2048
+
+
+def test_exited_reply_by_signal() -> None:
+    h = replies.exited(sequence=3, node="n", now=1.0, info=signal_exit(9), body_path=None).headers
+    assert h["JobStatus"] == 4
+    assert h["ExitBySignal"] == "TRUE"
+    assert h["ExitSignal"] == 9
+    assert "ExitCode" not in h
+
+
+def test_held_reply() -> None:
+    reply = replies.held(
+        sequence=2,
+        node="n",
+        now=10.0,
+        reason='the job\'s Out = "/etc/x" is outside',
+        code=HoldCode.UNABLE_TO_OPEN_OUTPUT,
+        subcode=13,
     )
-    assert isinstance(refusal(size, "", headers_bytes=1, body_bytes=3145728), ReplyRefused)
-    assert refusal(size, "", headers_bytes=1, body_bytes=1000) is None
-    text = "FRAME_ERROR - type 2, all octets = <<>>: {frame_too_large,200060,131064}"
-    frame = _closed(aiormq.exceptions.ConnectionFrameError, text)
-    assert isinstance(refusal(frame, "", headers_bytes=200_000, body_bytes=0), ReplyRefused)
-    assert refusal(frame, "", headers_bytes=MAX_HEADERS_BYTES, body_bytes=0) is None
-    assert refusal(ConnectionResetError(), "x", headers_bytes=1, body_bytes=0) is None
+    h = reply.headers
+    assert reply.status == JobStatus.HELD
+    assert reply.final
+    assert h["JobStatus"] == 5
+    assert h["JobState"] == '"Held"'
+    assert h["HoldReason"] == '"the job\'s Out = \\"/etc/x\\" is outside"'
+    assert classad2.ExprTree(h["HoldReason"]).eval() == 'the job\'s Out = "/etc/x" is outside'
+    assert h["HoldReasonCode"] == 7
+    assert type(h["HoldReasonCode"]) is int
+    assert h["HoldReasonSubCode"] == 13
+    assert h["JobRunCount"] == 0
+    assert "ExitBySignal" not in h
+
+
+def test_held_reply_after_running_carries_exit_info() -> None:
+    h = replies.held(
+        sequence=3,
+        node="n",
+        now=10.0,
+        reason="too big",
+        code=HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED,
+        info=normal_exit(0),
+        run_count=1,
+    ).headers
+    assert h["JobStatus"] == 5
+    assert h["HoldReasonCode"] == 33
+    assert h["HoldReasonSubCode"] == 0
+    assert h["ExitBySignal"] == "FALSE"
+    assert h["ExitCode"] == 0
+    assert h["JobRunCount"] == 1
+
+
+def test_idle_reply() -> None:
+    reply = replies.idle(sequence=4, node="n", now=20.0, reason="node shutting down", run_count=1)
+    h = reply.headers
+    assert reply.status == JobStatus.IDLE
+    assert not reply.final
+    assert h["JobStatus"] == 1
+    assert h["JobState"] == '"Idle"'
+    assert h["LastVacateReason"] == '"node shutting down"'
+    assert h["Sequence"] == 4
+
+
+def test_removed_is_final() -> None:
+    assert replies.Reply(JobStatus.REMOVED, {}).final
+
+
+def test_every_reply_header_is_a_classad_value() -> None:
+    all_replies = [
+        replies.running(sequence=1, node="n", now=1.0, start_date=1.0, pid=1),
+        replies.exited(sequence=2, node="n", now=2.0, info=signal_exit(), body_path=None),
+        replies.held(sequence=2, node="n", now=2.0, reason="r", code=HoldCode.JOB_POLICY),
+        replies.idle(sequence=2, node="n", now=2.0, reason="r", run_count=1),
+    ]
+    for reply in all_replies:
+        for name, value in reply.headers.items():
+            assert isinstance(value, int | float | str), name
+            assert not isinstance(value, bool), name
+            if isinstance(value, str):
+                classad2.ExprTree(value)  # parses: a client can read every header back
