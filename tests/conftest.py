@@ -9,7 +9,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from tests.helpers import BROKER_URL, NotifySocket, RunningNode, Submitter, delete_queues, start_node, unique
+from tests.helpers import BROKER_URL, Dirs, NotifySocket, RunningNode, Submitter, delete_queues, start_node, unique
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,3 +73,15 @@ def notify_socket(base: Path) -> Iterator[NotifySocket]:
     sock = NotifySocket(base / "notify.sock")
     yield sock
     sock.close()
+
+
+@pytest.fixture
+def dirs() -> Iterator[Dirs]:
+    base = Path(tempfile.mkdtemp(prefix="carod-sandbox-test-"))
+    # The box sits two levels down so that "../evil" and "../../evil" both land in base.
+    box = base / "level" / "box"
+    box.mkdir(parents=True)
+    try:
+        yield Dirs(base, box)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

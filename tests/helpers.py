@@ -437,3 +437,27 @@ def advert(
     text = node_ad(name, **{"cpus": 2, "total_cpus": 2, "memory": 1024, **ad})
     job = adverts.JobInfo("job-1", "alice", "/bin/sleep", 90.0, 1, 128)
     return adverts.Advert(name, queue, state, sent, 5.0, text, (job,), {"other": 99.0})
+
+
+@dataclass
+class Dirs:
+    """``base`` holds the sandbox ``box``; anything else in ``base`` escaped the box."""
+
+    base: Path
+    box: Path
+
+    def outside(self) -> list[str]:
+        """Every path under ``base`` that is not the box, on the way to it, or inside it."""
+        found = []
+        for root, dirnames, filenames in os.walk(self.base):
+            for name in dirnames + filenames:
+                path = Path(root) / name
+                if path != self.box and path not in self.box.parents and self.box not in path.parents:
+                    found.append(str(path.relative_to(self.base)))
+        return sorted(found)
+
+    def inside(self) -> list[str]:
+        found = []
+        for root, dirnames, filenames in os.walk(self.box):
+            found += [str((Path(root) / name).relative_to(self.box)) for name in dirnames + filenames]
+        return sorted(found)
