@@ -243,3 +243,18 @@ def test_every_reply_header_is_a_classad_value() -> None:
             assert not isinstance(value, bool), name
             if isinstance(value, str):
                 classad2.ExprTree(value)  # parses: a client can read every header back
+
+
+# ---------------------------------------------------------------- updates and removals
+
+
+def test_update_and_removed_replies() -> None:
+    usage = replies.Usage(wall_s=3.5, user_cpu_s=1.25, sys_cpu_s=0.5, memory_kib=2048, peak_memory_kib=4096, pids=3)
+    update = replies.update(sequence=3, node="n1", start_date=1000.0, pid=42, usage=usage, run_count=1)
+    h = update.headers
+    assert (h["JobStatus"], h["JobState"], h["Sequence"], h["EnteredCurrentStatus"]) == (2, '"Running"', 3, 1000)
+    assert (h["RemoteWallClockTime"], h["RemoteUserCpu"], h["RemoteSysCpu"]) == (3.5, 1.25, 0.5)
+    assert (h["ResidentSetSize"], h["ImageSize"], h["NumPids"], h["JobPid"]) == (2048, 4096, 3, 42)
+    removed = replies.removed(sequence=4, node="n1", now=2000.0, reason="by alice", info=None, run_count=1)
+    assert removed.final and removed.headers["JobStatus"] == 3
+    assert removed.headers["JobState"] == '"Removed"' and removed.headers["RemoveReason"] == '"by alice"'
