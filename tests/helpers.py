@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import signal
@@ -461,3 +462,36 @@ class Dirs:
         for root, dirnames, filenames in os.walk(self.box):
             found += [str((Path(root) / name).relative_to(self.box)) for name in dirnames + filenames]
         return sorted(found)
+
+
+# ---------------------------------------------------------------- costly ClassAds and forged adverts (issue 14)
+
+
+def strcat_doublings(levels: int, width: int = 60_000) -> dict[str, Any]:
+    """The reported attack: A0 a long literal, A<n> = strcat(A<n-1>, A<n-1>), Requirements reads the last one."""
+    ad: dict[str, Any] = {"Cmd": q("/bin/echo"), "A0": q("x" * width)}
+    for i in range(1, levels + 1):
+        ad[f"A{i}"] = f"strcat(A{i - 1}, A{i - 1})"
+    ad["Requirements"] = f"size(A{levels}) > 0"
+    return ad
+
+
+def sum_doublings(levels: int) -> dict[str, Any]:
+    """Exponential time with no function at all: A<n> = A<n-1> + A<n-1> (evaluation does not memoise)."""
+    ad: dict[str, Any] = {"Cmd": q("/bin/echo"), "A0": 1}
+    for i in range(1, levels + 1):
+        ad[f"A{i}"] = f"A{i - 1} + A{i - 1}"
+    ad["Requirements"] = f"A{levels} > 0"
+    return ad
+
+
+def forged(node: str, queue: str, ad_text: str) -> bytes:
+    return json.dumps(
+        {"v": 1, "node": node, "queue": queue, "state": "Running", "sent": time.time(), "period_s": 5, "ad": ad_text}
+    ).encode()
+
+
+def machine_text(**extra: str) -> str:
+    attrs = {"Name": q("forged"), "Cpus": "64", "TotalCpus": "64", "Memory": "1000000", "TotalMemory": "1000000"}
+    attrs.update({"Disk": "1000000000", "TotalDisk": "1000000000", "Start": "TRUE", "HasGPU": "TRUE", **extra})
+    return "[" + "; ".join(f"{k} = {v}" for k, v in attrs.items()) + "]"

@@ -7,6 +7,7 @@ cannot change the outcome.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -360,3 +361,15 @@ def test_sandbox_section_parses() -> None:
 def test_bad_sandbox_settings_name_the_key(text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
         configuration.parse(text, environ={})
+
+
+# ---------------------------------------------------------------- [sandbox] disk (issue 14)
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [("disk_quota = sometimes", "[sandbox] disk_quota"), ("disk_image_mib = 100", "[sandbox] disk_image_mib")],
+)
+def test_bad_disk_settings_name_their_key(line: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        configuration.parse(f"[broker]\nurl = amqp://x/\n[sandbox]\n{line}\n")

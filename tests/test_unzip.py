@@ -269,3 +269,39 @@ def test_unpack_entry_name_too_long_is_held(tmp_path: Path) -> None:
         unzip.unpack_input(buf.getvalue(), tmp_path, OWNER, max_files=10, max_bytes=1000)
     assert info.value.code == HoldCode.TRANSFER_INPUT_ERROR
     assert "File name too long" in info.value.reason
+
+
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- the file functions, directly
+
+OWNER = unzip.Owner(os.getuid(), os.getgid())
+
+
+# ---------------------------------------------------------------- directories an unpack makes (issue 14)
+
+
+def test_an_input_zip_that_implies_too_many_directories_is_held(tmp_path: Path) -> None:
+    """Each entry may imply up to 100 new directories: they count against max_input_files too."""
+    body = raw_zip(*((f"{n}/" + "/".join(["d"] * 50) + "/f", b"", 0o100644) for n in range(30)))
+    box = tmp_path / "box"
+    box.mkdir()
+    with pytest.raises(JobHeld) as info:
+        unzip.unpack_input(body, box, OWNER, max_files=1000, max_bytes=MIB)
+    assert info.value.code == HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED
+    assert "makes more than 1000 directories" in info.value.reason
+
+
+def test_an_unpack_makes_each_directory_once_and_still_refuses_a_file_as_a_directory(tmp_path: Path) -> None:
+    box = tmp_path / "box"
+    box.mkdir()
+    body = raw_zip(("a/b/1", b"1", 0o100644), ("a/b/2", b"2", 0o100644), ("a/c", b"c", 0o100644))
+    unzip.unpack_input(body, box, OWNER, max_files=100, max_bytes=MIB)
+    assert sorted(str(p.relative_to(box)) for p in box.rglob("*")) == ["a", "a/b", "a/b/1", "a/b/2", "a/c"]
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(JobHeld, match="as both a file and a directory"):
+        unzip.unpack_input(
+            raw_zip(("a/c", b"c", 0o100644), ("a/c/x", b"x", 0o100644)), other, OWNER, max_files=100, max_bytes=MIB
+        )

@@ -3,15 +3,13 @@
 Each test performs the attack against a real carod and a real broker and
 asserts what a user sees: the job is Held with a reason naming the bound and
 the attribute (HoldReasonCode 21), the node's memory stays small, and the
-node goes on running the seed job. The pure bound (carod.adcost) is tested
-without a broker at the end.
+node goes on running the seed job. The pure bound (carod.wire.adcost), the
+evaluator and the advert checks are tested without a broker in tests/wire and tests/node.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,33 +19,26 @@ import classad2
 import pytest
 
 from carod.holdcodes import HoldCode
-from carod.node import pool
-from carod.node.evaluator import Evaluator
-from carod.wire import adcost, adverts
-from carod.wire.classads import ad_from_headers, evaluate
-from carod.wire.jobad import Request
-from tests.helpers import BROKER_URL, RunningNode, Submitter, q, seed_runs, start_daemon, start_node, write_config
+from carod.wire import adcost
+from tests.helpers import (
+    BROKER_URL,
+    RunningNode,
+    Submitter,
+    forged,
+    machine_text,
+    q,
+    seed_runs,
+    start_daemon,
+    start_node,
+    strcat_doublings,
+    sum_doublings,
+    write_config,
+)
 
 SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out"), "Requirements": "TRUE"}
+
+
 HELD = 5
-
-
-def strcat_doublings(levels: int, width: int = 60_000) -> dict[str, Any]:
-    """The reported attack: A0 a long literal, A<n> = strcat(A<n-1>, A<n-1>), Requirements reads the last one."""
-    ad: dict[str, Any] = {"Cmd": q("/bin/echo"), "A0": q("x" * width)}
-    for i in range(1, levels + 1):
-        ad[f"A{i}"] = f"strcat(A{i - 1}, A{i - 1})"
-    ad["Requirements"] = f"size(A{levels}) > 0"
-    return ad
-
-
-def sum_doublings(levels: int) -> dict[str, Any]:
-    """Exponential time with no function at all: A<n> = A<n-1> + A<n-1> (evaluation does not memoise)."""
-    ad: dict[str, Any] = {"Cmd": q("/bin/echo"), "A0": 1}
-    for i in range(1, levels + 1):
-        ad[f"A{i}"] = f"A{i - 1} + A{i - 1}"
-    ad["Requirements"] = f"A{levels} > 0"
-    return ad
 
 
 def vm_kib(pid: int, field: str) -> int:
@@ -155,18 +146,6 @@ async def publish(exchange: str, key: str, body: bytes) -> None:
         await ex.publish(aio_pika.Message(body), routing_key=key)
 
 
-def forged(node: str, queue: str, ad_text: str) -> bytes:
-    return json.dumps(
-        {"v": 1, "node": node, "queue": queue, "state": "Running", "sent": time.time(), "period_s": 5, "ad": ad_text}
-    ).encode()
-
-
-def machine_text(**extra: str) -> str:
-    attrs = {"Name": q("forged"), "Cpus": "64", "TotalCpus": "64", "Memory": "1000000", "TotalMemory": "1000000"}
-    attrs.update({"Disk": "1000000000", "TotalDisk": "1000000000", "Start": "TRUE", "HasGPU": "TRUE", **extra})
-    return "[" + "; ".join(f"{k} = {v}" for k, v in attrs.items()) + "]"
-
-
 async def until(condition: Any, timeout_s: float = 20) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():
@@ -225,101 +204,6 @@ async def test_a_job_only_a_forged_node_matches_is_still_held(
         stop.set()
         await ghost
         await running.stop()
-
-
-# ---------------------------------------------------------------- the evaluator on its own
-
-
-async def test_evaluator_fast_path_reduction_and_cancellation() -> None:
-    machine = classad2.parseOne('[Name = "m"; Memory = 4096; Cpus = 2; Start = TARGET.RequestMemory < 2048]')
-    asked: list[bool] = []
-
-    def live() -> classad2.ClassAd:
-        asked.append(True)
-        return machine
-
-    evaluator = Evaluator(timeout_s=10, memory_mib=256)
-    await evaluator.start()
-    try:
-        plain = ad_from_headers({"Cmd": q("/bin/echo"), "RequestMemory": 64, "Requirements": "TARGET.Memory > 1"})
-        assert await evaluator.job_ad(plain, live) is plain and not asked  # no round trip, no machine ad
-        costly = ad_from_headers({"Cmd": 'replaceAll("x", "/bin/xcho", "e")', "Requirements": "TARGET.Memory > 1"})
-        reduced = await evaluator.job_ad(costly, live)
-        assert asked and evaluate(reduced, "Cmd") == "/bin/echo"
-        assert str(reduced.lookup("Requirements")) == "TARGET.Memory > 1"  # about the machine: kept
-        # A request given up half-way (the job's task cancelled) must not leave its answer for the next job.
-        child = evaluator.pid
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(evaluator.preflight(ad_from_headers(sum_doublings(26)), machine), 0.3)
-        again = await evaluator.preflight(costly, machine)
-        assert evaluate(again, "Cmd") == "/bin/echo" and evaluator.pid != child
-    finally:
-        await evaluator.close()
-
-
-# ---------------------------------------------------------------- the pure bound
-
-
-def test_adcost_bounds_the_reported_shapes() -> None:
-    assert adcost.problem({k: str(v) for k, v in strcat_doublings(12).items()}) is not None
-    assert adcost.problem({k: str(v) for k, v in sum_doublings(30).items()}) is not None
-    assert adcost.problem({"X": 'sprintf("%999999999d", 1)'}) == ("X", "calls sprintf()")
-    assert adcost.problem({"X": "[a = 1; b = a].b"}) == ("X", "contains a nested ClassAd")
-    assert adcost.problem({"X": "Y", "Y": "X + 1"}) is not None
-    assert adcost.problem({"R": "TARGET.Start"}) == ("R", "refers to the other ad's Start")
-    # What clients send is bounded, and costs nothing to check twice.
-    plain = {"Cmd": q("/bin/echo"), "L": "{1, 2}[0]", "Requirements": "TARGET.Memory >= RequestMemory"}
-    assert adcost.problem({**plain, "RequestMemory": "128"}) is None
-    chain = {"A0": "1", **{f"A{i}": f"A{i - 1}" for i in range(1, 5000)}}  # deep, not recursive
-    assert adcost.problem(chain) is not None
-    assert adcost.is_literal("-12") and adcost.is_literal('"x"') and not adcost.is_literal("A + 1")
-
-
-def test_forged_advert_checks() -> None:
-    def advert(**extra: str) -> adverts.Advert:
-        return adverts.Advert("n", "grid", adverts.RUNNING, 1.0, 5.0, machine_text(**extra))
-
-    assert adverts.checked_ad(advert()) is not None
-    with pytest.raises(adverts.AdvertError, match="calls sprintf"):
-        adverts.checked_ad(advert(Start='sprintf("%d", TARGET.X) == ""'))
-    with pytest.raises(adverts.AdvertError, match="only Start, Requirements and Rank"):
-        adverts.checked_ad(advert(Cpus="TARGET.RequestCpus"))
-    with pytest.raises(adverts.AdvertError, match="bytes long"):
-        adverts.checked_ad(advert(Pad=q("y" * 5000)))
-    with pytest.raises(adverts.AdvertError, match="at most 10"):
-        adverts.decode(forged("n", "grid", machine_text()), max_bytes=10)
-    view = pool.PoolView("grid", "me", timeout_s=10, max_nodes=1)
-    assert view.heard(adverts.Advert("a", "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=0)
-    with pytest.raises(adverts.AdvertError, match="max_nodes"):
-        view.heard(adverts.Advert("b", "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=1)
-    assert view.heard(adverts.Advert("b", "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=11)  # "a" timed out
-
-
-def test_matching_against_many_adverts_is_time_boxed() -> None:
-    ticks = iter(range(1_000_000))
-    view = pool.PoolView("grid", "me", timeout_s=10, clock=lambda: float(next(ticks)))  # each reading: 1 s later
-    for name in ("a", "b", "c"):
-        assert view.heard(adverts.Advert(name, "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=0)
-    job = ad_from_headers({"Cmd": q("/bin/true"), "Requirements": "TARGET.HasGPU"})
-    # Over budget after each node: one node per call, taking turns, so none is hidden for good.
-    seen = [view.could_ever_run(job, Request(1, 128), now=1) for _ in range(4)]
-    assert seen == [["a"], ["b"], ["c"], ["a"]]
-
-
-def test_a_node_not_heard_recently_does_not_count() -> None:
-    view = pool.PoolView("grid", "me", timeout_s=10)
-    assert view.heard(adverts.Advert("ghost", "grid", adverts.RUNNING, 1.0, 5.0, machine_text()), now=0)
-    job = ad_from_headers({"Cmd": q("/bin/true"), "Requirements": "TARGET.HasGPU"})
-    assert view.could_ever_run(job, Request(1, 128), now=9) == ["ghost"]
-    # Not yet expired from the view (the advertiser's loop does that), but silent too long: it does not count.
-    assert view.could_ever_run(job, Request(1, 128), now=11) == []
-    assert view.could_run_now(job, Request(1, 128), now=11) == []
-
-
-def test_passes_on_are_bounded_even_with_a_forged_first_offer() -> None:
-    assert pool.may_pass(0, 3600) and pool.may_pass(3600, 3600)
-    assert not pool.may_pass(3601, 3600)  # passed on for too long: declines count again
-    assert not pool.may_pass(-86400, 3600)  # x-carod-first-offer set a day ahead by the submitter
 
 
 def toupper_chain(levels: int, width: int = 100_000) -> dict[str, Any]:

@@ -9,7 +9,6 @@ removals of jobs not on the node are remembered (oldest forgotten first).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 import aio_pika
 import pytest
 
-from carod.node import removals
 from carod.wire import control
 from tests.helpers import BROKER_URL, RunningNode, Submitter, q, start_node, unique
 
@@ -83,35 +81,3 @@ async def test_remembered_removals_are_capped_oldest_first(
     removed = (await submitter.wait_final(last))[-1]
     assert removed.status == 3, removed.headers
     assert "no longer wanted" in str(removed.headers["RemoveReason"])
-
-
-# ---------------------------------------------------------------- pure
-
-
-def test_decode_request_bounds() -> None:
-    assert control.decode_request(rm("m" * 255)).message_id == "m" * 255
-    with pytest.raises(control.ControlError, match="longer than 255 bytes"):
-        control.decode_request(rm("é" * 128))  # 256 bytes in UTF-8
-    with pytest.raises(control.ControlError, match="a body of"):
-        control.decode_request(rm("m", reason="r" * 10_000))
-    body = json.dumps({"v": 1, "action": "x" * 5000, "message_id": "m"}).encode()
-    with pytest.raises(control.ControlError, match="unknown action") as info:
-        control.decode_request(body)
-    assert len(str(info.value)) < 200  # what is logged stays short
-    long_reason = json.dumps({"v": 1, "action": "rm", "message_id": "m", "reason": "r" * 2000, "by": "b" * 500})
-    request = control.decode_request(long_reason.encode())
-    assert len(request.reason) == control.MAX_REASON and len(request.by) == control.MAX_BY
-
-
-def test_removals_cap_and_expiry() -> None:
-    memo = removals.Removals(max_count=3, keep_s=10)
-    for i in range(5):
-        memo.add(f"m{i}", f"r{i}", now=float(i))
-    assert len(memo) == 3 and memo.dropped == 2
-    assert memo.get("m0", now=5) is None and memo.get("m4", now=5) == "r4"
-    assert memo.get("m2", now=13) is None  # older than keep_s
-    memo.expire(now=13.5)
-    assert len(memo) == 1 and memo.get("m4", now=13.5) == "r4"
-    memo.add("m3", "again", now=14)  # re-added: the newest
-    memo.expire(now=14.5)
-    assert memo.get("m3", now=14.5) == "again"

@@ -103,30 +103,6 @@ async def test_ld_preload_from_the_job_never_runs_as_root(
     await seed_runs(submitter)
 
 
-async def test_root_chain_runs_with_a_fixed_environment_in_root() -> None:
-    """The job's variables and directory are arguments of env, after setpriv's last ``--``."""
-    layers = isolation.Layers(
-        bwrap="/usr/bin/bwrap",
-        cgroups=None,
-        network=False,
-        tmp_bytes=1024,
-        hidden=(),
-        setpriv="/usr/bin/setpriv",
-    )
-    from carod.sandbox.users import JobUser
-
-    user = JobUser("nobody", 65534, 65534, switch=True)
-    box = Path("/srv/box")
-    argv = isolation.command(layers, user, box, ["/bin/true"], {"LD_PRELOAD": "./evil.so", "GCONV_PATH": "."})
-    setpriv = argv.index("/usr/bin/setpriv")
-    env_stage = argv.index("/usr/bin/env", setpriv)
-    assert argv[setpriv:env_stage].count("--") == 1 and argv[env_stage - 1] == "--"
-    job_part = ["/usr/bin/env", "-i", "-C", "/srv/box", "--", "LD_PRELOAD=./evil.so", "GCONV_PATH=.", "/bin/true"]
-    assert argv[env_stage:] == job_part
-    assert "--chdir" not in argv  # bwrap and setpriv run in /, not in the job's directory
-    assert set(isolation.ROOT_ENV) == {"PATH", "LC_ALL"} and isolation.ROOT_CWD == "/"
-
-
 async def test_job_variables_reach_the_job(boxed: RunningNode, submitter: Submitter) -> None:
     done = await submitter.run(
         sh('printf "%s|%s|%s" "$GREETING" "$PWD" "$(id -u)"', Environment=q("GREETING='hello world' X=1"))

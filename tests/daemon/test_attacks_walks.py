@@ -13,37 +13,19 @@ unpack re-made every parent of every entry (9,000 entries 100 levels deep:
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import struct
-import threading
-import tracemalloc
-import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from carod import config as configuration
-from carod import unzip
-from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
-from carod.sandbox import limits, results
-from carod.sandbox import workdir as sandbox
-from carod.sandbox.execute import Executor, Run
-from carod.sandbox.isolation import Layers
-from carod.sandbox.limits import JobLimits
-from carod.sandbox.users import JobUser, UserPool
 from carod.wire import safezip
-from carod.wire.jobad import JobSpec
-from carod.wire.replies import ExitInfo
 from tests.helpers import (
     Daemon,
     RunningNode,
     Submitter,
-    config_text,
     q,
     raw_zip,
     seed_runs,
@@ -52,9 +34,10 @@ from tests.helpers import (
     write_config,
 )
 
-MIB = 1024 * 1024
 #: The sandbox is measured by walking it, five times a second.
 FALLBACK = {"disk_quota": "none", "check_interval_s": 0.2}
+
+
 PY = "/usr/bin/python3"
 
 
@@ -229,181 +212,3 @@ async def test_many_files_are_held_before_the_walk_grows(walk_node: RunningNode,
     assert final.headers["HoldReasonCode"] == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED, final.headers
     assert "this node's limit is 10000 ([node] max_result_files)" in final.headers["HoldReason"]
     await seed_runs(submitter)
-
-
-# ---------------------------------------------------------------- the file functions, directly
-
-OWNER = unzip.Owner(os.getuid(), os.getgid())
-
-
-def spec() -> JobSpec:
-    return JobSpec(
-        cmd="/bin/true",
-        arguments=(),
-        environment=(),
-        stdin=None,
-        stdout=None,
-        stderr=None,
-        transfer_output=None,
-        kill_sig=15,
-    )
-
-
-def test_the_result_walk_memory_is_bounded_by_the_cap(tmp_path: Path) -> None:
-    """The walk stops at max_result_files + 1 entries, before it holds the rest of a 50,000-file directory."""
-    box = tmp_path / "box"
-    (box / "d").mkdir(parents=True)
-    fd = os.open(box / "d", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for n in range(50_000):
-            os.close(os.open(f"f{n}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
-    finally:
-        os.close(fd)
-    tracemalloc.start()
-    try:
-        with pytest.raises(JobHeld) as info:
-            results.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER, max_files=1000)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
-    assert peak < 2 * MIB, peak  # ~1,000 entries' worth, not 50,000
-
-
-def test_the_result_walk_bounds_the_length_of_the_paths_it_keeps(tmp_path: Path) -> None:
-    """Fewer entries than the cap, but each path 4 KB long: held before the walk keeps 32 MiB of them."""
-    box = tmp_path / "box"
-    box.mkdir()
-    fd = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(16):
-            os.mkdir("x" * 250, dir_fd=fd)
-            deeper = os.open("x" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = deeper
-        for n in range(9_000):
-            os.close(os.open(f"{n:0200}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
-    finally:
-        os.close(fd)
-    with pytest.raises(JobHeld) as info:
-        results.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER)
-    assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
-    assert "the paths of the job's files and directories take more than 32 MiB together" in info.value.reason
-
-
-def test_an_input_zip_that_implies_too_many_directories_is_held(tmp_path: Path) -> None:
-    """Each entry may imply up to 100 new directories: they count against max_input_files too."""
-    body = raw_zip(*((f"{n}/" + "/".join(["d"] * 50) + "/f", b"", 0o100644) for n in range(30)))
-    box = tmp_path / "box"
-    box.mkdir()
-    with pytest.raises(JobHeld) as info:
-        unzip.unpack_input(body, box, OWNER, max_files=1000, max_bytes=MIB)
-    assert info.value.code == HoldCode.MAX_TRANSFER_INPUT_SIZE_EXCEEDED
-    assert "makes more than 1000 directories" in info.value.reason
-
-
-def test_an_unpack_makes_each_directory_once_and_still_refuses_a_file_as_a_directory(tmp_path: Path) -> None:
-    box = tmp_path / "box"
-    box.mkdir()
-    body = raw_zip(("a/b/1", b"1", 0o100644), ("a/b/2", b"2", 0o100644), ("a/c", b"c", 0o100644))
-    unzip.unpack_input(body, box, OWNER, max_files=100, max_bytes=MIB)
-    assert sorted(str(p.relative_to(box)) for p in box.rglob("*")) == ["a", "a/b", "a/b/1", "a/b/2", "a/c"]
-    other = tmp_path / "other"
-    other.mkdir()
-    with pytest.raises(JobHeld, match="as both a file and a directory"):
-        unzip.unpack_input(
-            raw_zip(("a/c", b"c", 0o100644), ("a/c/x", b"x", 0o100644)), other, OWNER, max_files=100, max_bytes=MIB
-        )
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        struct.error("ushort format requires 0 <= number <= 65535"),  # a name past 65,535 bytes
-        zipfile.LargeZipFile("Filesize would require ZIP64 extensions"),
-        ValueError("a zipfile refusal"),
-    ],
-)
-async def test_what_zipfile_refuses_is_held_not_an_internal_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
-) -> None:
-    """struct.error from zipfile was an internal error (requeue, then a wrong Held): now TRANSFER_OUTPUT_ERROR."""
-    config = configuration.parse(config_text("q", tmp_path), source="test", environ={})
-    user = JobUser("job", os.getuid(), os.getgid(), switch=False)
-    layers = Layers(bwrap=None, cgroups=None, network=False, tmp_bytes=0, hidden=(), setpriv="")
-    executor = Executor(config, layers, UserPool([user], dedicated=False))
-    run = Run(user, box=tmp_path / "box")
-    executor.results_dir.mkdir(parents=True)
-
-    def refuse(*_args: object, **_kwargs: object) -> results.Results:
-        (executor.results_dir / "box.zip").write_bytes(b"partial")
-        raise error
-
-    monkeypatch.setattr(sandbox, "collect_results", refuse)
-    with pytest.raises(JobHeld) as info:
-        await executor.collect(run, spec())
-    assert info.value.code == HoldCode.TRANSFER_OUTPUT_ERROR
-    assert info.value.reason.startswith("carod could not zip the job's results: "), info.value.reason
-    assert not (executor.results_dir / "box.zip").exists()  # no partial zip left behind
-
-
-class _SleepingJob:
-    """Stands in for a JobProcess that never ends by itself (enforce's view of it)."""
-
-    def __init__(self) -> None:
-        self.stopped = asyncio.Event()
-        self.info = ExitInfo(
-            exit_code=None, exit_signal=9, duration_s=0.0, user_cpu_s=0.0, sys_cpu_s=0.0, max_rss_kib=0
-        )
-
-    async def wait(self) -> ExitInfo:
-        await self.stopped.wait()
-        return self.info
-
-    def oom_kills(self) -> int:
-        return 0
-
-    def peak_memory_kib(self) -> int | None:
-        return None
-
-    async def stop(self, kill_sig: int, grace_s: float) -> ExitInfo:
-        self.stopped.set()
-        return self.info
-
-
-async def test_a_slow_walk_does_not_delay_the_wall_clock_limit() -> None:
-    """A walk that takes long (a huge tree) no longer holds up enforce: the wall-clock limit fires on time."""
-    release = threading.Event()
-    walked = threading.Event()
-
-    def slow_walk() -> int:
-        walked.set()
-        release.wait(60)
-        return 0
-
-    job_limits = JobLimits(
-        memory_mib=None,
-        memory_source="",
-        cpus=1.0,
-        pids=100,
-        disk_kib=1024.0,
-        duration_s=1.0,
-        duration_source="AllowedExecuteDuration",
-    )
-    process = _SleepingJob()
-    try:
-        async with asyncio.timeout(20):
-            info, held = await limits.enforce(
-                process,  # type: ignore[arg-type]
-                job_limits,
-                limits.DiskMeter(slow_walk),
-                interval_s=0.1,
-                kill_sig=15,
-                grace_s=1.0,
-            )
-    finally:
-        release.set()
-    assert walked.is_set()  # the walk did start, and was still going
-    assert held is not None and held.code == HoldCode.JOB_EXECUTE_EXCEEDED, held
-    assert "past its wall-clock limit of 1 s (AllowedExecuteDuration)" in held.reason
-    assert info is process.info

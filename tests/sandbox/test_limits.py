@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import threading
 
 from carod.config import SandboxConfig
+from carod.holdcodes import HoldCode
 from carod.sandbox import limits
+from carod.sandbox.limits import JobLimits
 from carod.wire import jobad
 from carod.wire.classads import ad_from_headers
 from carod.wire.jobad import Request
@@ -79,3 +83,68 @@ def test_an_oom_kill_is_the_memory_limit() -> None:
     held = limits.after_exit(job, info(exit_signal=9, oom_kills=1))
     assert held is not None and held.code == 34
     assert "memory limit of 64.0 MiB (RequestMemory)" in held.reason and "peak usage 64.0 MiB" in held.reason
+
+
+# ---------------------------------------------------------------- enforce (issue 14)
+
+
+class _SleepingJob:
+    """Stands in for a JobProcess that never ends by itself (enforce's view of it)."""
+
+    def __init__(self) -> None:
+        self.stopped = asyncio.Event()
+        self.info = ExitInfo(
+            exit_code=None, exit_signal=9, duration_s=0.0, user_cpu_s=0.0, sys_cpu_s=0.0, max_rss_kib=0
+        )
+
+    async def wait(self) -> ExitInfo:
+        await self.stopped.wait()
+        return self.info
+
+    def oom_kills(self) -> int:
+        return 0
+
+    def peak_memory_kib(self) -> int | None:
+        return None
+
+    async def stop(self, kill_sig: int, grace_s: float) -> ExitInfo:
+        self.stopped.set()
+        return self.info
+
+
+async def test_a_slow_walk_does_not_delay_the_wall_clock_limit() -> None:
+    """A walk that takes long (a huge tree) no longer holds up enforce: the wall-clock limit fires on time."""
+    release = threading.Event()
+    walked = threading.Event()
+
+    def slow_walk() -> int:
+        walked.set()
+        release.wait(60)
+        return 0
+
+    job_limits = JobLimits(
+        memory_mib=None,
+        memory_source="",
+        cpus=1.0,
+        pids=100,
+        disk_kib=1024.0,
+        duration_s=1.0,
+        duration_source="AllowedExecuteDuration",
+    )
+    process = _SleepingJob()
+    try:
+        async with asyncio.timeout(20):
+            info, held = await limits.enforce(
+                process,  # type: ignore[arg-type]
+                job_limits,
+                limits.DiskMeter(slow_walk),
+                interval_s=0.1,
+                kill_sig=15,
+                grace_s=1.0,
+            )
+    finally:
+        release.set()
+    assert walked.is_set()  # the walk did start, and was still going
+    assert held is not None and held.code == HoldCode.JOB_EXECUTE_EXCEEDED, held
+    assert "past its wall-clock limit of 1 s (AllowedExecuteDuration)" in held.reason
+    assert info is process.info

@@ -6,13 +6,16 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tracemalloc
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from carod import unzip
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
+from carod.sandbox import results
 from carod.sandbox import results as result_walk
 from carod.unzip import Owner
 from carod.wire.jobad import JobSpec
@@ -198,3 +201,56 @@ def test_collect_sparse_file_counts_at_its_size(dirs: Dirs) -> None:
         result_walk.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=8 * MIB, owner=OWNER)
     assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
     assert "8 MiB" in info.value.reason
+
+
+MIB = 1024 * 1024
+
+
+# ---------------------------------------------------------------- the file functions, directly
+
+OWNER = unzip.Owner(os.getuid(), os.getgid())
+
+
+# ---------------------------------------------------------------- bounds on the walk (issue 14)
+
+
+def test_the_result_walk_memory_is_bounded_by_the_cap(tmp_path: Path) -> None:
+    """The walk stops at max_result_files + 1 entries, before it holds the rest of a 50,000-file directory."""
+    box = tmp_path / "box"
+    (box / "d").mkdir(parents=True)
+    fd = os.open(box / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for n in range(50_000):
+            os.close(os.open(f"f{n}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+    tracemalloc.start()
+    try:
+        with pytest.raises(JobHeld) as info:
+            results.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER, max_files=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
+    assert peak < 2 * MIB, peak  # ~1,000 entries' worth, not 50,000
+
+
+def test_the_result_walk_bounds_the_length_of_the_paths_it_keeps(tmp_path: Path) -> None:
+    """Fewer entries than the cap, but each path 4 KB long: held before the walk keeps 32 MiB of them."""
+    box = tmp_path / "box"
+    box.mkdir()
+    fd = os.open(box, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(16):
+            os.mkdir("x" * 250, dir_fd=fd)
+            deeper = os.open("x" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        for n in range(9_000):
+            os.close(os.open(f"{n:0200}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+    with pytest.raises(JobHeld) as info:
+        results.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER)
+    assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
+    assert "the paths of the job's files and directories take more than 32 MiB together" in info.value.reason
