@@ -1,4 +1,4 @@
-"""carod.config: the INI file, its checks and the environment overrides.
+"""carod.config: the INI file, its checks (the [sandbox] section's too) and the environment overrides.
 
 Every call passes ``environ`` explicitly so the host's CAROD_* variables
 cannot change the outcome.

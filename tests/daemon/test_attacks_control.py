@@ -4,6 +4,7 @@ The report: 20 removals with 5 MiB message ids grew carod by 110 MiB for
 24 h. Bodies over control.MAX_REQUEST_BYTES are dropped before they are
 decoded, ids over 255 bytes are refused, and at most [node] max_removals
 removals of jobs not on the node are remembered (oldest forgotten first).
+The pure parts: tests/wire/test_control.py and tests/node/test_removals.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 14, walks over trees a job made: each attack against a real carod, or directly where it is a file function.
+"""Issue 14, walks over trees a job made: each attack against a real carod.
 
 Without the kernel's disk bound (``[sandbox] disk_quota = none``) carod
 measures a running job's sandbox by walking it (carod.tree.usage_bytes): a
@@ -8,7 +8,9 @@ root and block for good (no reply, no wall-clock limit, no SIGTERM), and a
 every path from the top (an 8,000-level tree: 80 s of root CPU) and a
 65,536-byte name made zipfile fail (an internal error, a requeue); the input
 unpack re-made every parent of every entry (9,000 entries 100 levels deep:
-20 s). After each, the node serves the seed job.
+20 s). After each, the node serves the seed job. The file functions are tested
+directly, without a broker, in tests/sandbox/test_results.py, test_limits.py, test_execute.py
+and tests/test_unzip.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The whole path on a real broker: message -> match -> sandbox -> run -> replies."""
+"""A job's whole path through a real carod on a real broker: message -> match -> sandbox -> run -> replies."""
 
 from __future__ import annotations
 

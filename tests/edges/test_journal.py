@@ -1,4 +1,4 @@
-"""The journal on its own: states, outbox, expiry, persistence across reopen."""
+"""carod.edges.journal on its own: states, outbox, expiry, persistence across reopen."""
 
 from __future__ import annotations
 

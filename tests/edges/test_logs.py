@@ -1,4 +1,4 @@
-"""carod.logs: a text line cannot be split by text a message chose (no broker)."""
+"""carod.edges.logs: a text line cannot be split by text a message chose (no broker)."""
 
 from __future__ import annotations
 

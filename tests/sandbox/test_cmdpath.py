@@ -1,4 +1,4 @@
-"""carod.cmdpath: a job's Cmd resolved as the job user, in the job's view (files only, no broker)."""
+"""carod.sandbox.cmdpath: a job's Cmd resolved as the job user, in the job's view (files only, no broker)."""
 
 from __future__ import annotations
 

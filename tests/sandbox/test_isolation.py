@@ -1,5 +1,5 @@
 """carod.sandbox.isolation: the command chain a job starts through, and the probe's verdict on the layers
-(no broker, no jobs)."""
+(no broker, no jobs); the root side of the chain runs with a fixed environment (issue 14)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""carod.sandbox.limits: a job's limits from its requests and the node's settings, and what ended it."""
+"""carod.sandbox.limits: a job's limits from its requests and the node's settings, and what ended it;
+the wall-clock limit is enforced while a walk of the job's files is slow (issue 14)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""carod.seccomp: the filter's program names every syscall it means to refuse (no broker)."""
+"""carod.sandbox.seccomp: the filter's program names every syscall it means to refuse (no broker)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""carod.tree: removing and measuring a tree a job made, however deep, without following links (no broker)."""
+"""carod.sandbox.tree: removing and measuring a tree a job made, however deep, without following links (no broker)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""carod.classads: AMQP headers -> ClassAds, reply values, two-way matching."""
+"""carod.wire.classads: AMQP headers -> ClassAds, reply values, two-way matching."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""carod.jobad: what a job ad asks carod to run."""
+"""carod.wire.jobad: what a job ad asks carod to run, and the resources it requests."""
 
 from __future__ import annotations
 

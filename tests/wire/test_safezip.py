@@ -1,4 +1,4 @@
-"""carod.safezip: archives bounded before zipfile parses them (no broker)."""
+"""carod.wire.safezip: archives bounded before zipfile parses them (no broker)."""
 
 from __future__ import annotations
 
