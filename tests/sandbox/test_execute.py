@@ -13,15 +13,12 @@ import pytest
 from carod import config as configuration
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
-from carod.sandbox import results
-from carod.sandbox import workdir as sandbox
+from carod.sandbox import execute, results
 from carod.sandbox.execute import Executor, Run
 from carod.sandbox.isolation import Layers
 from carod.sandbox.users import JobUser, UserPool
 from carod.wire.jobad import JobSpec
-from tests.helpers import (
-    config_text,
-)
+from tests.helpers import config_text
 
 
 def spec() -> JobSpec:
@@ -60,7 +57,7 @@ async def test_what_zipfile_refuses_is_held_not_an_internal_error(
         (executor.results_dir / "box.zip").write_bytes(b"partial")
         raise error
 
-    monkeypatch.setattr(sandbox, "collect_results", refuse)
+    monkeypatch.setattr(execute, "collect_results", refuse)  # where execute looks it up
     with pytest.raises(JobHeld) as info:
         await executor.collect(run, spec())
     assert info.value.code == HoldCode.TRANSFER_OUTPUT_ERROR
