@@ -12,9 +12,13 @@ import pytest
 from tests.helpers import BROKER_URL, Dirs, NotifySocket, RunningNode, Submitter, delete_queues, start_node, unique
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _broker_answers() -> None:
-    """Fail loudly (never skip) when there is no broker: the suite needs a real one."""
+@pytest.fixture(scope="session")
+def broker() -> None:
+    """The real broker at BROKER_URL, for the tests and fixtures that talk to it.
+
+    Fails loudly (never skips) when no broker answers. Tests that need no broker do not request it,
+    so they pass without one (scripts/test-without-broker); every test in tests/daemon requests it.
+    """
     import asyncio
 
     async def probe() -> None:
@@ -37,14 +41,14 @@ def base() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def queue() -> AsyncIterator[str]:
+async def queue(broker: None) -> AsyncIterator[str]:
     name = unique("grid")
     yield name
     await delete_queues(name, f"{name}.unmatched", f"{name}.dead")
 
 
 @pytest.fixture
-async def exchange() -> AsyncIterator[str]:
+async def exchange(broker: None) -> AsyncIterator[str]:
     """A pool exchange of the test's own, deleted after it."""
     name = unique("pool")
     yield name
@@ -55,14 +59,14 @@ async def exchange() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def node(queue: str, base: Path) -> AsyncIterator[RunningNode]:
+async def node(broker: None, queue: str, base: Path) -> AsyncIterator[RunningNode]:
     running = await start_node(queue, base)
     yield running
     await running.stop()
 
 
 @pytest.fixture
-async def submitter(queue: str) -> AsyncIterator[Submitter]:
+async def submitter(broker: None, queue: str) -> AsyncIterator[Submitter]:
     sub = await Submitter.open(queue)
     yield sub
     await sub.close()

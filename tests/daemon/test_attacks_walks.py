@@ -24,17 +24,7 @@ import pytest
 
 from carod.holdcodes import HoldCode
 from carod.wire import safezip
-from tests.helpers import (
-    Daemon,
-    RunningNode,
-    Submitter,
-    q,
-    raw_zip,
-    seed_runs,
-    start_daemon,
-    start_node,
-    write_config,
-)
+from tests.helpers import Daemon, RunningNode, Submitter, q, raw_zip, seed_runs, start_daemon, start_node, write_config
 
 #: The sandbox is measured by walking it, five times a second.
 FALLBACK = {"disk_quota": "none", "check_interval_s": 0.2}

@@ -16,16 +16,7 @@ import pytest
 from carod.client import Client
 from carod.wire import parts
 from carod.wire.parts import ResultError
-from tests.helpers import (
-    BROKER_URL,
-    RunningNode,
-    Submitter,
-    needs_ctl,
-    q,
-    rabbit_env,
-    rabbitmqctl,
-    start_node,
-)
+from tests.helpers import BROKER_URL, RunningNode, Submitter, needs_ctl, q, rabbit_env, rabbitmqctl, start_node
 
 MIB = 1024 * 1024
 

@@ -9,10 +9,7 @@ import pytest
 
 from carod.node.evaluator import Evaluator
 from carod.wire.classads import ad_from_headers, evaluate
-from tests.helpers import (
-    q,
-    sum_doublings,
-)
+from tests.helpers import q, sum_doublings
 
 # ---------------------------------------------------------------- the evaluator on its own
 

@@ -6,11 +6,7 @@ from carod.node import pool
 from carod.wire import adverts
 from carod.wire.classads import ad_from_headers
 from carod.wire.jobad import Request
-from tests.helpers import (
-    advert,
-    machine_text,
-    q,
-)
+from tests.helpers import advert, machine_text, q
 
 
 def test_pool_view_knows_who_could_run_a_job() -> None:

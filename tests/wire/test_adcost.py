@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 from carod.wire import adcost
-from tests.helpers import (
-    q,
-    strcat_doublings,
-    sum_doublings,
-)
+from tests.helpers import q, strcat_doublings, sum_doublings
 
 # ---------------------------------------------------------------- the pure bound
 
