@@ -9,12 +9,27 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from tests.helpers import BROKER_URL, RunningNode, Submitter, delete_queues, start_node, unique
+from tests.helpers import BROKER_URL, Dirs, NotifySocket, RunningNode, Submitter, delete_queues, start_node, unique
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _broker_answers() -> None:
-    """Fail loudly (never skip) when there is no broker: the suite needs a real one."""
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the broker (directly or through a fixture) ``broker``.
+
+    scripts/test-without-broker runs the others (``-m "not broker"``) with the broker URL on a
+    closed port: a test that talks to the broker without asking for it fails there.
+    """
+    for item in items:
+        if "broker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.broker)
+
+
+@pytest.fixture(scope="session")
+def broker() -> None:
+    """The real broker at BROKER_URL, for the tests and fixtures that talk to it.
+
+    Fails loudly (never skips) when no broker answers. Tests that need no broker do not request it,
+    so they pass without one (scripts/test-without-broker); every test in tests/daemon requests it.
+    """
     import asyncio
 
     async def probe() -> None:
@@ -37,14 +52,14 @@ def base() -> Iterator[Path]:
 
 
 @pytest.fixture
-async def queue() -> AsyncIterator[str]:
+async def queue(broker: None) -> AsyncIterator[str]:
     name = unique("grid")
     yield name
     await delete_queues(name, f"{name}.unmatched", f"{name}.dead")
 
 
 @pytest.fixture
-async def exchange() -> AsyncIterator[str]:
+async def exchange(broker: None) -> AsyncIterator[str]:
     """A pool exchange of the test's own, deleted after it."""
     name = unique("pool")
     yield name
@@ -55,19 +70,33 @@ async def exchange() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def node(queue: str, base: Path) -> AsyncIterator[RunningNode]:
+async def node(broker: None, queue: str, base: Path) -> AsyncIterator[RunningNode]:
     running = await start_node(queue, base)
     yield running
     await running.stop()
 
 
 @pytest.fixture
-async def submitter(queue: str) -> AsyncIterator[Submitter]:
+async def submitter(broker: None, queue: str) -> AsyncIterator[Submitter]:
     sub = await Submitter.open(queue)
     yield sub
     await sub.close()
 
 
-@pytest.fixture(scope="session")
-def broker() -> None:
-    """TEMP until the tests-layout merge: the session probe above already ran."""
+@pytest.fixture
+def notify_socket(base: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(base / "notify.sock")
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def dirs() -> Iterator[Dirs]:
+    base = Path(tempfile.mkdtemp(prefix="carod-sandbox-test-"))
+    # The box sits two levels down so that "../evil" and "../../evil" both land in base.
+    box = base / "level" / "box"
+    box.mkdir(parents=True)
+    try:
+        yield Dirs(base, box)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import uuid
 import warnings
 import zipfile
@@ -22,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import classad2
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from carod import config as configuration
 from carod.node.server import Server
+from carod.wire import adverts
 
 BROKER_URL = os.environ.get(
     "CAROD_TEST_BROKER_URL", os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -376,3 +382,116 @@ def rabbit_env(key: str) -> str:
         text=True,
         timeout=60,
     ).stdout.strip()
+
+
+class NotifySocket:
+    """What systemd listens on: a datagram socket, read by a thread that timestamps each message."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((time.monotonic(), fields))
+
+    def drain(self) -> list[tuple[float, dict[str, str]]]:
+        return list(self.messages)
+
+    async def wait_for(self, key: str, timeout_s: float = 20) -> dict[str, str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for _, fields in self.drain():
+                if key in fields:
+                    return fields
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no {key} notification; got {[m for _, m in self.messages]}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reader.join()
+        self.sock.close()
+
+
+def node_ad(name: str, *, cpus: int, total_cpus: int, memory: int, **extra: object) -> str:
+    ad = classad2.ClassAd()
+    ad.update({"Name": name, "Cpus": cpus, "TotalCpus": total_cpus, "Memory": memory, "TotalMemory": memory})
+    ad.update({"Disk": 1000, "TotalDisk": 1000, "LoadAvg": 0.5, "Start": classad2.ExprTree("TRUE")})
+    ad.update(extra)
+    return str(ad)
+
+
+def advert(
+    name: str, state: str = adverts.RUNNING, *, queue: str = "grid", sent: float = 100.0, **ad: int
+) -> adverts.Advert:
+    text = node_ad(name, **{"cpus": 2, "total_cpus": 2, "memory": 1024, **ad})
+    job = adverts.JobInfo("job-1", "alice", "/bin/sleep", 90.0, 1, 128)
+    return adverts.Advert(name, queue, state, sent, 5.0, text, (job,), {"other": 99.0})
+
+
+@dataclass
+class Dirs:
+    """``base`` holds the sandbox ``box``; anything else in ``base`` escaped the box."""
+
+    base: Path
+    box: Path
+
+    def outside(self) -> list[str]:
+        """Every path under ``base`` that is not the box, on the way to it, or inside it."""
+        found = []
+        for root, dirnames, filenames in os.walk(self.base):
+            for name in dirnames + filenames:
+                path = Path(root) / name
+                if path != self.box and path not in self.box.parents and self.box not in path.parents:
+                    found.append(str(path.relative_to(self.base)))
+        return sorted(found)
+
+    def inside(self) -> list[str]:
+        found = []
+        for root, dirnames, filenames in os.walk(self.box):
+            found += [str((Path(root) / name).relative_to(self.box)) for name in dirnames + filenames]
+        return sorted(found)
+
+
+# ---------------------------------------------------------------- costly ClassAds and forged adverts (issue 14)
+
+
+def strcat_doublings(levels: int, width: int = 60_000) -> dict[str, Any]:
+    """The reported attack: A0 a long literal, A<n> = strcat(A<n-1>, A<n-1>), Requirements reads the last one."""
+    ad: dict[str, Any] = {"Cmd": q("/bin/echo"), "A0": q("x" * width)}
+    for i in range(1, levels + 1):
+        ad[f"A{i}"] = f"strcat(A{i - 1}, A{i - 1})"
+    ad["Requirements"] = f"size(A{levels}) > 0"
+    return ad
+
+
+def sum_doublings(levels: int) -> dict[str, Any]:
+    """Exponential time with no function at all: A<n> = A<n-1> + A<n-1> (evaluation does not memoise)."""
+    ad: dict[str, Any] = {"Cmd": q("/bin/echo"), "A0": 1}
+    for i in range(1, levels + 1):
+        ad[f"A{i}"] = f"A{i - 1} + A{i - 1}"
+    ad["Requirements"] = f"A{levels} > 0"
+    return ad
+
+
+def forged(node: str, queue: str, ad_text: str) -> bytes:
+    return json.dumps(
+        {"v": 1, "node": node, "queue": queue, "state": "Running", "sent": time.time(), "period_s": 5, "ad": ad_text}
+    ).encode()
+
+
+def machine_text(**extra: str) -> str:
+    attrs = {"Name": q("forged"), "Cpus": "64", "TotalCpus": "64", "Memory": "1000000", "TotalMemory": "1000000"}
+    attrs.update({"Disk": "1000000000", "TotalDisk": "1000000000", "Start": "TRUE", "HasGPU": "TRUE", **extra})
+    return "[" + "; ".join(f"{k} = {v}" for k, v in attrs.items()) + "]"

@@ -1,4 +1,4 @@
-"""carod.config: the INI file, its checks and the environment overrides.
+"""carod.config: the INI file, its checks (the [sandbox] section's too) and the environment overrides.
 
 Every call passes ``environ`` explicitly so the host's CAROD_* variables
 cannot change the outcome.
@@ -7,6 +7,7 @@ cannot change the outcome.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from carod import config
+from carod import config as configuration
 from carod.config import BrokerConfig, Config, NodeConfig
 from carod.errors import ConfigError
 
@@ -326,3 +328,48 @@ def test_load_errors_name_the_file_and_key(scratch: Path) -> None:
     path.write_text("[node]\nslotz = 1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"\[node\] slotz"):
         config.load(os.fspath(path), environ=NO_ENV)
+
+
+# ---------------------------------------------------------------- [sandbox]
+
+
+def test_sandbox_section_parses() -> None:
+    cfg = configuration.parse(
+        "[node]\nslots = 2\n[sandbox]\nisolation = none\ncgroups = v1\nnetwork = yes\n"
+        "slot_users = carod1, carod2\nmax_job_duration_s = 3600\n",
+        environ={},
+    )
+    assert cfg.sandbox.isolation == "none" and cfg.sandbox.cgroups == "v1" and cfg.sandbox.network is True
+    assert cfg.sandbox.slot_users == ("carod1", "carod2")
+    assert "slot_users = carod1, carod2" in configuration.effective(cfg)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[sandbox]\nisolation = docker\n", "[sandbox] isolation"),
+        ("[sandbox]\ncgroups = v3\n", "[sandbox] cgroups"),
+        ("[sandbox]\nnetwork = maybe\n", "[sandbox] network"),
+        ("[sandbox]\ntmp_mib = 0\n", "[sandbox] tmp_mib"),
+        ("[sandbox]\nmax_job_duration_s = -1\n", "[sandbox] max_job_duration_s"),
+        ("[sandbox]\nslot_users = a, root\n", "[sandbox] slot_users"),
+        ("[sandbox]\nslot_users = a, a\n", "[sandbox] slot_users"),
+        ("[node]\nslots = 3\n[sandbox]\nslot_users = a, b\n", "[sandbox] slot_users"),
+        ("[sandbox]\nbogus = 1\n", "[sandbox] bogus"),
+    ],
+)
+def test_bad_sandbox_settings_name_the_key(text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        configuration.parse(text, environ={})
+
+
+# ---------------------------------------------------------------- [sandbox] disk (issue 14)
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [("disk_quota = sometimes", "[sandbox] disk_quota"), ("disk_image_mib = 100", "[sandbox] disk_image_mib")],
+)
+def test_bad_disk_settings_name_their_key(line: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        configuration.parse(f"[broker]\nurl = amqp://x/\n[sandbox]\n{line}\n")

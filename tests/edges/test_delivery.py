@@ -42,9 +42,7 @@ async def queues() -> AsyncIterator[Queues]:
         channel = await connection.channel()
         consumer = await connection.channel(publisher_confirms=False)
         jobs, replies, delay, dead = names
-        await channel.declare_queue(
-            jobs, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead}
-        )
+        await channel.declare_queue(jobs, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead})
         for name in (replies, delay, dead):
             await channel.declare_queue(name)
         yield Queues(channel, consumer, jobs, replies, delay, dead)

@@ -1,0 +1,19 @@
+"""carod.node.removals: removals of jobs not on the node are remembered within a cap and for a while (issue 14)."""
+
+from __future__ import annotations
+
+from carod.node import removals
+
+
+def test_removals_cap_and_expiry() -> None:
+    memo = removals.Removals(max_count=3, keep_s=10)
+    for i in range(5):
+        memo.add(f"m{i}", f"r{i}", now=float(i))
+    assert len(memo) == 3 and memo.dropped == 2
+    assert memo.get("m0", now=5) is None and memo.get("m4", now=5) == "r4"
+    assert memo.get("m2", now=13) is None  # older than keep_s
+    memo.expire(now=13.5)
+    assert len(memo) == 1 and memo.get("m4", now=13.5) == "r4"
+    memo.add("m3", "again", now=14)  # re-added: the newest
+    memo.expire(now=14.5)
+    assert memo.get("m3", now=14.5) == "again"
