@@ -35,6 +35,8 @@ from carod.wire.classads import Scalar
 from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
 
 log = logging.getLogger("carod.broker")
+#: Lines about one job's placement are the job's (as the node's own lines are).
+job_log = logging.getLogger("carod.job")
 
 #: Longest wait for a channel to close after a failed transaction.
 CLOSE_TIMEOUT_S = 5.0
@@ -166,15 +168,18 @@ class Delivery:
         A lost settlement is harmless: the broker delivers the message again,
         and the redelivery is recognised by its message_id.
         """
-        tag = self._message.delivery_tag
-        if tag is None:
-            return False
         if how is Settle.PARK:
             if parking is None:
                 raise ValueError("Settle.PARK needs a Parking")
-            return await self._park(tag, parking, label)
+            return await self._park(parking, label)
+        # One message throughout: a tag names a message on its own channel only, and
+        # an adoption (another task) may replace the current message at any await.
+        message = self._message
+        tag = message.delivery_tag
+        if tag is None:
+            return False
         try:
-            async with asyncio.timeout(SETTLE_TIMEOUT_S), self._transaction() as channel:
+            async with asyncio.timeout(SETTLE_TIMEOUT_S), _transaction(message) as channel:
                 match how:
                     case Settle.ACK:
                         await channel.basic_ack(tag)
@@ -187,7 +192,7 @@ class Delivery:
         except TRANSIENT as exc:
             log.warning("job=%s %s was not delivered to the broker (%r); it will be redelivered", label, how.value, exc)
             return False
-        if how is Settle.ACK:
+        if how is Settle.ACK and message is self._message:
             self.acked = True
         return True
 
@@ -210,15 +215,20 @@ class Delivery:
         or with a smaller reply. BrokerError when the delivery's channel or
         connection is gone (nothing happened; the job will be redelivered).
         """
-        tag = self._message.delivery_tag
+        message = self._message
+        tag = message.delivery_tag
         if tag is None:
             raise BrokerError("the delivery has no tag")
         # A refused address would close the delivery's channel (and requeue every
         # delivery on it) inside the transaction: find out first, on another channel.
         await self._check_address(address, headers)
+        if message is not self._message:
+            # A redelivery was adopted meanwhile (the old channel died): this tag means
+            # nothing on the new channel, or another job's message. Try again on the new one.
+            raise BrokerError("the job was redelivered while its reply address was checked")
         reply = reply_message(correlation_id, headers, body)
         try:
-            async with asyncio.timeout(timeout_s), self._transaction() as channel:
+            async with asyncio.timeout(timeout_s), _transaction(message) as channel:
                 await channel.basic_publish(
                     body, exchange=address.exchange, routing_key=address.routing_key, properties=reply.properties
                 )
@@ -228,11 +238,18 @@ class Delivery:
             if refused is not None:
                 raise refused from exc
             raise BrokerError(f"the final reply and ack for {address} were not committed: {exc!r}") from exc
-        self.acked = True
+        if message is self._message:
+            self.acked = True
 
-    async def _park(self, tag: int, parking: Parking, label: str) -> bool:
+    async def _park(self, parking: Parking, label: str) -> bool:
         """A copy (offers counted) into the delay queue and the ack, in one transaction."""
         message = self._message
+        tag = message.delivery_tag
+        if tag is None:
+            job_log.warning(
+                "job=%s could not be parked for another node (the delivery has no tag); it will be redelivered", label
+            )
+            return False
         headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")}
         headers[OFFERS_HEADER] = parking.offers
         headers[FIRST_OFFER_HEADER] = parking.first_offer
@@ -249,38 +266,41 @@ class Delivery:
             delivery_mode=DeliveryMode.PERSISTENT,
         )
         try:
-            async with asyncio.timeout(parking.timeout_s), self._transaction() as channel:
+            async with asyncio.timeout(parking.timeout_s), _transaction(message) as channel:
                 await channel.basic_publish(
                     message.body, exchange="", routing_key=parking.delay_queue, properties=copy.properties
                 )
                 await channel.basic_ack(tag)
         except TRANSIENT as exc:
-            log.warning(
+            job_log.warning(
                 "job=%s could not be parked for another node (the job was not moved to %s: %r); it will be redelivered",
                 label,
                 parking.delay_queue,
                 exc,
             )
             return False
-        self.acked = True
+        if message is self._message:
+            self.acked = True
         return True
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
-        channel = self._message.channel  # raises ChannelInvalidStateError when the delivery's channel is gone
-        lock = _tx_locks.setdefault(channel, asyncio.Lock())
-        async with lock:
-            if channel not in _tx_selected:
-                await channel.tx_select()
-                _tx_selected.add(channel)
-            try:
-                yield channel
-                await channel.tx_commit()
-            except BaseException:
-                # Never leave half a transaction (e.g. a publish whose frames are
-                # still queued) for the next commit on this channel to pick up:
-                # close it. Its deliveries are requeued and recognised when redelivered.
-                # Bounded: a broker that does not answer must not keep a stop waiting.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(channel.close()), CLOSE_TIMEOUT_S)
-                raise
+
+@contextlib.asynccontextmanager
+async def _transaction(message: AbstractIncomingMessage) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    """A transaction on the channel ``message`` came on (the only one its tag means anything on)."""
+    channel = message.channel  # raises ChannelInvalidStateError when the delivery's channel is gone
+    lock = _tx_locks.setdefault(channel, asyncio.Lock())
+    async with lock:
+        if channel not in _tx_selected:
+            await channel.tx_select()
+            _tx_selected.add(channel)
+        try:
+            yield channel
+            await channel.tx_commit()
+        except BaseException:
+            # Never leave half a transaction (e.g. a publish whose frames are
+            # still queued) for the next commit on this channel to pick up:
+            # close it. Its deliveries are requeued and recognised when redelivered.
+            # Bounded: a broker that does not answer must not keep a stop waiting.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(channel.close()), CLOSE_TIMEOUT_S)
+            raise

@@ -99,7 +99,7 @@ class Attempt:
             run_count=job.run_count,
         )
         await self.answer.send(job, running)
-        if job.ending is not None or job.unanswerable is not None:  # carod rm, or nobody to answer
+        if job.removed is not None or job.unanswerable is not None:  # carod rm, or nobody to answer
             self.stop(job)
         progress = Progress.for_job(self.config, job, process, run.streams, self.answer)
         try:

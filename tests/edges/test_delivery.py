@@ -1,26 +1,42 @@
-"""carod.edges.delivery: one job message settled, answered, parked and adopted, on the real broker.
+"""carod.edges.delivery: one job message settled, answered, parked and adopted.
 
-Each test has queues of its own; the messages are taken with basic.get and
-wrapped in a Delivery as the broker edge wraps what it consumes.
+On the real broker, each test with queues of its own (the messages are taken
+with basic.get and wrapped in a Delivery as the broker edge wraps what it
+consumes); and with fake channels, where a redelivery is adopted at the
+awaits where the node's other tasks run (a delivery tag names a message on
+one channel only: an ack must go to the channel of the message it came from).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from carod import config as configuration
 from carod.edges.amqp import ReplyUndeliverable
+from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Parking, Settle
+from carod.edges.journal import Journal
+from carod.edges.metrics import Metrics
+from carod.errors import BrokerError, JobHeld
+from carod.node.admission import Admission
+from carod.node.answer import Answerer
+from carod.node.job import Job
+from carod.node.outcome import Held
+from carod.node.resources import Resources, Totals
 from carod.wire.classads import Scalar
-from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
+from carod.wire.jobad import Request
+from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress, parse_envelope
 from tests.helpers import BROKER_URL, delete_queues, unique
-
-pytestmark = pytest.mark.usefixtures("broker")
+from tests.node.test_answer import FakeBroker, FakeJournal
 
 
 @dataclass
@@ -35,7 +51,7 @@ class Queues:
 
 
 @pytest.fixture
-async def queues() -> AsyncIterator[Queues]:
+async def queues(broker: None) -> AsyncIterator[Queues]:
     names = [unique("delivery-jobs"), unique("delivery-replies"), unique("delivery-delay"), unique("delivery-dead")]
     connection = await aio_pika.connect(BROKER_URL)
     try:
@@ -202,3 +218,136 @@ async def test_waiting_for_a_live_delivery_ends_at_once_when_the_node_stops(queu
             await asyncio.wait_for(waiter, 5)
     finally:
         await connection.close()
+
+
+# ---------------------------------------------------------------- with fake channels
+
+
+class FakeChannel:
+    """An aiormq channel as Delivery uses it: records what is published and acked in committed transactions."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+        self.pending: list[tuple[str, object]] = []
+        self.committed: list[tuple[str, object]] = []
+
+    async def tx_select(self) -> None:
+        pass
+
+    async def basic_publish(self, body: bytes, *, exchange: str, routing_key: str, properties: Any) -> None:
+        self.pending.append(("publish", routing_key))
+
+    async def basic_ack(self, tag: int) -> None:
+        self.pending.append(("ack", tag))
+
+    async def tx_commit(self) -> None:
+        self.committed += self.pending
+        self.pending = []
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeMessage:
+    """An incoming message: its tag is only meaningful on its own channel."""
+
+    def __init__(self, channel: FakeChannel, tag: int) -> None:
+        self._channel = channel
+        self.delivery_tag = tag
+        self.message_id = "job-1"
+        self.reply_to = "replies"
+        self.headers: dict[str, object] = {}
+        self.body = b""
+        self.redelivered = False
+        self.consumer_tag = "c1"
+
+    @property
+    def channel(self) -> FakeChannel:
+        if self._channel.closed:
+            raise aiormq.exceptions.ChannelInvalidStateError("closed")
+        return self._channel
+
+
+def fake_delivery(channel: FakeChannel, tag: int, check: Any = no_check) -> Delivery:
+    return Delivery(cast(AbstractIncomingMessage, FakeMessage(channel, tag)), check)
+
+
+def acks(*channels: FakeChannel) -> list[tuple[str, object]]:
+    return [(ch.name, tag) for ch in channels for what, tag in ch.committed if what == "ack"]
+
+
+async def test_a_redelivery_adopted_during_the_address_check_is_acked_with_its_own_tag() -> None:
+    """The job's channel dies while its final reply's address is checked (on another channel), and
+    the broker delivers the job again: tag 1 on a new channel, where tag 7 may be another job's
+    message. The reply's ack must name the message it answers, on that message's channel."""
+    old_channel, new_channel = FakeChannel("old"), FakeChannel("new")
+    job: Delivery | None = None
+
+    async def check_address(address: ReplyAddress, headers: Mapping[str, Scalar]) -> None:
+        # Meanwhile (another task): the old channel closes and the redelivery is adopted.
+        old_channel.closed = True
+        assert job is not None
+        job.adopt(fake_delivery(new_channel, 1, check_address))
+
+    job = fake_delivery(old_channel, 7, check_address)
+    with contextlib.suppress(BrokerError):  # failing, to be retried on the adopted delivery, is right too
+        await job.reply_and_ack(
+            ReplyAddress("x", "replies"), correlation_id="job-1", headers={"JobStatus": 4}, body=b"", timeout_s=5
+        )
+    assert ("new", 7) not in acks(old_channel, new_channel), "the old channel's tag 7 acked on the new channel"
+    assert acks(old_channel, new_channel) in ([], [("new", 1)])
+
+
+async def test_a_redelivery_adopted_after_the_final_reply_committed_is_acked_too() -> None:
+    """The reply and the first delivery's ack commit together; the channel then dies and the job
+    comes back before the node forgets it: the adopted delivery is acked alone (answered), once."""
+    old_channel, new_channel = FakeChannel("old"), FakeChannel("new")
+    first = fake_delivery(old_channel, 7)
+
+    class AdoptingJournal(FakeJournal):
+        async def confirmed(self, entry_id: int, message_id: str, *, final: bool) -> None:
+            await super().confirmed(entry_id, message_id, final=final)
+            old_channel.closed = True
+            first.adopt(fake_delivery(new_channel, 1))
+
+    config = configuration.parse("[node]\nname = n1\n", source="test", environ={})
+    running: dict[str, Job] = {}
+    journal, broker = AdoptingJournal(), FakeBroker()
+    answer = Answerer(config, cast(Broker, broker), cast(Journal, journal), running, asyncio.Event(), Metrics())
+    admission = Admission(Resources(Totals(1, 100, 100, 1)), Request(), max_prefetch=1)
+    job = Job(parse_envelope("job-1", "replies", {}), first, admission.arrive(first))
+    running["job-1"] = job
+    await asyncio.wait_for(answer.conclude(job, Held(JobHeld("no"))), 10)
+    assert old_channel.committed == [("publish", "replies"), ("ack", 7)], "the reply and its ack, together"
+    assert new_channel.committed == [("ack", 1)], "the adopted redelivery: acked alone, as answered"
+
+
+async def test_the_answer_goes_out_on_the_delivery_adopted_during_the_address_check() -> None:
+    """As above, through the answer path: the final reply and the ack are retried on the adopted
+    delivery's channel with its own tag, once; nothing is acked on the dead one."""
+    old_channel, new_channel = FakeChannel("old"), FakeChannel("new")
+    checks = 0
+    first: Delivery | None = None
+
+    async def check_address(address: ReplyAddress, headers: Mapping[str, Scalar]) -> None:
+        nonlocal checks
+        checks += 1
+        if checks == 1:
+            old_channel.closed = True
+            assert first is not None
+            first.adopt(fake_delivery(new_channel, 1, check_address))
+
+    first = fake_delivery(old_channel, 7, check_address)
+    config = configuration.parse("[node]\nname = n1\n", source="test", environ={})
+    running: dict[str, Job] = {}
+    answer = Answerer(
+        config, cast(Broker, FakeBroker()), cast(Journal, FakeJournal()), running, asyncio.Event(), Metrics()
+    )
+    admission = Admission(Resources(Totals(1, 100, 100, 1)), Request(), max_prefetch=1)
+    job = Job(parse_envelope("job-1", "exchange/replies", {}), first, admission.arrive(first))
+    running["job-1"] = job
+    await asyncio.wait_for(answer.conclude(job, Held(JobHeld("no"))), 10)
+    assert old_channel.committed == []
+    assert new_channel.committed == [("publish", "replies"), ("ack", 1)], "one reply, with the adopted tag"
+    assert first.acked
