@@ -19,6 +19,10 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # --ignore-installed: every dependency goes to /install, even one that the
 # build stage's own Python happens to have already.
 FROM ${PYTHON_IMAGE} AS build
+# python-qpid-proton (the AMQP 1.0 codec) is built from its source: a C compiler, in this stage only.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY carod ./carod

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from carod.config import Config
 from carod.edges.amqp import ReplyRefused, ReplyUndeliverable, ReplyUnroutable
@@ -44,7 +44,7 @@ from carod.node.job import Job, log_state
 from carod.node.outcome import Evicted, Exited, Held, Outcome, Removed, reply_for
 from carod.states import JobState
 from carod.units import MIB
-from carod.wire import parts, replies
+from carod.wire import amqp10, parts, replies
 from carod.wire.classads import Scalar
 from carod.wire.message import ReplyAddress
 
@@ -270,7 +270,7 @@ class Answerer:
                 await delivery.reply_and_ack(
                     address,
                     correlation_id=env.message_id,
-                    headers=headers,
+                    headers=_for_client(job, headers),
                     body=body,
                     timeout_s=self.config.broker.confirm_timeout_s,
                 )
@@ -350,7 +350,7 @@ class Answerer:
             await self.broker.publish_reply(
                 env.reply_to,
                 correlation_id=env.message_id,
-                headers=replies.bound_headers(headers),
+                headers=_for_client(job, replies.bound_headers(headers)),
                 body=body,
                 message_type=message_type,
             )
@@ -373,7 +373,9 @@ class Answerer:
         attempt = 0
         while True:
             try:
-                await self.broker.publish_reply(env.reply_to, correlation_id=env.message_id, headers=headers, body=body)
+                await self.broker.publish_reply(
+                    env.reply_to, correlation_id=env.message_id, headers=_for_client(job, headers), body=body
+                )
                 return True
             except ReplyUnroutable as exc:  # the submitter's queue is gone; it may come back for the final reply
                 self._refused(job, exc)
@@ -418,3 +420,14 @@ def _read_part(f: BinaryIO, size: int, digest: hashlib._Hash) -> bytes:
     chunk = f.read(size)
     digest.update(chunk)
     return chunk
+
+
+def _for_client(job: Job, headers: Mapping[str, Scalar]) -> Mapping[str, Any]:
+    """The reply's headers as the job's client reads them: for an AMQP 1.0 client, also as application-properties.
+
+    The section goes in a binary header (an AMQP byte array), which RabbitMQ 3.x hands to the 1.0 client as
+    its application-properties (carod.wire.amqp10).
+    """
+    if not job.envelope.amqp10:
+        return headers
+    return {**headers, amqp10.APP_PROPERTIES_HEADER: amqp10.app_properties_header(headers)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -40,12 +41,15 @@ from carod.node.recovery import Recovery
 from carod.node.removals import Removals
 from carod.sandbox.execute import Executor
 from carod.states import JobState
-from carod.wire import classads, jobad
+from carod.wire import amqp10, classads, jobad
 from carod.wire.adverts import JobInfo
 from carod.wire.jobad import Request
 from carod.wire.message import parse_envelope
 
 log = logging.getLogger("carod.job")
+
+#: An AMQP 1.0 message's body larger than this is decoded in a thread, not on the event loop.
+_DECODE_ON_LOOP_BYTES = 1024 * 1024
 
 
 class Node:
@@ -92,9 +96,25 @@ class Node:
     # ------------------------------------------------------------ entry point
 
     async def handle(self, delivery: Delivery) -> None:
-        envelope = parse_envelope(
-            delivery.message_id, delivery.reply_to, delivery.headers, queue=self.config.broker.queue
-        )
+        message_id, reply_to, headers, body = delivery.message_id, delivery.reply_to, delivery.headers, delivery.body
+        unreadable = None
+        if amqp10.is_amqp10(headers):
+            try:
+                if len(body) > _DECODE_ON_LOOP_BYTES:
+                    incoming = await asyncio.to_thread(amqp10.unpack, message_id, reply_to, headers, body)
+                else:
+                    incoming = amqp10.unpack(message_id, reply_to, headers, body)
+                message_id, reply_to, headers, body = (
+                    incoming.message_id,
+                    incoming.reply_to,
+                    incoming.headers,
+                    incoming.body,
+                )
+            except amqp10.Amqp10Error as exc:
+                unreadable = f"the job message came from an AMQP 1.0 client, and {exc}"
+        envelope = parse_envelope(message_id, reply_to, headers, queue=self.config.broker.queue)
+        if amqp10.is_amqp10(delivery.headers):
+            envelope = dataclasses.replace(envelope, amqp10=True)
         mid = envelope.message_id
         if mid is not None and (live := self.running.get(mid)) is not None:
             if live.delivery.live() or live.envelope.reply_to != envelope.reply_to:
@@ -117,7 +137,9 @@ class Node:
                 JobState.ADOPTED.value,
             )
             return
-        job = Job(envelope, delivery, self.admission.arrive(delivery))
+        job = Job(
+            envelope, delivery, self.admission.arrive(delivery), headers=headers, body=body, unreadable=unreadable
+        )
         key = id(job)
         self.jobs[key] = job
         if mid is not None:
@@ -155,6 +177,9 @@ class Node:
             held = JobHeld("the job message has no message_id; carod needs one to identify the job")
             await self.answer.commit_final(job, self.answer.reply(job, Held(held)).headers, b"")
             return
+        if job.unreadable is not None:
+            await self.answer.commit_final(job, self.answer.reply(job, Held(JobHeld(job.unreadable))).headers, b"")
+            return
         record, new = await self.journal.receive(env.message_id, str(env.reply_to))
         if not new and (await self.answer.reused_id(job, record.reply_to) or await self.recovery.known(job, record)):
             return
@@ -172,7 +197,7 @@ class Node:
             return
         try:
             # Evaluated on this loop only when bounded; else reduced by the bounded evaluator first.
-            ad = await self.evaluator.job_ad(classads.ad_from_headers(job.delivery.headers), self.live_ad)
+            ad = await self.evaluator.job_ad(classads.ad_from_headers(job.headers), self.live_ad)
             jobad.apply_defaults(ad)
             spec = jobad.job_spec(ad)
         except JobHeld as held:

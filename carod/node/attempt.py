@@ -74,7 +74,7 @@ class Attempt:
             return Held(held)
         job.run_count = await self.journal.start_attempt(job.message_id, str(box))
         try:
-            process = await self.executor.start(run, spec, job.delivery.body, request)
+            process = await self.executor.start(run, spec, job.body, request)
         except JobHeld as held:
             return Held(held)
         job.info = job_info(job, spec, request, process.start_time)

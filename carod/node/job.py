@@ -6,6 +6,7 @@ import enum
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import classad2
@@ -53,6 +54,11 @@ class Job:
     kill_sig: int = signal.SIGTERM
     ad: classad2.ClassAd | None = None
     info: JobInfo | None = None
+    #: the job ad's headers and the input body, as the submitter sent them (an AMQP 1.0 message unpacked)
+    headers: Mapping[str, object] = field(default_factory=dict)
+    body: bytes = b""
+    #: why the message cannot be read (an AMQP 1.0 section that does not decode): answered Held
+    unreadable: str | None = None
     #: why nobody can ever be answered: the broker refused its reply address for good
     #: (carod.node.answer); the job is stopped, and settled without a reply
     unanswerable: str | None = None

@@ -74,8 +74,26 @@ def header_to_value(name: str, value: object) -> classad2.ExprTree | Scalar:
         return parse_expr(value, attribute=name)
     raise JobHeld(
         f"the job attribute {name} has an AMQP type carod cannot read as a ClassAd "
-        f"({type(value).__name__}); send ClassAd text in a string header instead"
+        f"({amqp_type_name(value)}); send ClassAd text in a string header instead"
     )
+
+
+#: AMQP 0-9-1 field types as aio-pika decodes them, by Python type name (for hold reasons).
+_AMQP_091_TYPES = {
+    "dict": "field table",
+    "list": "field array",
+    "datetime": "timestamp",
+    "Decimal": "decimal",
+    "NoneType": "void",
+}
+
+
+def amqp_type_name(value: object) -> str:
+    """The AMQP type of a header value, as a submitter's client library calls it."""
+    named = getattr(value, "amqp_type", None)  # an AMQP 1.0 value (carod.wire.amqp10.Unreadable)
+    if isinstance(named, str):
+        return f"AMQP 1.0 {named}"
+    return _AMQP_091_TYPES.get(type(value).__name__, type(value).__name__)
 
 
 def ad_from_headers(headers: Mapping[str, object]) -> classad2.ClassAd:

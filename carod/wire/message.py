@@ -68,6 +68,8 @@ class Envelope:
     delivery_limited: int = 0
     #: x-delivery-count: requeues since it last entered the queue
     deliveries: int = 0
+    #: sent by an AMQP 1.0 client through RabbitMQ 3.x: replies carry its application-properties (carod.wire.amqp10)
+    amqp10: bool = False
 
     @property
     def label(self) -> str:
