@@ -32,13 +32,14 @@ class JobState(enum.StrEnum):
     PASSED = "passed"
     #: does not match here: parked in the delay queue, offered again later
     DECLINED = "declined"
-    #: a second message with a message_id running here, or one already answered: acknowledged
+    #: a second message with a message_id running here, or a redelivery of one already answered: acknowledged;
+    #: a new message (not redelivered) with an id already answered: answered Held (or its final reply again)
     DUPLICATE = "duplicate"
     #: redelivered while it runs here: the new delivery replaces the old
     ADOPTED = "adopted"
     #: finished here before: its stored final reply is sent again
     RESEND = "resend"
-    #: a message_id first used with another reply_to: acknowledged, not answered
+    #: a message_id first used with another reply_to: not run, answered Held at its own reply_to
     REUSED_ID = "reused-id"
     #: a run cut short by a crash or a lost node (journaled); it runs again when redelivered
     INTERRUPTED = "interrupted"

@@ -12,7 +12,8 @@ sees two threads). One row per job ``message_id``:
 address of the first message with the ``message_id`` (a later message with
 the same id and another address is not the same job: docs/protocol.md). The ``outbox`` holds every
 reply until the broker confirms it; a final reply's result zip stays on disk
-(``body_path``) until then. Finished records are kept for
+(``body_path``) until then, its headers until the row expires (a client that
+sends the id again is answered from them: carod.node.answer). Finished records are kept for
 ``journal_retention_s`` so that a redelivery is recognised and never re-run.
 """
 
@@ -75,7 +76,8 @@ CREATE INDEX IF NOT EXISTS outbox_job ON outbox (message_id, id);
 """
 #: Columns added since the first schema: (table, column, definition).
 _ADDED_COLUMNS = (("jobs", "reply_to", "TEXT"),)
-_JOB_COLUMNS = "message_id, state, attempts, sequence, sandbox, pid, pid_start, reply_to"
+_JOB_COLUMNS = "message_id, state, attempts, sequence, sandbox, pid, pid_start, reply_to, created, updated"
+_OUTBOX_COLUMNS = "id, message_id, exchange, routing_key, headers, body_path, final"
 
 
 class JournalError(CarodError):
@@ -93,6 +95,10 @@ class JobRecord:
     pid_start: str | None
     #: the reply address of the first message with this id (None: recorded before carod kept it)
     reply_to: str | None = None
+    #: when the row was made (the first message with this id arrived), seconds since the epoch
+    created: float | None = None
+    #: when the row last changed (for ``replied``: when the final reply was confirmed)
+    updated: float | None = None
 
 
 def _record(row: tuple[Any, ...]) -> JobRecord:
@@ -109,6 +115,10 @@ class OutboxEntry:
     headers: dict[str, Any]
     body_path: str | None
     final: bool
+
+
+def _entry(row: tuple[Any, ...]) -> OutboxEntry:
+    return OutboxEntry(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], bool(row[6]))
 
 
 class Journal:
@@ -311,13 +321,24 @@ class Journal:
 
         def find() -> OutboxEntry | None:
             row = self._run(
-                "SELECT id, message_id, exchange, routing_key, headers, body_path, final FROM outbox"
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox"  # noqa: S608
                 " WHERE message_id = ? AND final = 1 AND confirmed = 0 ORDER BY id DESC LIMIT 1",
                 (message_id,),
             ).fetchone()
-            if row is None:
-                return None
-            return OutboxEntry(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], bool(row[6]))
+            return _entry(row) if row else None
+
+        return await self._call(find)
+
+    async def last_final(self, message_id: str) -> OutboxEntry | None:
+        """The job's last final reply, confirmed or not (kept until the row expires; its result file is not)."""
+
+        def find() -> OutboxEntry | None:
+            row = self._run(
+                f"SELECT {_OUTBOX_COLUMNS} FROM outbox"  # noqa: S608
+                " WHERE message_id = ? AND final = 1 ORDER BY id DESC LIMIT 1",
+                (message_id,),
+            ).fetchone()
+            return _entry(row) if row else None
 
         return await self._call(find)
 

@@ -119,7 +119,7 @@ class Metrics:
         )
         self.reused_ids = Counter(
             "carod_jobs_reused_id",
-            "Job messages acknowledged unanswered because their message_id was first used with another reply_to",
+            "Job messages not run, answered Held, because their message_id was first used with another reply_to",
             registry=r,
         )
         self._server: WSGIServer | None = None

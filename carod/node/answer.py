@@ -19,11 +19,14 @@ refuses"): a transient failure (connection lost, no confirm) is retried for
 
 Every reply goes to the address its job's first message named: a final reply
 stored in the journal is sent to the address stored with it, and to no other.
+A message that reuses a message_id is answered at its own address, Held, and
+never journaled (:meth:`Answerer.refuse_reused`, :meth:`Answerer.answer_again`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import logging
 import os
@@ -37,9 +40,10 @@ from carod.config import Config
 from carod.edges.amqp import ReplyRefused, ReplyUndeliverable, ReplyUnroutable
 from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Settle
-from carod.edges.journal import Journal, OutboxEntry
+from carod.edges.journal import REPLIED, JobRecord, Journal, OutboxEntry
 from carod.edges.metrics import Metrics
 from carod.errors import BrokerError
+from carod.holdcodes import HoldCode
 from carod.node.job import Job, log_state
 from carod.node.outcome import Evicted, Exited, Held, Outcome, Removed, reply_for
 from carod.states import JobState
@@ -131,42 +135,100 @@ class Answerer:
         )
         await self.resend_final(job, entry)
 
-    async def reused_id(self, job: Job, first_reply_to: str | None) -> bool:
-        """True when ``job``'s message reuses a message_id first seen with another reply_to.
+    async def reused_id(self, job: Job, record: JobRecord) -> bool:
+        """True when ``job``'s message reuses a message_id first seen with another reply_to: answered Held.
 
-        Such a message is not the job's redelivery: it is acknowledged and
-        never answered, and nothing of the first job's goes to its address
-        (docs/protocol.md, "message_id"). None: recorded before carod kept the address.
+        Such a message is not the job's redelivery: it is not run, and it is
+        answered Held at its own address, saying that the id was already used;
+        nothing of the first job's goes there (docs/protocol.md, "message_id").
+        A record with no address (kept by an older carod) is not a reused id.
         """
-        if first_reply_to is None or first_reply_to == str(job.envelope.reply_to):
+        if record.reply_to is None or record.reply_to == str(job.envelope.reply_to):
             return False
+        await self.refuse_reused(job, record)
+        return True
+
+    async def refuse_reused(self, job: Job, record: JobRecord | None) -> None:
+        """Answer ``job``'s message Held: its message_id belongs to another job (``record``: its row, if any)."""
         log.warning(
             "job=%s state=%s: this message_id was first used with another reply_to; this message "
-            "(reply_to %s) is acknowledged and not answered",
+            "(reply_to %s) is not run and is answered Held",
             job.envelope.label,
             JobState.REUSED_ID.value,
             job.envelope.reply_to,
         )
         self.metrics.reused_ids.inc()
-        await job.delivery.settle(Settle.ACK, label=job.envelope.label)
-        return True
+        reason = (
+            f"this message_id was already used by another job (with another reply_to){_when(record)}; "
+            f"this message was not run. {self._unique_rule()}"
+        )
+        job.sequence, job.run_count = 0, 0  # a job of its own: nothing of the first one's
+        await self.answer_alone(job, self._held(job, reason))
+
+    async def answer_again(self, job: Job, record: JobRecord) -> None:
+        """A new message (not a redelivery) with the id of a job answered here: a client sending it again.
+
+        From the job's own reply_to its final reply is sent again while the
+        journal has it whole (a reply with a result does not: the result file
+        goes once the broker has it); else a Held reply says the id was
+        already answered. Never journaled: the row is the first message's.
+        """
+        entry = await self.journal.last_final(job.message_id)
+        if entry is not None and _address(entry) != job.envelope.reply_to:
+            await self.refuse_reused(job, record)  # answered to another address (a row kept by an older carod)
+            return
+        if entry is not None and entry.body_path is None:
+            log_state(job, JobState.RESEND, self.metrics, note="answered here before; its final reply is sent again")
+            await self.answer_alone(job, replies.bound_headers(entry.headers))
+            return
+        kept = "" if entry is None else " and its result is no longer kept"
+        log_state(job, JobState.DUPLICATE, self.metrics, note=f"answered here before{kept}; answered Held")
+        reason = (
+            f"a job with this message_id was already answered{_answered_at(record)}{kept}; this message was not run. "
+            f"{self._unique_rule()}"
+        )
+        await self.answer_alone(job, self._held(job, reason))
+
+    def _unique_rule(self) -> str:
+        retention = self.config.node.journal_retention_s
+        return (
+            f"A message_id must be unique for [node] journal_retention_s = {retention:g} s: "
+            "send the job again with a new message_id"
+        )
+
+    def _held(self, job: Job, reason: str) -> dict[str, Scalar]:
+        """A Held reply's headers for a message that is not run (not logged as a held job)."""
+        return replies.held(
+            sequence=job.next_sequence(),
+            node=self.config.node_name,
+            now=time.time(),
+            reason=reason,
+            code=HoldCode.UNSPECIFIED,
+            run_count=job.run_count,
+        ).headers
+
+    async def answer_alone(self, job: Job, headers: Mapping[str, Scalar]) -> None:
+        """A final reply the journal does not keep (its row is another message's), committed with the ack."""
+        try:
+            await asyncio.shield(self.commit_final(job, headers, b""))
+        except GaveUp as exc:
+            log.error("job=%s reply given up for now (%s); its message is requeued", job.envelope.label, exc)
+            self.metrics.replies_given_up.labels(kind="final").inc()
+            await job.delivery.settle(Settle.REQUEUE, label=job.envelope.label)
+        except TimeoutError:
+            log.warning(
+                "job=%s no live delivery to answer on for %.0fs; its message is left to the broker",
+                job.envelope.label,
+                self.config.node.redelivery_wait_s,
+            )
 
     async def resend_final(self, job: Job, entry: OutboxEntry) -> None:
         """Send the journaled final reply ``entry`` to the address stored with it, with ``job``'s delivery."""
-        address = ReplyAddress(entry.exchange, entry.routing_key) if entry.exchange or entry.routing_key else None
-        if address != job.envelope.reply_to:
+        if _address(entry) != job.envelope.reply_to:
             # Not this message's answer (its message_id was first used with
-            # another reply_to): it goes to its own address or nowhere.
-            log.warning(
-                "job=%s state=%s: the stored final reply is for %s, not for this message's reply_to %s; "
-                "acknowledged, not answered",
-                job.envelope.label,
-                JobState.REUSED_ID.value,
-                address,
-                job.envelope.reply_to,
-            )
-            self.metrics.reused_ids.inc()
-            await job.delivery.settle(Settle.ACK, label=job.envelope.label)
+            # another reply_to): the stored reply goes to its own address or
+            # nowhere; this message is told that its id was taken.
+            await self.refuse_reused(job, None)
             return
         headers: dict[str, Scalar] = replies.bound_headers(entry.headers)
         body = b""
@@ -406,6 +468,28 @@ async def _pause_before_retry(label: str, what: str, exc: BrokerError, attempt: 
     log.warning("job=%s %s (%s); retrying in %.1fs", label, what, exc, delay)
     await asyncio.sleep(delay)
     return attempt + 1
+
+
+def _address(entry: OutboxEntry) -> ReplyAddress | None:
+    """The address a journaled reply is for (None: its job had no reply_to)."""
+    return ReplyAddress(entry.exchange, entry.routing_key) if entry.exchange or entry.routing_key else None
+
+
+def _when(record: JobRecord | None) -> str:
+    """When the job that first used a message_id was answered (or received), from its journal row."""
+    if record is None:
+        return ""
+    if record.state == REPLIED and record.updated is not None:
+        return f", answered at {_utc(record.updated)}"
+    return f", received at {_utc(record.created)}" if record.created is not None else ""
+
+
+def _answered_at(record: JobRecord) -> str:
+    return f" at {_utc(record.updated)}" if record.updated is not None else ""
+
+
+def _utc(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _read_if_small(path: Path, limit: int) -> tuple[bytes | None, int]:

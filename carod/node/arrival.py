@@ -5,6 +5,7 @@ settled. Every step is written to the journal first (docs/reliability.md):
 
 * a redelivered ``message_id`` is recognised: still running here -> the new
   delivery is adopted; known to the journal -> carod.node.recovery answers it;
+  the same id with another ``reply_to`` is another job's: answered Held, not run;
 * what may run at once is decided by carod.node.admission: a job that does
   not fit what is free waits, unless another node could start it sooner;
   a job that would never run here is passed on or declined to the delay queue;
@@ -116,10 +117,11 @@ class Node:
         if amqp10.is_amqp10(delivery.headers):
             envelope = dataclasses.replace(envelope, amqp10=True)
         mid = envelope.message_id
-        if mid is not None and (live := self.running.get(mid)) is not None:
-            if live.delivery.live() or live.envelope.reply_to != envelope.reply_to:
-                # A second message with the same message_id while the first is still held, or
-                # one with another reply_to: a duplicate, answered by nobody (docs/protocol.md).
+        live = self.running.get(mid) if mid is not None else None
+        if mid is not None and live is not None and live.envelope.reply_to == envelope.reply_to:
+            if live.delivery.live():
+                # A second message with the same message_id and reply_to while the first is
+                # still held: the running job answers that address (docs/protocol.md).
                 log.warning(
                     "job=%s state=%s: the same message_id is already running here; acknowledged",
                     mid,
@@ -142,10 +144,13 @@ class Node:
         )
         key = id(job)
         self.jobs[key] = job
-        if mid is not None:
+        if mid is not None and live is None:
             self.running[mid] = job
         try:
-            await self._handle(job)
+            if live is not None:  # another job's message_id, from another reply_to: answered Held, not run
+                await self.answer.refuse_reused(job, await self.journal.get(live.message_id))
+            else:
+                await self._handle(job)
         except JournalError as exc:
             log.error("job=%s cannot be journaled (%s); offered to other nodes", envelope.label, exc)
             await self._pass_on(job, exc)
@@ -155,7 +160,7 @@ class Node:
             # is eventually Held instead of looping.
             log.exception("job=%s internal error; the message goes back to the queue", envelope.label)
             self.metrics.job_state(JobState.ERROR, {})
-            if mid is not None:
+            if mid is not None and live is None:  # the row is this job's (not another one's)
                 with contextlib.suppress(JournalError):
                     await self.journal.count_failure(mid)
             await delivery.settle(Settle.REQUEUE, label=envelope.label)
@@ -181,7 +186,7 @@ class Node:
             await self.answer.commit_final(job, self.answer.reply(job, Held(JobHeld(job.unreadable))).headers, b"")
             return
         record, new = await self.journal.receive(env.message_id, str(env.reply_to))
-        if not new and (await self.answer.reused_id(job, record.reply_to) or await self.recovery.known(job, record)):
+        if not new and (await self.answer.reused_id(job, record) or await self.recovery.known(job, record)):
             return
         removal = self.removals.get(env.message_id, time.monotonic())
         if removal is not None:

@@ -4,7 +4,9 @@ At start (:meth:`Recovery.recover`), before any job is taken: kill what
 jobs of an earlier carod left running, mark their rows interrupted, remove
 leftover sandboxes and result files nobody will send. While running
 (:meth:`Recovery.known`): a redelivered ``message_id`` the journal knows is
-answered from it: already answered -> acknowledged; finished but not yet
+answered from it: already answered -> acknowledged (a message that is not a
+redelivery gets the final reply again, or a Held reply saying the id was
+already answered: carod.node.answer.Answerer.answer_again); finished but not yet
 answered -> its stored final reply is sent; interrupted -> cleaned up and
 run again as a new attempt (``JobRunCount``), up to ``[node] max_attempts``.
 """
@@ -102,6 +104,9 @@ class Recovery:
         job.sequence = record.sequence
         job.run_count = record.attempts
         if record.state == JobState.REPLIED:
+            if not job.delivery.redelivered:  # a new message with the id: answered, never silence
+                await self.answer.answer_again(job, record)
+                return True
             log_state(job, JobState.DUPLICATE, self.metrics, note="already answered; acknowledged")
             await job.delivery.settle(Settle.ACK, label=env.label)
             return True

@@ -7,7 +7,8 @@
 * a daemon that hit both still stops within its documented time on SIGTERM,
   and starts again;
 * a message that reuses a victim's message_id with another reply_to never gets
-  anything of the victim's, and the victim still gets its own answer.
+  anything of the victim's (only a Held reply naming the reuse), and the
+  victim still gets its own answer.
 """
 
 from __future__ import annotations
@@ -305,12 +306,20 @@ def victim_job(seconds: float, secret: str) -> dict[str, str]:
     }
 
 
-async def assert_nothing_for(sub: Submitter, message_id: str) -> None:
+async def assert_only_reuse_held(sub: Submitter, message_id: str, count: int, secret: str) -> None:
+    """``sub`` got ``count`` replies for ``message_id``, each a Held one naming the reuse, nothing of the victim's."""
     await sub.sync()
-    assert sub.replies.get(message_id, []) == []
+    got = sub.replies.get(message_id, [])
+    assert [r.status for r in got] == [5] * count
+    for reply in got:
+        assert reply.body == b"" and reply.headers["HoldReasonCode"] == 0
+        assert "already used by another job" in literal(reply.headers["HoldReason"])
+        assert all(secret not in str(value) for value in reply.headers.values())
+        assert "ExitCode" not in reply.headers and "JobRunCount" in reply.headers
+        assert reply.headers["JobRunCount"] == 0
 
 
-async def test_a_reused_id_while_and_after_the_victim_runs_gets_nothing(
+async def test_a_reused_id_while_and_after_the_victim_runs_gets_only_held_replies(
     node: RunningNode, submitter: Submitter, attacker: Submitter, queue: str
 ) -> None:
     secret = f"victim-secret-{uuid.uuid4().hex}"
@@ -322,11 +331,11 @@ async def test_a_reused_id_while_and_after_the_victim_runs_gets_nothing(
     assert replies[-1].status == 4 and replies[-1].zip_read("job.out") == f"{secret}\n".encode()
     await attacker.send({"Cmd": q("/bin/echo"), "Arguments": q("forged")}, message_id=mid)  # after its answer
     async with asyncio.timeout(20):
-        while counter(node, "carod_jobs_reused_id") < 1:
+        while counter(node, "carod_jobs_reused_id") < 2:
             await asyncio.sleep(0.05)
     await seed_runs(submitter)
     await node.stop()  # everything delivered before is handled by now
-    await assert_nothing_for(attacker, mid)
+    await assert_only_reuse_held(attacker, mid, 2, secret)
     await submitter.sync()
     assert len(submitter.finals(mid)) == 1
     assert counter(node, "carod_jobs_started") == 2  # the victim's job and the seed job; nothing forged ran
@@ -340,8 +349,8 @@ async def test_a_reused_id_never_gets_the_victims_stored_answer(
     """The victim's job finished while its delivery was elsewhere; its answer waits in the journal.
 
     A message with the victim's id and the attacker's reply_to then arrives
-    first: it is acknowledged unanswered. The victim's own delivery, when it
-    comes back, gets the stored answer.
+    first: it is answered Held (the id was used), never with the stored
+    answer. The victim's own delivery, when it comes back, gets the stored answer.
     """
     node = await start_node(queue, base, node={"redelivery_wait_s": 1})
     thief = await aio_pika.connect(BROKER_URL)
@@ -375,11 +384,11 @@ async def test_a_reused_id_never_gets_the_victims_stored_answer(
         async with asyncio.timeout(20):
             while counter(node, "carod_jobs_reused_id") < 1:
                 await asyncio.sleep(0.05)
-        await assert_nothing_for(attacker, mid)
+        await assert_only_reuse_held(attacker, mid, 1, secret)
         await victim_delivery.nack(requeue=True)  # the victim's own message comes back to carod
         final = (await submitter.wait_final(mid, 30))[-1]
         assert final.status == 4 and final.zip_read("job.out") == f"{secret}\n".encode()
-        await assert_nothing_for(attacker, mid)
+        await assert_only_reuse_held(attacker, mid, 1, secret)
         await seed_runs(submitter)
     finally:
         await thief.close()
@@ -391,7 +400,11 @@ async def test_a_reused_id_never_gets_the_victims_stored_answer(
 async def test_a_journal_from_before_reply_addresses_were_kept_still_opens_and_answers(
     base: Path, queue: str, submitter: Submitter
 ) -> None:
-    """The journal gains its reply_to column at start; an old record (no address) is not a reused id."""
+    """The journal gains its reply_to column at start; an old record (no address) is not a reused id.
+
+    Sent again (not a redelivery), its id is answered: a Held reply saying it
+    was already answered (the old journal kept no reply to send again).
+    """
     state = base / "state"
     state.mkdir()
     with sqlite3.connect(state / "journal.sqlite3") as db:
@@ -403,12 +416,14 @@ async def test_a_journal_from_before_reply_addresses_were_kept_still_opens_and_a
         db.execute("INSERT INTO jobs VALUES ('old-job', 'replied', 1, 2, NULL, NULL, NULL, ?, ?)", (time.time(),) * 2)
     node = await start_node(queue, base)
     try:
-        await submitter.send(SEED, message_id="old-job")  # answered before: acked, not run again
+        await submitter.send(SEED, message_id="old-job")  # answered before: not run again
         await seed_runs(submitter)
     finally:
         await node.stop()  # after the drain, every count is final
     await submitter.sync()
-    assert submitter.replies.get("old-job", []) == []
+    [held] = submitter.replies.get("old-job", [])
+    assert held.status == 5 and held.headers["HoldReasonCode"] == 0
+    assert "already answered at " in literal(held.headers["HoldReason"])
     assert counter(node, "carod_jobs_received") == 2
     assert counter(node, "carod_jobs_started") == 1  # only the seed job ran
     assert counter(node, "carod_jobs_reused_id") == 0

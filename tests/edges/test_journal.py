@@ -45,6 +45,24 @@ async def test_job_lifecycle_and_outbox(tmp_path: Path) -> None:
     await journal.close()
 
 
+async def test_the_last_final_reply_and_the_rows_times_outlive_its_confirm(tmp_path: Path) -> None:
+    journal = await opened(tmp_path)
+    before = time.time()
+    await journal.receive("m1", "q")
+    assert await journal.last_final("m1") is None
+    await journal.add_reply("m1", "", "q", {"JobStatus": 2, "Sequence": 1}, None, final=False)
+    first = await journal.add_reply("m1", "", "q", {"JobStatus": 4, "Sequence": 2}, "/r.zip", final=True)
+    await journal.confirmed(first.id, "m1", final=True)
+    last = await journal.last_final("m1")
+    assert last == first, "still there once confirmed (pending_final is not)"
+    assert await journal.pending_final("m1") is None
+    record = await journal.get("m1")
+    assert record is not None and record.reply_to == "q"
+    assert record.created is not None and record.updated is not None
+    assert before <= record.created <= record.updated <= time.time()
+    await journal.close()
+
+
 async def test_survives_reopen_and_expires(tmp_path: Path) -> None:
     journal = await opened(tmp_path)
     await journal.receive("old")

@@ -21,7 +21,7 @@ from carod import config as configuration
 from carod.edges.amqp import ReplyRefused, ReplyUndeliverable
 from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Parking, Settle
-from carod.edges.journal import Journal, OutboxEntry
+from carod.edges.journal import JobRecord, Journal, OutboxEntry
 from carod.edges.metrics import Metrics
 from carod.errors import BrokerError, JobHeld
 from carod.holdcodes import HoldCode
@@ -52,6 +52,7 @@ class FakeDelivery:
         self.settled: list[Settle] = []
         self.committed: list[tuple[ReplyAddress, dict[str, Scalar], bytes]] = []
         self.failures: list[BaseException] = []
+        self.redelivered = False
 
     def live(self) -> bool:
         return self.is_live
@@ -106,6 +107,10 @@ class FakeJournal:
 
     async def set_state(self, message_id: str, state: JobState) -> None:
         self.states.append(state)
+
+    async def last_final(self, message_id: str) -> OutboxEntry | None:
+        finals = [e for e in self.entries if e.message_id == message_id and e.final]
+        return finals[-1] if finals else None
 
 
 class FakeBroker:
@@ -264,12 +269,98 @@ async def test_with_no_live_delivery_the_answer_waits_in_the_journal() -> None:
     assert "job-1" not in scene.running
 
 
-async def test_a_reused_message_id_is_acked_and_never_answered() -> None:
+# ---------------------------------------------------------------- a message_id used again
+
+#: 2026-03-04 05:06:07 UTC
+WHEN = 1772600767.0
+
+
+def record(state: JobState, reply_to: str | None, *, sequence: int = 3, attempts: int = 1) -> JobRecord:
+    return JobRecord("job-1", state, attempts, sequence, None, None, None, reply_to, WHEN - 60, WHEN)
+
+
+async def test_a_reused_message_id_from_another_reply_to_is_answered_held_at_its_own_address() -> None:
     scene = Scene()
-    assert await scene.answer.reused_id(scene.job, "another-queue")
-    assert scene.delivery.settled == [Settle.ACK]
-    assert scene.delivery.committed == [] and scene.broker.published == []
-    assert not await scene.answer.reused_id(scene.job, REPLY_TO)
+    assert await scene.answer.reused_id(scene.job, record(JobState.REPLIED, "another-queue"))
+    [(address, headers, body)] = scene.delivery.committed
+    assert address == ReplyAddress("", REPLY_TO), "its own reply_to, never the first job's"
+    assert headers["JobStatus"] == 5 and headers["HoldReasonCode"] == 0 and body == b""
+    reason = str(headers["HoldReason"])
+    assert "already used by another job" in reason and "answered at 2026-03-04 05:06:07 UTC" in reason
+    assert "journal_retention_s = 86400 s" in reason and "new message_id" in reason
+    assert headers["Sequence"] == 1 and headers["JobRunCount"] == 0, "nothing of the first job's"
+    assert scene.delivery.settled == [], "acked with its reply"
+    assert scene.journal.entries == [] and scene.journal.confirmed_ids == [], "the row is the first job's"
+    assert scene.counter("carod_jobs_reused_id_total") == 1
+    assert scene.counter("carod_jobs_held_total", code="unspecified") == 0, "not a held job: it never was one"
+
+
+async def test_a_reused_id_of_a_job_not_yet_answered_says_when_it_was_received() -> None:
+    scene = Scene()
+    assert await scene.answer.reused_id(scene.job, record(JobState.RUNNING, "another-queue"))
+    [(_address, headers, _body)] = scene.delivery.committed
+    assert "received at 2026-03-04 05:05:07 UTC" in str(headers["HoldReason"])
+
+
+@pytest.mark.parametrize("first", [REPLY_TO, None])
+async def test_the_same_reply_to_or_an_unknown_one_is_not_a_reused_id(first: str | None) -> None:
+    scene = Scene()
+    assert not await scene.answer.reused_id(scene.job, record(JobState.REPLIED, first))
+    assert scene.delivery.committed == [] and scene.delivery.settled == []
+    assert scene.counter("carod_jobs_reused_id_total") == 0
+
+
+async def test_sent_again_an_answered_job_without_a_result_gets_its_final_reply_again() -> None:
+    scene = Scene()
+    stored = {"JobStatus": 5, "Sequence": 3, "HoldReason": "the job asked for too much", "HoldReasonCode": 3}
+    await scene.journal.add_reply("job-1", "", REPLY_TO, stored, None, final=True)
+    await scene.answer.answer_again(scene.job, record(JobState.REPLIED, REPLY_TO))
+    [(address, headers, body)] = scene.delivery.committed
+    assert address == ReplyAddress("", REPLY_TO) and body == b""
+    assert headers == stored
+    assert len(scene.journal.entries) == 1 and scene.journal.confirmed_ids == [], "not journaled again"
+
+
+async def test_sent_again_an_answered_job_whose_result_is_gone_is_told_so() -> None:
+    scene = Scene()
+    await scene.journal.add_reply("job-1", "", REPLY_TO, {"JobStatus": 4, "Sequence": 3}, "/gone.zip", final=True)
+    scene.job.sequence = 3  # as carod.node.recovery sets it from the journal
+    await scene.answer.answer_again(scene.job, record(JobState.REPLIED, REPLY_TO))
+    [(address, headers, body)] = scene.delivery.committed
+    assert address == ReplyAddress("", REPLY_TO) and body == b""
+    assert headers["JobStatus"] == 5 and headers["HoldReasonCode"] == 0 and headers["Sequence"] == 4
+    reason = str(headers["HoldReason"])
+    assert "already answered at 2026-03-04 05:06:07 UTC" in reason and "result is no longer kept" in reason
+    assert "new message_id" in reason
+    assert scene.counter("carod_jobs_reused_id_total") == 0
+
+
+async def test_sent_again_an_id_whose_answer_went_to_another_address_is_a_reused_id() -> None:
+    """A row kept by an older carod has no address; the stored final reply's address tells."""
+    scene = Scene()
+    await scene.journal.add_reply("job-1", "", "another-queue", {"JobStatus": 5, "Sequence": 2}, None, final=True)
+    await scene.answer.answer_again(scene.job, record(JobState.REPLIED, None))
+    [(address, headers, _body)] = scene.delivery.committed
+    assert address == ReplyAddress("", REPLY_TO)
+    assert headers["JobStatus"] == 5 and "already used by another job" in str(headers["HoldReason"])
+    assert scene.counter("carod_jobs_reused_id_total") == 1
+
+
+async def test_a_stored_final_reply_for_another_address_is_never_sent_to_this_one() -> None:
+    scene = Scene()
+    stored = {"JobStatus": 4, "Sequence": 2, "ExitCode": 0}
+    entry = await scene.journal.add_reply("job-1", "", "another-queue", stored, None, final=True)
+    await scene.answer.resend_final(scene.job, entry)
+    [(address, headers, _body)] = scene.delivery.committed
+    assert address == ReplyAddress("", REPLY_TO) and headers["JobStatus"] == 5 and "ExitCode" not in headers
+    assert scene.journal.confirmed_ids == [], "the stored reply still waits for its own job's delivery"
+
+
+async def test_a_reply_to_a_reused_id_the_broker_never_takes_requeues_the_message() -> None:
+    scene = Scene(reply_retry_s=0.2)
+    scene.delivery.failures = [BrokerError("the broker is away")] * 100
+    await asyncio.wait_for(scene.answer.reused_id(scene.job, record(JobState.REPLIED, "another-queue")), 10)
+    assert scene.delivery.committed == [] and scene.delivery.settled == [Settle.REQUEUE]
 
 
 async def test_an_update_the_broker_refuses_for_good_is_dropped_not_retried() -> None:
