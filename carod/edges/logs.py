@@ -47,6 +47,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+#: The AMQP client libraries' loggers: their records (a forced disconnect, a callback error) go
+#: through carod's handler and format too, at WARNING and above, instead of Python's bare fallback.
+LIBRARY_LOGGERS = ("aiormq", "aio_pika", "pamqp")
+
+
 def setup(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -57,6 +62,11 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.setLevel(logging.WARNING)
+        library.propagate = False
 
 
 def set_level(level: str) -> None:
