@@ -81,8 +81,20 @@ def unpack(message_id: str | None, reply_to: str | None, headers: Mapping[str, o
     """The job message a 1.0 client sent. Raises Amqp10Error naming what cannot be read.
 
     The 0-9-1 properties win where present (the plugin fills them in);
-    the 1.0 properties fill the gaps.
+    the 1.0 properties fill the gaps. Whatever the codec raises on bytes it
+    cannot take is an Amqp10Error too: the message is answered, never left unsettled.
     """
+    from proton import ProtonException
+
+    try:
+        return _unpack(message_id, reply_to, headers, body)
+    except Amqp10Error:
+        raise
+    except (ProtonException, RecursionError, ValueError, TypeError, LookupError, OverflowError) as exc:
+        raise Amqp10Error(f"its AMQP 1.0 sections cannot be read ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _unpack(message_id: str | None, reply_to: str | None, headers: Mapping[str, object], body: bytes) -> Incoming:
     merged: dict[str, object] = {
         k: v for k, v in headers.items() if k not in (APP_PROPERTIES_HEADER, PROPERTIES_HEADER)
     }
@@ -98,15 +110,32 @@ def unpack(message_id: str | None, reply_to: str | None, headers: Mapping[str, o
 
 
 def decode_application_properties(blob: bytes) -> dict[str, object]:
-    """The application-properties section: string keys, values as Python values (Unreadable for the rest)."""
-    value = _section(blob, _APPLICATION_PROPERTIES, "application-properties")
-    if not isinstance(value, dict):
-        raise Amqp10Error(f"its application-properties are a {_type_name(value)}, not a map")
+    """The application-properties section: string keys, values as Python values (Unreadable for the rest).
+
+    Walked one level, never recursively: a value that is itself a list, map, array or described
+    value (which application-properties may not hold) is Unreadable without being decoded, so a
+    deeply nested one costs nothing.
+    """
+    data = _decoded(blob, _APPLICATION_PROPERTIES, "application-properties")
+    kind = data.type()
+    if kind != data.MAP:
+        raise Amqp10Error(f"its application-properties are a {_data_type_name(kind)}, not a map")
+    count = data.get_map()
+    data.enter()
     out: dict[str, object] = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            raise Amqp10Error(f"an application-properties key is a {_type_name(key)}, not a string")
-        out[str(key)] = _plain(item)
+    try:
+        for _ in range(count // 2):
+            data.next()
+            if data.type() not in (data.STRING, data.SYMBOL):
+                raise Amqp10Error(f"an application-properties key is a {_data_type_name(data.type())}, not a string")
+            key = str(data.get_object())
+            data.next()
+            if data.type() in (data.LIST, data.MAP, data.ARRAY, data.DESCRIBED):
+                out[key] = Unreadable(_data_type_name(data.type()))
+            else:
+                out[key] = _plain(_binary(data.get_object()))
+    finally:
+        data.exit()
     return out
 
 
@@ -148,20 +177,25 @@ def decode_body(body: bytes) -> bytes:
             raise Amqp10Error("its body cannot be decoded as AMQP 1.0 sections")
         offset += used
         data.rewind()
-        data.next()
-        described = data.get_object()
-        code = _descriptor(described)
-        value = _binary(getattr(described, "value", None))
-        if (code == _DATA and isinstance(value, bytes)) or (code == _AMQP_VALUE and isinstance(value, bytes)):
-            parts.append(value)
-        elif code == _AMQP_VALUE and value is None:
+        code: int | None = None
+        kind = None
+        if data.next() == data.DESCRIBED:
+            data.enter()
+            data.next()
+            descriptor = data.get_object()
+            code = int(descriptor) if isinstance(descriptor, int) else None
+            kind = data.next()
+        # Only flat values are read: a nested one is refused by its type, never decoded (no recursion).
+        if code in (_DATA, _AMQP_VALUE) and kind == data.BINARY:
+            parts.append(bytes(data.get_binary()))
+        elif code == _AMQP_VALUE and kind == data.NULL:
             continue
-        elif code == _AMQP_VALUE and isinstance(value, str):
-            parts.append(value.encode("utf-8"))
+        elif code == _AMQP_VALUE and kind == data.STRING:
+            parts.append(str(data.get_string()).encode("utf-8"))
         else:
-            kind = "an amqp-sequence" if code == _AMQP_SEQUENCE else f"a {_type_name(value)}"
+            what = "an amqp-sequence" if code == _AMQP_SEQUENCE else f"a {_data_type_name(kind) if kind else 'value'}"
             raise Amqp10Error(
-                f"its body is {kind}; send the input zip as binary data (a data section or a binary amqp-value)"
+                f"its body is {what}; send the input zip as binary data (a data section or a binary amqp-value)"
             )
     return b"".join(parts)
 
@@ -219,6 +253,16 @@ def _bytes(blob: object, header: str) -> bytes:
 
 
 def _section(blob: bytes, code: int, name: str) -> Any:
+    """The value of the section ``blob`` holds (decoded whole: for small, flat sections only)."""
+    data = _decoded(blob, code, name)
+    try:
+        return _copied(data.get_object())
+    except RecursionError:
+        raise Amqp10Error(f"its {name} section nests too deeply") from None
+
+
+def _decoded(blob: bytes, code: int, name: str) -> Any:
+    """A proton Data positioned on the value of the section ``blob`` holds; Amqp10Error unless it is that section."""
     if len(blob) > MAX_SECTION_BYTES:
         raise Amqp10Error(f"its {name} section is {len(blob)} bytes long (at most {MAX_SECTION_BYTES})")
     data = _new_data()
@@ -229,11 +273,15 @@ def _section(blob: bytes, code: int, name: str) -> Any:
     if used != len(blob):
         raise Amqp10Error(f"its {name} section has {len(blob) - used} bytes after its end")
     data.rewind()
-    data.next()
-    described = data.get_object()
-    if _descriptor(described) != code:
+    if data.next() != data.DESCRIBED:
         raise Amqp10Error(f"its {name} header does not hold an AMQP 1.0 {name} section")
-    return _copied(described.value)
+    data.enter()
+    data.next()
+    descriptor = data.get_object()
+    if not isinstance(descriptor, int) or int(descriptor) != code:
+        raise Amqp10Error(f"its {name} header does not hold an AMQP 1.0 {name} section")
+    data.next()
+    return data
 
 
 def _descriptor(value: object) -> int | None:
@@ -277,6 +325,18 @@ def _copied(value: Any) -> Any:
     if isinstance(value, list):
         return [_copied(v) for v in value]
     return _binary(value)
+
+
+def _data_type_name(code: int) -> str:
+    """The AMQP 1.0 name of proton's type code ``code`` (for values that are not decoded)."""
+    from proton import Data
+
+    names = {name: name.lower() for name in ("LIST", "MAP", "ARRAY", "SYMBOL", "STRING", "BINARY", "LONG", "NULL")}
+    names["DESCRIBED"] = "described value"
+    for attribute, name in names.items():
+        if getattr(Data, attribute) == code:
+            return name
+    return "value"
 
 
 def _type_name(value: object) -> str:

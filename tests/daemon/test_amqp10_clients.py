@@ -195,3 +195,24 @@ async def test_a_0_9_1_client_still_gets_plain_headers_only(node10: RunningNode,
     finally:
         await submitter.close()
     assert await queue_depth(queue) == 0
+
+
+async def test_a_forged_1_0_header_that_does_not_decode_is_held_and_the_node_goes_on(
+    node: RunningNode, submitter: Submitter091
+) -> None:
+    """Any 0-9-1 client can send the plugin's headers: garbage, deep nesting, the wrong section. Held, saying so."""
+    nested = b"\xa1\x03Tag"
+    inner = b"\x40"
+    for _ in range(6000):
+        inner = b"\xd0" + (len(inner) + 4).to_bytes(4, "big") + (1).to_bytes(4, "big") + inner
+    deep = b"\x00\x53\x74\xd1" + (len(nested + inner) + 4).to_bytes(4, "big") + (2).to_bytes(4, "big") + nested + inner
+    for blob, reason in (
+        (bytearray(b"\x00St\xd1\x00\x00\x00\xff"), "cannot be decoded as AMQP 1.0"),
+        (bytearray(b"\x00Ss\xc0\x01\x00"), "does not hold an AMQP 1.0 application-properties section"),
+        (bytearray(deep), "AMQP 1.0 list"),
+    ):
+        replies = await submitter.run({**SEED, "x-amqp-1.0-app-properties": blob})
+        assert [r.status for r in replies] == [5], reason
+        hold = str(replies[-1].headers["HoldReason"])
+        assert reason in hold, hold
+    await seed_runs(submitter)

@@ -160,3 +160,26 @@ def test_only_messages_from_1_0_clients_are_unpacked() -> None:
     assert not amqp10.is_amqp10({"Cmd": '"/bin/true"'})
     assert amqp10.is_amqp10({amqp10.APP_PROPERTIES_HEADER: b""})
     assert amqp10.is_amqp10({amqp10.PROPERTIES_HEADER: b""})
+
+
+def _nested_lists(depth: int) -> bytes:
+    inner = b"\x40"  # null
+    for _ in range(depth):
+        inner = b"\xd0" + (len(inner) + 4).to_bytes(4, "big") + (1).to_bytes(4, "big") + inner
+    return inner
+
+
+def test_deeply_nested_values_cost_nothing_and_are_refused_by_their_type() -> None:
+    """A hostile sender nests lists thousands deep inside 64 KiB: never decoded recursively, never a crash."""
+    nested = _nested_lists(6000)
+    key = b"\xa1\x03Tag"
+    entries = key + nested
+    props = b"\x00\x53\x74\xd1" + (len(entries) + 4).to_bytes(4, "big") + (2).to_bytes(4, "big") + entries
+    assert len(props) < amqp10.MAX_SECTION_BYTES
+    decoded = amqp10.decode_application_properties(props)
+    with pytest.raises(JobHeld, match=r"\(AMQP 1\.0 list\)"):
+        header_to_value("Tag", decoded["Tag"])
+    with pytest.raises(amqp10.Amqp10Error, match="a list"):
+        amqp10.decode_body(b"\x00\x53\x77" + nested)
+    with pytest.raises(amqp10.Amqp10Error):
+        amqp10.unpack(None, None, {amqp10.PROPERTIES_HEADER: b"\x00\x53\x73" + nested}, b"")
