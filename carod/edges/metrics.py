@@ -114,7 +114,8 @@ class Metrics:
         )
         self.jobs_unanswered = Counter(
             "carod_jobs_unanswered",
-            "Jobs acknowledged without a final reply: the broker refuses every reply to their reply_to",
+            "Jobs acknowledged without a final reply: their reply_to is not a usable address, "
+            "or the broker refuses every reply to it",
             registry=r,
         )
         self.reused_ids = Counter(

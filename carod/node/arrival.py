@@ -174,6 +174,15 @@ class Node:
     async def _handle(self, job: Job) -> None:
         env = job.envelope
         self._state(job, JobState.RECEIVED, offers=env.offers, redelivered=job.delivery.redelivered)
+        if env.reply_to_problem is not None:
+            log.warning(
+                "job=%s has an unusable reply_to %s: nobody can be told about it; dropped",
+                env.label,
+                env.reply_to_problem,
+            )
+            self.metrics.jobs_unanswered.inc()
+            await job.delivery.settle(Settle.ACK, label=env.label)
+            return
         if env.reply_to is None:
             log.warning("job=%s has no reply_to: nobody can be told about it; dropped", env.label)
             await job.delivery.settle(Settle.ACK, label=env.label)

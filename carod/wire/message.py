@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from carod.errors import CarodError
+
 #: carod's own transport headers, on the copy a declining node parks in the
 #: delay queue: how many times nodes have declined the job, and when first (Unix time).
 OFFERS_HEADER = "x-carod-offers"
@@ -32,19 +34,49 @@ class ReplyAddress:
         return f"{self.exchange}/{self.routing_key}" if self.exchange else self.routing_key
 
 
+class ReplyAddressError(CarodError):
+    """A ``reply_to`` carod will not publish to: ``reason`` says why, ``address`` is the text (bounded)."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address = _bounded(address)
+        self.reason = reason
+        super().__init__(f"'{self.address}' ({reason})")
+
+
+#: At most this many characters of a refused address are kept for logs (it is text a message chose).
+MAX_SHOWN_ADDRESS = 200
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_SHOWN_ADDRESS:
+        return text
+    return f"{text[:MAX_SHOWN_ADDRESS]}... [{len(text)} characters]"
+
+
 def parse_reply_to(text: str) -> ReplyAddress | None:
-    """Read ``reply_to``: a plain name or the Qpid address ``exchange/key``.
+    """Read ``reply_to``: a plain name, the Qpid address ``exchange/key``, or a RabbitMQ address.
 
     A plain name (a queue, or RabbitMQ's ``amq.rabbitmq.reply-to.*``) is
     published on the default exchange with that routing key. Qpid address
     options after ``;`` are ignored. Returns None when nothing is left.
+
+    RabbitMQ's AMQP 1.0 addresses (``/exchange/X/KEY``, ``/exchange/X``,
+    ``/queue/Q``, ``/amq/queue/Q``, ``/topic/KEY``) are read exactly, without
+    Qpid options. Any other text that starts with ``/`` and has a second ``/``
+    before any ``;`` is refused (ReplyAddressError), as is one of these forms
+    with an empty name: publishing it as a Qpid address would misroute it.
     """
     text = text.strip()
     if not text:
         return None
     if text.startswith(_DIRECT_REPLY_PREFIX):
         return ReplyAddress("", text)
-    text = text.split(";", 1)[0].strip()
+    head = text.split(";", 1)[0].strip()
+    if head.startswith("/") and "/" in head[1:]:
+        return _rabbitmq_address(text)
+    if head.startswith("/") and head[1:] in _NAMELESS:  # /queue alone: one of RabbitMQ's forms, without its name
+        raise ReplyAddressError(text, _NAMELESS[head[1:]])
+    text = head
     exchange, sep, key = text.partition("/")
     if not sep:
         return ReplyAddress("", text) if text else None
@@ -54,11 +86,52 @@ def parse_reply_to(text: str) -> ReplyAddress | None:
     return ReplyAddress(exchange, key)
 
 
+#: Why RabbitMQ's address forms are refused without their name (also alone: ``/queue``).
+_NAMELESS = {
+    "exchange": "a RabbitMQ /exchange/ address without an exchange name",
+    "queue": "a RabbitMQ /queue/ address without a queue name",
+    "amq/queue": "a RabbitMQ /amq/queue/ address without a queue name",
+    "topic": "a RabbitMQ /topic/ address without a routing key",
+}
+
+_UNKNOWN_FORM = (
+    "it starts with '/' but is none of RabbitMQ's address forms /exchange/X/KEY, /exchange/X, /queue/Q, "
+    "/amq/queue/Q, /topic/KEY"
+)
+
+
+def _rabbitmq_address(text: str) -> ReplyAddress:
+    """One of RabbitMQ's AMQP 1.0 addresses (``text`` starts with ``/``), or ReplyAddressError."""
+    kind, _, rest = text[1:].partition("/")
+    if kind == "exchange":
+        exchange, _, key = rest.partition("/")
+        if not exchange:
+            raise ReplyAddressError(text, _NAMELESS[kind])
+        return ReplyAddress(exchange, key)
+    if kind == "topic":
+        if not rest:
+            raise ReplyAddressError(text, _NAMELESS[kind])
+        return ReplyAddress("amq.topic", rest)
+    if kind == "amq":
+        prefix, _, rest = rest.partition("/")
+        if prefix != "queue":
+            raise ReplyAddressError(text, _UNKNOWN_FORM)
+        kind = "amq/queue"
+    elif kind != "queue":
+        raise ReplyAddressError(text, _UNKNOWN_FORM)
+    if not rest:
+        raise ReplyAddressError(text, _NAMELESS[kind])
+    if "/" in rest:
+        raise ReplyAddressError(text, f"a RabbitMQ /{kind}/ address with a '/' in its queue name")
+    return ReplyAddress("", rest)
+
+
 @dataclass(frozen=True)
 class Envelope:
     """What the AMQP properties say about a job message."""
 
     message_id: str | None
+    #: None: there is no reply_to, or it is refused (then reply_to_problem says why)
     reply_to: ReplyAddress | None
     #: times a node declined the job (it went through the unmatched queue)
     offers: int = 0
@@ -70,6 +143,8 @@ class Envelope:
     deliveries: int = 0
     #: sent by an AMQP 1.0 client through RabbitMQ 3.x: replies carry its application-properties (carod.wire.amqp10)
     amqp10: bool = False
+    #: a refused reply_to: the address (bounded) and why, for the log
+    reply_to_problem: str | None = None
 
     @property
     def label(self) -> str:
@@ -83,9 +158,16 @@ def parse_envelope(
     """``queue``: the job queue; only its dead-letterings count (None: any queue's)."""
     limited = _delivery_limited(headers.get(DEATH_HEADER), queue)
     first = _count(headers.get(FIRST_OFFER_HEADER))
+    address: ReplyAddress | None = None
+    problem: str | None = None
+    try:
+        address = parse_reply_to(reply_to) if reply_to else None
+    except ReplyAddressError as exc:
+        problem = str(exc)
     return Envelope(
         message_id=(message_id or "").strip() or None,
-        reply_to=parse_reply_to(reply_to) if reply_to else None,
+        reply_to=address,
+        reply_to_problem=problem,
         offers=_count(headers.get(OFFERS_HEADER)),
         first_offer=float(first) if first else None,
         delivery_limited=limited,

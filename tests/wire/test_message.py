@@ -6,7 +6,15 @@ import datetime
 
 import pytest
 
-from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress, parse_envelope, parse_reply_to
+from carod.errors import CarodError
+from carod.wire.message import (
+    FIRST_OFFER_HEADER,
+    OFFERS_HEADER,
+    ReplyAddress,
+    ReplyAddressError,
+    parse_envelope,
+    parse_reply_to,
+)
 
 # ---------------------------------------------------------------- reply_to
 
@@ -33,6 +41,75 @@ def test_parse_reply_to(text: str, exchange: str, key: str) -> None:
 @pytest.mark.parametrize("text", ["", "   ", "; {create: always}", "/", " / ; {x: 1}"])
 def test_parse_reply_to_nothing_left_is_none(text: str) -> None:
     assert parse_reply_to(text) is None
+
+
+# RabbitMQ's AMQP 1.0 address forms
+
+
+@pytest.mark.parametrize(
+    ("text", "exchange", "key"),
+    [
+        ("/exchange/amq.direct/results", "amq.direct", "results"),
+        ("/exchange/amq.topic/a/b.c", "amq.topic", "a/b.c"),
+        ("/exchange/fan", "fan", ""),
+        ("/exchange/fan/", "fan", ""),
+        ("/queue/my_queue", "", "my_queue"),
+        ("/amq/queue/my_queue", "", "my_queue"),
+        ("/topic/grid.results", "amq.topic", "grid.results"),
+        ("/topic/a/b", "amq.topic", "a/b"),
+        ("  /queue/my_queue  ", "", "my_queue"),
+        ("/queue/amq.rabbitmq.reply-to.abc", "", "amq.rabbitmq.reply-to.abc"),
+        # read exactly: no Qpid options, a routing key may hold ';' and spaces
+        ("/exchange/amq.direct/a;b", "amq.direct", "a;b"),
+        ("/exchange/amq.direct/ key", "amq.direct", " key"),
+    ],
+)
+def test_parse_reply_to_rabbitmq_forms(text: str, exchange: str, key: str) -> None:
+    assert parse_reply_to(text) == ReplyAddress(exchange, key)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("/foo/bar", "none of RabbitMQ's address forms"),
+        ("/nonsense/x", "none of RabbitMQ's address forms"),
+        ("/exchanges/amq.direct/k", "none of RabbitMQ's address forms"),
+        ("/amq/topic/k", "none of RabbitMQ's address forms"),
+        ("/a/b; {create: always}", "none of RabbitMQ's address forms"),
+        ("/queue/", "a RabbitMQ /queue/ address without a queue name"),
+        ("/queue", "a RabbitMQ /queue/ address without a queue name"),
+        ("/queue; {create: always}", "a RabbitMQ /queue/ address without a queue name"),
+        ("/queue/a/b", "a RabbitMQ /queue/ address with a '/' in its queue name"),
+        ("/amq/queue/", "a RabbitMQ /amq/queue/ address without a queue name"),
+        ("/amq/queue", "a RabbitMQ /amq/queue/ address without a queue name"),
+        ("/amq/queue/a/b", "a RabbitMQ /amq/queue/ address with a '/' in its queue name"),
+        ("/exchange/", "a RabbitMQ /exchange/ address without an exchange name"),
+        ("/exchange", "a RabbitMQ /exchange/ address without an exchange name"),
+        ("/exchange//key", "a RabbitMQ /exchange/ address without an exchange name"),
+        ("/topic/", "a RabbitMQ /topic/ address without a routing key"),
+        ("/topic", "a RabbitMQ /topic/ address without a routing key"),
+    ],
+)
+def test_parse_reply_to_refuses_other_addresses_starting_with_slash(text: str, why: str) -> None:
+    with pytest.raises(ReplyAddressError) as caught:
+        parse_reply_to(text)
+    assert isinstance(caught.value, CarodError)
+    assert caught.value.address == text.strip()
+    assert why in caught.value.reason
+    assert str(caught.value) == f"'{text.strip()}' ({caught.value.reason})"
+
+
+def test_refused_address_is_bounded_in_what_is_shown() -> None:
+    text = "/nonsense/" + "x" * 5000
+    with pytest.raises(ReplyAddressError) as caught:
+        parse_reply_to(text)
+    assert caught.value.address == text[:200] + "... [5010 characters]"
+    assert len(str(caught.value)) < 400
+
+
+@pytest.mark.parametrize("text", ["/key", "/amq", "/key; {node: {x-declare: {arguments: {a/b: 1}}}}"])
+def test_parse_reply_to_slash_and_one_name_is_still_the_qpid_form(text: str) -> None:
+    assert parse_reply_to(text) == ReplyAddress("", text[1:].split(";")[0])
 
 
 def test_reply_address_str() -> None:
@@ -69,6 +146,20 @@ def test_parse_envelope_strips_message_id() -> None:
 @pytest.mark.parametrize("reply_to", [None, "", "   "])
 def test_parse_envelope_without_reply_to(reply_to: str | None) -> None:
     assert parse_envelope("id", reply_to, {}).reply_to is None
+
+
+def test_parse_envelope_with_a_refused_reply_to_says_why() -> None:
+    env = parse_envelope("id", "/foo/bar", {})
+    assert env.reply_to is None
+    assert env.reply_to_problem == (
+        "'/foo/bar' (it starts with '/' but is none of RabbitMQ's address forms /exchange/X/KEY, /exchange/X, "
+        "/queue/Q, /amq/queue/Q, /topic/KEY)"
+    )
+
+
+@pytest.mark.parametrize("reply_to", [None, "", "q", "/exchange/amq.direct/k"])
+def test_parse_envelope_usable_or_missing_reply_to_has_no_problem(reply_to: str | None) -> None:
+    assert parse_envelope("id", reply_to, {}).reply_to_problem is None
 
 
 def test_parse_envelope_without_offers_header_is_zero() -> None:
