@@ -49,8 +49,9 @@ from carod.wire.message import parse_envelope
 
 log = logging.getLogger("carod.job")
 
-#: An AMQP 1.0 message's body larger than this is decoded in a thread, not on the event loop.
-_DECODE_ON_LOOP_BYTES = 1024 * 1024
+#: An AMQP 1.0 message with more than this to decode (its 1.0 headers, or a body sent as 1.0 sections) is
+#: decoded in a thread, not on the event loop: a 60 KB section of 4,000 properties takes about 45 ms to read.
+_DECODE_ON_LOOP_BYTES = 4 * 1024
 
 
 class Node:
@@ -101,7 +102,7 @@ class Node:
         unreadable = None
         if amqp10.is_amqp10(headers):
             try:
-                if len(body) > _DECODE_ON_LOOP_BYTES:
+                if amqp10.work_bytes(headers, body) > _DECODE_ON_LOOP_BYTES:
                     incoming = await asyncio.to_thread(amqp10.unpack, message_id, reply_to, headers, body)
                 else:
                     incoming = amqp10.unpack(message_id, reply_to, headers, body)

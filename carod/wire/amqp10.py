@@ -77,6 +77,14 @@ def is_amqp10(headers: Mapping[str, object]) -> bool:
     return APP_PROPERTIES_HEADER in headers or PROPERTIES_HEADER in headers
 
 
+def work_bytes(headers: Mapping[str, object], body: bytes) -> int:
+    """About how many bytes :func:`unpack` decodes for this message (its 1.0 headers, and its body if encoded)."""
+    size = sum(
+        len(v) for k in (APP_PROPERTIES_HEADER, PROPERTIES_HEADER) if isinstance(v := headers.get(k), bytes | bytearray)
+    )
+    return size + (len(body) if body.startswith(_SECTION_PREFIX) else 0)
+
+
 def unpack(message_id: str | None, reply_to: str | None, headers: Mapping[str, object], body: bytes) -> Incoming:
     """The job message a 1.0 client sent. Raises Amqp10Error naming what cannot be read.
 

@@ -183,3 +183,12 @@ def test_deeply_nested_values_cost_nothing_and_are_refused_by_their_type() -> No
         amqp10.decode_body(b"\x00\x53\x77" + nested)
     with pytest.raises(amqp10.Amqp10Error):
         amqp10.unpack(None, None, {amqp10.PROPERTIES_HEADER: b"\x00\x53\x73" + nested}, b"")
+
+
+def test_the_work_of_decoding_is_counted_before_it_is_done() -> None:
+    """The node decodes a message off the event loop when this is large (a 60 KB section costs ~45 ms to read)."""
+    blob = app_properties({f"A{i}": i for i in range(100)})
+    assert amqp10.work_bytes({amqp10.APP_PROPERTIES_HEADER: blob}, b"PK-zip") == len(blob)
+    encoded_body = section(0x77, b"x" * 1000)
+    assert amqp10.work_bytes({amqp10.PROPERTIES_HEADER: bytearray(10)}, encoded_body) == 10 + len(encoded_body)
+    assert amqp10.work_bytes({amqp10.APP_PROPERTIES_HEADER: 5}, b"") == 0
