@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
-from proton import Data
+from proton import Data, ulong
 
 from tests.helpers import FINAL_STATUSES, RunningNode, Submitter, q, queue_depth, seed_runs, unique
 
@@ -156,4 +156,22 @@ async def test_a_1_0_reply_to_longer_than_a_short_string_is_refused_not_looped(
     await seed_runs(submitter)
     errors = [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
+    assert await queue_depth(queue) == 0
+
+
+async def test_a_1_0_ulong_attribute_beyond_a_classad_integer_is_held_at_once(
+    node: RunningNode, submitter: Submitter, queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An AMQP 1.0 ulong above 2**63-1 (which no 0-9-1 header holds): classad2 raises SystemError on it.
+
+    That is not a JobHeld, so today it is an internal error: requeued and retried before it is held.
+    """
+    caplog.set_level(logging.WARNING)
+    headers = {"x-amqp-1.0-app-properties": app_properties({**SEED, "Big": ulong(2**64 - 1)})}
+    replies = await submitter.run(headers, timeout_s=60)
+    assert [r.status for r in replies] == [5]
+    assert "Big" in str(replies[-1].headers["HoldReason"]), replies[-1].headers["HoldReason"]
+    errors = [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors[:3]
+    await seed_runs(submitter)
     assert await queue_depth(queue) == 0
