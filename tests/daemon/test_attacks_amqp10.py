@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import aio_pika
 import pytest
@@ -26,7 +26,7 @@ SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out"
 MAX_GAP_S = 0.5
 
 
-def app_properties(values: dict[str, object]) -> bytearray:
+def app_properties(values: Mapping[str, object]) -> bytearray:
     data = Data()
     data.put_described()
     data.enter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 
 import pytest
 from proton import Data, ulong
@@ -12,7 +13,7 @@ from carod.errors import JobHeld
 from carod.wire import amqp10, classads
 
 
-def app_properties(values: dict[str, object]) -> bytes:
+def app_properties(values: Mapping[str, object]) -> bytes:
     data = Data()
     data.put_described()
     data.enter()
