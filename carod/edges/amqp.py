@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import struct
 import time
 import uuid
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 import aio_pika
 import aiormq
 from aio_pika.abc import DeliveryMode
+from pamqp.header import ContentHeader
 
 from carod.errors import BrokerError
 from carod.wire.classads import Scalar
@@ -111,3 +113,19 @@ def headers_bytes(headers: Mapping[str, object] | None) -> int:
     return _PROPERTIES_BYTES + sum(
         len(str(k)) + len(str(v).encode("utf-8", "surrogateescape")) + 10 for k, v in headers.items()
     )
+
+
+def check_encodable(message: aio_pika.Message, exchange: str, routing_key: str) -> None:
+    """Raise ReplyRefused when the client library cannot encode ``message`` for this address.
+
+    Found before anything is sent: a header type or a property length AMQP 0-9-1 cannot carry
+    (a correlation_id, exchange or routing key over 255 bytes, say) would otherwise fail inside
+    the publish, where a transaction would lose its channel and the failure look like a bug.
+    """
+    for what, name in (("exchange", exchange), ("routing key", routing_key)):
+        if len(name.encode("utf-8", "surrogateescape")) > 255:
+            raise ReplyRefused(f"its {what} is longer than the 255 bytes AMQP 0-9-1 carries")
+    try:
+        ContentHeader(0, len(message.body), message.properties).marshal()
+    except (TypeError, ValueError, OverflowError, struct.error) as exc:
+        raise ReplyRefused(f"the reply cannot be encoded in AMQP 0-9-1: {exc}"[:300]) from exc

@@ -40,7 +40,7 @@ from aio_pika.abc import (
 )
 
 from carod.config import BrokerConfig, redact_url
-from carod.edges.amqp import TRANSIENT, ReplyUnroutable, headers_bytes, refusal, reply_message
+from carod.edges.amqp import TRANSIENT, ReplyUnroutable, check_encodable, headers_bytes, refusal, reply_message
 from carod.edges.delivery import CLOSE_TIMEOUT_S, Delivery, PoolMessage
 from carod.errors import BrokerError
 from carod.wire.adverts import ADVERT_KEY_PREFIX, QUERY_KEY
@@ -311,6 +311,7 @@ class Broker:
                     await asyncio.wait_for(channel.close(), self.config.confirm_timeout_s)
 
     async def _publish(self, exchange_name: str, routing_key: str, message: aio_pika.Message) -> None:
+        check_encodable(message, exchange_name, routing_key)
         channel = self._require(self._publish_channel)
         where = f"{exchange_name}/{routing_key}" if exchange_name else routing_key
         try:

@@ -29,7 +29,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from carod.edges.amqp import TRANSIENT, headers_bytes, refusal, reply_message
+from carod.edges.amqp import TRANSIENT, check_encodable, headers_bytes, refusal, reply_message
 from carod.errors import BrokerError
 from carod.wire.classads import Scalar
 from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
@@ -227,6 +227,7 @@ class Delivery:
             # nothing on the new channel, or another job's message. Try again on the new one.
             raise BrokerError("the job was redelivered while its reply address was checked")
         reply = reply_message(correlation_id, headers, body)
+        check_encodable(reply, address.exchange, address.routing_key)  # before the transaction: it would close
         try:
             async with asyncio.timeout(timeout_s), _transaction(message) as channel:
                 await channel.basic_publish(

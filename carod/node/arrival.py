@@ -119,6 +119,9 @@ class Node:
             envelope = dataclasses.replace(envelope, amqp10=True)
         mid = envelope.message_id
         live = self.running.get(mid) if mid is not None else None
+        if live is not None and envelope.reply_to_problem is not None:
+            live = None  # nobody can be told: handled as any unusable reply_to, never as this job's
+            mid = None
         if mid is not None and live is not None and live.envelope.reply_to == envelope.reply_to:
             if live.delivery.live():
                 # A second message with the same message_id and reply_to while the first is
@@ -188,12 +191,12 @@ class Node:
             log.warning("job=%s has no reply_to: nobody can be told about it; dropped", env.label)
             await job.delivery.settle(Settle.ACK, label=env.label)
             return
+        if job.unreadable is not None:
+            await self.answer.commit_final(job, self.answer.reply(job, Held(JobHeld(job.unreadable))).headers, b"")
+            return
         if env.message_id is None:
             held = JobHeld("the job message has no message_id; carod needs one to identify the job")
             await self.answer.commit_final(job, self.answer.reply(job, Held(held)).headers, b"")
-            return
-        if job.unreadable is not None:
-            await self.answer.commit_final(job, self.answer.reply(job, Held(JobHeld(job.unreadable))).headers, b"")
             return
         record, new = await self.journal.receive(env.message_id, str(env.reply_to))
         if not new and (await self.answer.reused_id(job, record) or await self.recovery.known(job, record)):

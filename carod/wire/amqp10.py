@@ -39,6 +39,10 @@ PROPERTIES_HEADER = "x-amqp-1.0-properties"
 MAX_SECTION_BYTES = 64 * 1024
 #: Largest body decoded from 1.0 sections (a body arrives encoded only when it is not a single data section).
 MAX_BODY_BYTES = 1024 * 1024 * 1024
+#: Most sections in a body (a client sends one amqp-value or a few data sections).
+MAX_BODY_SECTIONS = 64
+#: Longest message-id, in UTF-8 bytes: it is the replies' AMQP 0-9-1 correlation_id, a short string.
+MAX_ID_BYTES = 255
 
 # Section descriptors (AMQP 1.0, part 3.2).
 _PROPERTIES = 0x73
@@ -114,6 +118,14 @@ def _unpack(message_id: str | None, reply_to: str | None, headers: Mapping[str, 
         props = decode_properties(_bytes(blob, PROPERTIES_HEADER))
         message_id = message_id or props.get("message-id")
         reply_to = reply_to or props.get("reply-to")
+        if message_id is not None and len(message_id.encode("utf-8", "surrogateescape")) > MAX_ID_BYTES:
+            # It becomes the replies' correlation_id, an AMQP 0-9-1 short string (RabbitMQ leaves such
+            # an id out of the 0-9-1 message_id too).
+            size = len(message_id.encode("utf-8", "surrogateescape"))
+            raise Amqp10Error(
+                f"its message-id is {size} bytes long; the replies' correlation_id (AMQP 0-9-1) "
+                f"carries at most {MAX_ID_BYTES}: send the job with a shorter message-id"
+            )
     return Incoming(message_id, reply_to, merged, decode_body(body))
 
 
@@ -175,10 +187,14 @@ def decode_body(body: bytes) -> bytes:
     parts: list[bytes] = []
     offset = 0
     view = memoryview(body)
+    sections = 0
     while offset < len(body):
+        sections += 1
+        if sections > MAX_BODY_SECTIONS:
+            raise Amqp10Error(f"its body has more than {MAX_BODY_SECTIONS} AMQP 1.0 sections")
         data.clear()
         try:
-            used = data.decode(bytes(view[offset:]))
+            used = data.decode(view[offset:])  # a view, not a copy of the rest of the body
         except Exception as exc:  # proton.DataException and its kin: the bytes are not AMQP 1.0
             raise Amqp10Error(f"its body cannot be decoded as AMQP 1.0 sections ({exc})") from None
         if used <= 0:

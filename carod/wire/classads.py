@@ -63,7 +63,13 @@ def parse_expr(text: str, *, attribute: str) -> classad2.ExprTree:
 
 def header_to_value(name: str, value: object) -> classad2.ExprTree | Scalar:
     """Turn one AMQP header value into a ClassAd attribute value."""
-    if isinstance(value, bool | int | float):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:  # an AMQP 1.0 ulong can be larger than a ClassAd integer
+            raise JobHeld(f"the job attribute {name} is an integer outside the 64-bit range a ClassAd holds")
+        return value
+    if isinstance(value, float):
         return value
     if isinstance(value, bytes | bytearray):
         try:

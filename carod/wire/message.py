@@ -53,7 +53,28 @@ def _bounded(text: str) -> str:
     return f"{text[:MAX_SHOWN_ADDRESS]}... [{len(text)} characters]"
 
 
+#: AMQP 0-9-1 carries an exchange name and a routing key as short strings: at most 255 bytes of UTF-8.
+MAX_NAME_BYTES = 255
+
+
 def parse_reply_to(text: str) -> ReplyAddress | None:
+    """Read ``reply_to``: a plain name, the Qpid address ``exchange/key``, or a RabbitMQ address.
+
+    An exchange or routing key longer than AMQP 0-9-1 can carry (255 bytes;
+    an AMQP 1.0 reply-to can be longer) is refused: a reply could never be sent to it.
+    """
+    address = _parse_reply_to(text)
+    if address is not None:
+        for what, name in (("exchange", address.exchange), ("routing key", address.routing_key)):
+            size = len(name.encode("utf-8", "surrogateescape"))
+            if size > MAX_NAME_BYTES:
+                raise ReplyAddressError(
+                    text, f"its {what} is {size} bytes long; AMQP 0-9-1 carries at most {MAX_NAME_BYTES}"
+                )
+    return address
+
+
+def _parse_reply_to(text: str) -> ReplyAddress | None:
     """Read ``reply_to``: a plain name, the Qpid address ``exchange/key``, or a RabbitMQ address.
 
     A plain name (a queue, or RabbitMQ's ``amq.rabbitmq.reply-to.*``) is
