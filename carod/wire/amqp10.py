@@ -112,7 +112,10 @@ def _unpack(message_id: str | None, reply_to: str | None, headers: Mapping[str, 
     }
     blob = headers.get(APP_PROPERTIES_HEADER)
     if blob is not None:
-        merged.update(decode_application_properties(_bytes(blob, APP_PROPERTIES_HEADER)))
+        for key, value in decode_application_properties(_bytes(blob, APP_PROPERTIES_HEADER)).items():
+            if key.startswith("x-") and key in merged:
+                continue  # the broker's own transport headers (x-death, x-delivery-count) are not the sender's
+            merged[key] = value
     blob = headers.get(PROPERTIES_HEADER)
     if blob is not None and (not message_id or not reply_to):
         props = decode_properties(_bytes(blob, PROPERTIES_HEADER))

@@ -192,3 +192,10 @@ def test_the_work_of_decoding_is_counted_before_it_is_done() -> None:
     encoded_body = section(0x77, b"x" * 1000)
     assert amqp10.work_bytes({amqp10.PROPERTIES_HEADER: bytearray(10)}, encoded_body) == 10 + len(encoded_body)
     assert amqp10.work_bytes({amqp10.APP_PROPERTIES_HEADER: 5}, b"") == 0
+
+
+def test_application_properties_cannot_overwrite_the_brokers_transport_headers() -> None:
+    blob = app_properties({"Cmd": '"/bin/true"', "x-delivery-count": 0, "x-carod-offers": 9})
+    incoming = amqp10.unpack("m", "r", {amqp10.APP_PROPERTIES_HEADER: blob, "x-delivery-count": 3}, b"")
+    assert incoming.headers["x-delivery-count"] == 3
+    assert incoming.headers["x-carod-offers"] == 9  # as a 0-9-1 sender could set it
