@@ -39,13 +39,6 @@ _T = TypeVar("_T")
 # A row's state is one of carod.states.JOURNALED: received, running, finished (final reply
 # stored), replied (final reply confirmed), interrupted (was running when carod stopped;
 # its leftovers are cleaned up; it runs again when redelivered).
-RECEIVED, RUNNING, FINISHED, INTERRUPTED, REPLIED = (
-    JobState.RECEIVED,
-    JobState.RUNNING,
-    JobState.FINISHED,
-    JobState.INTERRUPTED,
-    JobState.REPLIED,
-)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -201,7 +194,7 @@ class Journal:
         now = time.time()
         cur = self._run(
             "INSERT OR IGNORE INTO jobs (message_id, state, created, updated, reply_to) VALUES (?, ?, ?, ?, ?)",
-            (message_id, RECEIVED, now, now, reply_to),
+            (message_id, JobState.RECEIVED, now, now, reply_to),
         )
         record = self._get(message_id)
         if record is None:
@@ -223,7 +216,7 @@ class Journal:
             self._run(
                 "UPDATE jobs SET attempts = attempts + 1, state = ?, sandbox = ?, pid = NULL, pid_start = NULL,"
                 " updated = ? WHERE message_id = ?",
-                (RUNNING, sandbox, time.time(), message_id),
+                (JobState.RUNNING, sandbox, time.time(), message_id),
             )
             record = self._get(message_id)
             return record.attempts if record else 1
@@ -271,7 +264,7 @@ class Journal:
         """Jobs that were running when carod last stopped without finishing them."""
 
         def find() -> list[JobRecord]:
-            rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ?", (RUNNING,)).fetchall()  # noqa: S608
+            rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ?", (JobState.RUNNING,)).fetchall()  # noqa: S608
             return [_record(row) for row in rows]
 
         return await self._call(find)
@@ -299,7 +292,7 @@ class Journal:
                 )
                 fields: dict[str, Any] = {"sequence": headers.get("Sequence", 0)}
                 if final:
-                    fields["state"] = FINISHED
+                    fields["state"] = JobState.FINISHED
                 self._set(message_id, **fields)
                 entry_id = int(cur.lastrowid or 0)
             return OutboxEntry(entry_id, message_id, exchange, routing_key, headers, body_path, final)
@@ -312,7 +305,7 @@ class Journal:
         def mark() -> None:
             self._run("UPDATE outbox SET confirmed = 1 WHERE id = ?", (entry_id,))
             if final:
-                self._set(message_id, state=REPLIED)
+                self._set(message_id, state=JobState.REPLIED)
 
         await self._call(mark)
 
@@ -354,7 +347,7 @@ class Journal:
                 old = [
                     row[0]
                     for row in self._run(
-                        "SELECT message_id FROM jobs WHERE state != ? AND updated < ?", (RUNNING, cutoff)
+                        "SELECT message_id FROM jobs WHERE state != ? AND updated < ?", (JobState.RUNNING, cutoff)
                     )
                 ]
                 paths: list[str] = []

@@ -40,7 +40,7 @@ from carod.config import Config
 from carod.edges.amqp import ReplyRefused, ReplyUndeliverable, ReplyUnroutable
 from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Settle
-from carod.edges.journal import REPLIED, JobRecord, Journal, OutboxEntry
+from carod.edges.journal import JobRecord, Journal, OutboxEntry
 from carod.edges.metrics import Metrics
 from carod.errors import BrokerError
 from carod.holdcodes import HoldCode
@@ -479,7 +479,7 @@ def _when(record: JobRecord | None) -> str:
     """When the job that first used a message_id was answered (or received), from its journal row."""
     if record is None:
         return ""
-    if record.state == REPLIED and record.updated is not None:
+    if record.state == JobState.REPLIED and record.updated is not None:
         return f", answered at {_utc(record.updated)}"
     return f", received at {_utc(record.created)}" if record.created is not None else ""
 

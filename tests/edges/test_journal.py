@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from carod.edges.journal import FINISHED, INTERRUPTED, RECEIVED, REPLIED, RUNNING, Journal, JournalError
+from carod.edges.journal import Journal, JournalError
+from carod.states import JobState
 
 
 async def opened(path: Path) -> Journal:
@@ -19,27 +20,27 @@ async def opened(path: Path) -> Journal:
 async def test_job_lifecycle_and_outbox(tmp_path: Path) -> None:
     journal = await opened(tmp_path)
     record, new = await journal.receive("m1")
-    assert new and record.state == RECEIVED and record.attempts == 0
+    assert new and record.state == JobState.RECEIVED and record.attempts == 0
     _, again = await journal.receive("m1")
     assert not again
     assert await journal.start_attempt("m1", "/box") == 1
     await journal.set_pid("m1", 1234, "99")
     running = await journal.interrupted()
     assert [(r.message_id, r.state, r.pid, r.pid_start, r.sandbox) for r in running] == [
-        ("m1", RUNNING, 1234, "99", "/box")
+        ("m1", JobState.RUNNING, 1234, "99", "/box")
     ]
     first = (await journal.add_reply("m1", "", "q", {"JobStatus": 2, "Sequence": 1}, None, final=False)).id
     await journal.confirmed(first, "m1", final=False)
     final = (await journal.add_reply("m1", "ex", "key", {"JobStatus": 4, "Sequence": 2}, "/r.zip", final=True)).id
     record = await journal.get("m1")
-    assert record is not None and record.state == FINISHED and record.sequence == 2
+    assert record is not None and record.state == JobState.FINISHED and record.sequence == 2
     pending = await journal.pending_final("m1")
     assert pending is not None and pending.id == final and pending.headers["JobStatus"] == 4
     assert (pending.exchange, pending.routing_key, pending.body_path) == ("ex", "key", "/r.zip")
     assert await journal.pending_files() == {"/r.zip"}
     await journal.confirmed(final, "m1", final=True)
     record = await journal.get("m1")
-    assert record is not None and record.state == REPLIED
+    assert record is not None and record.state == JobState.REPLIED
     assert await journal.pending_final("m1") is None
     assert await journal.pending_count() == 0
     await journal.close()
@@ -70,11 +71,11 @@ async def test_survives_reopen_and_expires(tmp_path: Path) -> None:
     await journal.receive("live")
     await journal.start_attempt("live", "/box")
     await journal.receive("stale")
-    await journal.set_state("stale", INTERRUPTED)
+    await journal.set_state("stale", JobState.INTERRUPTED)
     await journal.close()
     journal = await opened(tmp_path)
     old = await journal.get("old")
-    assert old is not None and old.state == FINISHED
+    assert old is not None and old.state == JobState.FINISHED
     time.sleep(0.01)
     assert await journal.expire(0.001) == ["/old.zip"]
     assert await journal.get("old") is None
