@@ -18,6 +18,7 @@ from pamqp.header import ContentHeader
 
 from carod.errors import BrokerError
 from carod.wire.classads import Scalar
+from carod.wire.message import SHORTSTR_BYTES
 
 #: aio-pika/aiormq failures that mean "the broker or the channel is away".
 TRANSIENT = (
@@ -127,8 +128,8 @@ def check_encodable(message: aio_pika.Message, exchange: str, routing_key: str) 
     the publish, where a transaction would lose its channel and the failure look like a bug.
     """
     for what, name in (("exchange", exchange), ("routing key", routing_key)):
-        if len(name.encode("utf-8", "surrogateescape")) > 255:
-            raise ReplyRefused(f"its {what} is longer than the 255 bytes AMQP 0-9-1 carries")
+        if len(name.encode("utf-8", "surrogateescape")) > SHORTSTR_BYTES:
+            raise ReplyRefused(f"its {what} is longer than the {SHORTSTR_BYTES} bytes AMQP 0-9-1 carries")
     try:
         ContentHeader(0, len(message.body), message.properties).marshal()
     except (TypeError, ValueError, OverflowError, struct.error) as exc:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from carod.errors import CarodError
+from carod.wire.message import SHORTSTR_BYTES
 
 APP_PROPERTIES_HEADER = "x-amqp-1.0-app-properties"
 PROPERTIES_HEADER = "x-amqp-1.0-properties"
@@ -42,7 +43,7 @@ MAX_BODY_BYTES = 1024 * 1024 * 1024
 #: Most sections in a body (a client sends one amqp-value or a few data sections).
 MAX_BODY_SECTIONS = 64
 #: Longest message-id, in UTF-8 bytes: it is the replies' AMQP 0-9-1 correlation_id, a short string.
-MAX_ID_BYTES = 255
+MAX_ID_BYTES = SHORTSTR_BYTES
 
 # Section descriptors (AMQP 1.0, part 3.2).
 _PROPERTIES = 0x73
@@ -86,7 +87,7 @@ def work_bytes(headers: Mapping[str, object], body: bytes) -> int:
     size = sum(
         len(v) for k in (APP_PROPERTIES_HEADER, PROPERTIES_HEADER) if isinstance(v := headers.get(k), bytes | bytearray)
     )
-    return size + (len(body) if body.startswith(_SECTION_PREFIX) else 0)
+    return size + (len(body) if _encoded(body) else 0)
 
 
 def unpack(message_id: str | None, reply_to: str | None, headers: Mapping[str, object], body: bytes) -> Incoming:
@@ -182,7 +183,7 @@ def decode_properties(blob: bytes) -> dict[str, str]:
 
 def decode_body(body: bytes) -> bytes:
     """The message's payload: a body that arrived as 1.0 sections is decoded (data and binary values)."""
-    if not body.startswith(_SECTION_PREFIX) or len(body) < 3 or body[2] not in (_DATA, _AMQP_VALUE, _AMQP_SEQUENCE):
+    if not _encoded(body):
         return body  # a single data section arrives as its bytes
     if len(body) > MAX_BODY_BYTES:
         raise Amqp10Error(f"its encoded body is {len(body)} bytes long (at most {MAX_BODY_BYTES})")
@@ -265,6 +266,11 @@ def app_properties_header(headers: Mapping[str, object]) -> bytearray:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _encoded(body: bytes) -> bool:
+    """The body arrived as encoded 1.0 body sections (not the bytes of a single data section)."""
+    return len(body) >= 3 and body.startswith(_SECTION_PREFIX) and body[2] in (_DATA, _AMQP_VALUE, _AMQP_SEQUENCE)
 
 
 def _new_data() -> Any:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from carod.errors import CarodError
 from carod.wire.adverts import json_object
+from carod.wire.message import SHORTSTR_BYTES
 
 VERSION = 1
 CONTROL_KEY = "control"
@@ -35,7 +36,7 @@ MAX_REASON = 500
 #: Longest ``by`` kept.
 MAX_BY = 100
 #: Longest message_id, in UTF-8 bytes: an AMQP 0-9-1 message-id is a short string.
-MAX_ID_BYTES = 255
+MAX_ID_BYTES = SHORTSTR_BYTES
 #: Largest request body read at all.
 MAX_REQUEST_BYTES = 8 * 1024
 

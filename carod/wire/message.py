@@ -53,8 +53,9 @@ def _bounded(text: str) -> str:
     return f"{text[:MAX_SHOWN_ADDRESS]}... [{len(text)} characters]"
 
 
-#: AMQP 0-9-1 carries an exchange name and a routing key as short strings: at most 255 bytes of UTF-8.
-MAX_NAME_BYTES = 255
+#: An AMQP 0-9-1 short string (an exchange name, a routing key, a message_id or correlation_id):
+#: at most 255 bytes of UTF-8.
+SHORTSTR_BYTES = 255
 
 
 def parse_reply_to(text: str) -> ReplyAddress | None:
@@ -67,9 +68,9 @@ def parse_reply_to(text: str) -> ReplyAddress | None:
     if address is not None:
         for what, name in (("exchange", address.exchange), ("routing key", address.routing_key)):
             size = len(name.encode("utf-8", "surrogateescape"))
-            if size > MAX_NAME_BYTES:
+            if size > SHORTSTR_BYTES:
                 raise ReplyAddressError(
-                    text, f"its {what} is {size} bytes long; AMQP 0-9-1 carries at most {MAX_NAME_BYTES}"
+                    text, f"its {what} is {size} bytes long; AMQP 0-9-1 carries at most {SHORTSTR_BYTES}"
                 )
     return address
 
