@@ -100,7 +100,8 @@ class Node:
     async def handle(self, delivery: Delivery) -> None:
         message_id, reply_to, headers, body = delivery.message_id, delivery.reply_to, delivery.headers, delivery.body
         unreadable = None
-        if amqp10.is_amqp10(headers):
+        from_amqp10 = amqp10.is_amqp10(headers)
+        if from_amqp10:
             try:
                 if amqp10.work_bytes(headers, body) > _DECODE_ON_LOOP_BYTES:
                     incoming = await asyncio.to_thread(amqp10.unpack, message_id, reply_to, headers, body)
@@ -115,7 +116,7 @@ class Node:
             except amqp10.Amqp10Error as exc:
                 unreadable = f"the job message came from an AMQP 1.0 client, and {exc}"
         envelope = parse_envelope(message_id, reply_to, headers, queue=self.config.broker.queue)
-        if amqp10.is_amqp10(delivery.headers):
+        if from_amqp10:
             envelope = dataclasses.replace(envelope, amqp10=True)
         mid = envelope.message_id
         live = self.running.get(mid) if mid is not None else None
