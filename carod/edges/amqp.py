@@ -65,6 +65,15 @@ _FRAME_TOO_LARGE = re.compile(r"frame_too_large,\s*(\d+),\s*(\d+)")
 _MESSAGE_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
 
 
+def publish_failure(
+    exc: BaseException, exchange: str, *, headers: Mapping[str, object] | None, body_bytes: int, what: str
+) -> BrokerError:
+    """What a failed publish of one reply is: its permanent refusal (:func:`refusal`), or a BrokerError
+    (``what`` failed; try again)."""
+    refused = refusal(exc, exchange, headers_bytes=headers_bytes(headers), body_bytes=body_bytes)
+    return refused if refused is not None else BrokerError(f"{what}: {exc!r}")
+
+
 def refusal(exc: BaseException, exchange: str, *, headers_bytes: int, body_bytes: int) -> ReplyUndeliverable | None:
     """The permanent refusal of one reply that ``exc`` (from publishing it) is, or None: a transient failure.
 

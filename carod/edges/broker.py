@@ -40,7 +40,7 @@ from aio_pika.abc import (
 )
 
 from carod.config import BrokerConfig, redact_url
-from carod.edges.amqp import TRANSIENT, ReplyUnroutable, check_encodable, headers_bytes, refusal, reply_message
+from carod.edges.amqp import TRANSIENT, ReplyUnroutable, check_encodable, publish_failure, reply_message
 from carod.edges.delivery import CLOSE_TIMEOUT_S, Delivery, PoolMessage
 from carod.errors import BrokerError
 from carod.wire.adverts import ADVERT_KEY_PREFIX, QUERY_KEY
@@ -301,10 +301,9 @@ class Broker:
                 )
                 await channel.tx_rollback()
         except TRANSIENT as exc:
-            refused = refusal(exc, address.exchange, headers_bytes=headers_bytes(headers), body_bytes=0)
-            if refused is not None:
-                raise refused from exc
-            raise BrokerError(f"cannot check the reply address {address}: {exc!r}") from exc
+            raise publish_failure(
+                exc, address.exchange, headers=headers, body_bytes=0, what=f"cannot check the reply address {address}"
+            ) from exc
         finally:
             if channel is not None and not channel.is_closed:
                 with contextlib.suppress(Exception):
@@ -331,12 +330,13 @@ class Broker:
             # an internal error). Backpressure, not a refusal of the address: retried within bounds.
             raise BrokerError(f"the broker did not accept the message for {where} (nack): {exc!r}") from exc
         except TRANSIENT as exc:
-            refused = refusal(
-                exc, exchange_name, headers_bytes=headers_bytes(message.headers), body_bytes=len(message.body)
-            )
-            if refused is not None:
-                raise refused from exc
-            raise BrokerError(f"publishing to {where} was not confirmed: {exc!r}") from exc
+            raise publish_failure(
+                exc,
+                exchange_name,
+                headers=message.headers,
+                body_bytes=len(message.body),
+                what=f"publishing to {where} was not confirmed",
+            ) from exc
         if isinstance(confirm, aiormq.abc.DeliveredMessage):
             raise ReplyUnroutable(f"no queue is bound for {where} (the submitter's queue is gone)")
 

@@ -29,7 +29,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from carod.edges.amqp import TRANSIENT, check_encodable, headers_bytes, refusal, reply_message
+from carod.edges.amqp import TRANSIENT, check_encodable, publish_failure, reply_message
 from carod.errors import BrokerError
 from carod.wire.classads import Scalar
 from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
@@ -235,10 +235,13 @@ class Delivery:
                 )
                 await channel.basic_ack(tag)
         except TRANSIENT as exc:
-            refused = refusal(exc, address.exchange, headers_bytes=headers_bytes(headers), body_bytes=len(body))
-            if refused is not None:
-                raise refused from exc
-            raise BrokerError(f"the final reply and ack for {address} were not committed: {exc!r}") from exc
+            raise publish_failure(
+                exc,
+                address.exchange,
+                headers=headers,
+                body_bytes=len(body),
+                what=f"the final reply and ack for {address} were not committed",
+            ) from exc
         if message is self._message:
             self.acked = True
 
