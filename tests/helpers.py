@@ -21,6 +21,7 @@ import uuid
 import warnings
 import zipfile
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -495,3 +496,22 @@ def machine_text(**extra: str) -> str:
     attrs = {"Name": q("forged"), "Cpus": "64", "TotalCpus": "64", "Memory": "1000000", "TotalMemory": "1000000"}
     attrs.update({"Disk": "1000000000", "TotalDisk": "1000000000", "Start": "TRUE", "HasGPU": "TRUE", **extra})
     return "[" + "; ".join(f"{k} = {v}" for k, v in attrs.items()) + "]"
+
+
+def amqp10_app_properties(values: Mapping[str, object]) -> bytearray:
+    """An AMQP 1.0 application-properties section (string keys), as RabbitMQ 3.x puts it in
+    ``x-amqp-1.0-app-properties``; a bytearray, which pamqp sends as a byte-array header."""
+    from proton import Data
+
+    data = Data()
+    data.put_described()
+    data.enter()
+    data.put_ulong(0x74)
+    data.put_map()
+    data.enter()
+    for key, value in values.items():
+        data.put_string(key)
+        data.put_object(value)
+    data.exit()
+    data.exit()
+    return bytearray(data.encode())

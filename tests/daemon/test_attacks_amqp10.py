@@ -13,32 +13,26 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
 from proton import Data, ulong
 
-from tests.helpers import FINAL_STATUSES, RunningNode, Submitter, q, queue_depth, seed_runs, unique
+from tests.helpers import (
+    FINAL_STATUSES,
+    RunningNode,
+    Submitter,
+    amqp10_app_properties,
+    q,
+    queue_depth,
+    seed_runs,
+    unique,
+)
 
 SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out")}
 #: What a stall of the event loop may be here at most (carod's budget is 20 ms p99; this is generous).
 MAX_GAP_S = 0.5
-
-
-def app_properties(values: Mapping[str, object]) -> bytearray:
-    data = Data()
-    data.put_described()
-    data.enter()
-    data.put_ulong(0x74)
-    data.put_map()
-    data.enter()
-    for key, value in values.items():
-        data.put_string(key)
-        data.put_object(value)
-    data.exit()
-    data.exit()
-    return bytearray(data.encode())
 
 
 def properties(message_id: str | None = None, reply_to: str | None = None) -> bytearray:
@@ -85,7 +79,7 @@ async def test_a_body_of_many_tiny_1_0_sections_does_not_stall_the_event_loop(
     """1 MiB of empty amqp-value sections (4 bytes each): decode_body copies the rest of the body for each one."""
     body = b"\x00\x53\x77\x40" * (1024 * 1024 // 4)
     async with gaps() as gap:
-        mid = await submitter.send({"x-amqp-1.0-app-properties": app_properties(SEED)}, body=body)
+        mid = await submitter.send({"x-amqp-1.0-app-properties": amqp10_app_properties(SEED)}, body=body)
         replies = await submitter.wait_final(mid, timeout_s=60)
     assert replies[-1].status in FINAL_STATUSES
     assert gap[0] < MAX_GAP_S, f"carod's event loop stalled for {gap[0]:.1f} s decoding one message's body"
@@ -124,7 +118,10 @@ async def test_a_1_0_message_id_longer_than_a_short_string_is_answered_once(
     long_id = "m" * 300
     message = aio_pika.Message(
         b"",
-        headers={"x-amqp-1.0-app-properties": app_properties(SEED), "x-amqp-1.0-properties": properties(long_id)},
+        headers={
+            "x-amqp-1.0-app-properties": amqp10_app_properties(SEED),
+            "x-amqp-1.0-properties": properties(long_id),
+        },
         reply_to=submitter.reply_queue.name,
     )
     message.message_id = Present("")  # set after: aio_pika.Message would make it a plain (falsy) str
@@ -147,7 +144,7 @@ async def test_a_1_0_reply_to_longer_than_a_short_string_is_refused_not_looped(
     caplog.set_level(logging.WARNING)
     label = unique("long-reply-to")
     headers = {
-        "x-amqp-1.0-app-properties": app_properties(SEED),
+        "x-amqp-1.0-app-properties": amqp10_app_properties(SEED),
         "x-amqp-1.0-properties": properties(None, "/queue/" + "r" * 300),
     }
     await submitter.send(headers, message_id=label, reply_to=None)
@@ -167,7 +164,7 @@ async def test_a_1_0_ulong_attribute_beyond_a_classad_integer_is_held_at_once(
     That is not a JobHeld, so today it is an internal error: requeued and retried before it is held.
     """
     caplog.set_level(logging.WARNING)
-    headers = {"x-amqp-1.0-app-properties": app_properties({**SEED, "Big": ulong(2**64 - 1)})}
+    headers = {"x-amqp-1.0-app-properties": amqp10_app_properties({**SEED, "Big": ulong(2**64 - 1)})}
     replies = await submitter.run(headers, timeout_s=60)
     assert [r.status for r in replies] == [5]
     assert "Big" in str(replies[-1].headers["HoldReason"]), replies[-1].headers["HoldReason"]

@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
 
 import pytest
-from proton import Data, ulong
+from proton import ulong
 
 from carod.errors import JobHeld
 from carod.wire import amqp10, classads
-
-
-def app_properties(values: Mapping[str, object]) -> bytes:
-    data = Data()
-    data.put_described()
-    data.enter()
-    data.put_ulong(0x74)
-    data.put_map()
-    data.enter()
-    for key, value in values.items():
-        data.put_string(key)
-        data.put_object(value)
-    data.exit()
-    data.exit()
-    return bytes(data.encode())
+from tests.helpers import amqp10_app_properties
 
 
 def test_a_body_of_many_empty_sections_is_read_in_time_linear_in_its_size() -> None:
@@ -43,6 +28,8 @@ def test_a_body_of_many_empty_sections_is_read_in_time_linear_in_its_size() -> N
 
 def test_a_ulong_beyond_a_classad_integer_is_held_naming_the_attribute() -> None:
     """classad2 raises SystemError (not JobHeld) on an int above 2**63-1, which only a 1.0 ulong can bring."""
-    headers = amqp10.decode_application_properties(app_properties({"Cmd": '"/bin/true"', "Big": ulong(2**64 - 1)}))
+    headers = amqp10.decode_application_properties(
+        amqp10_app_properties({"Cmd": '"/bin/true"', "Big": ulong(2**64 - 1)})
+    )
     with pytest.raises(JobHeld, match="Big"):
         classads.ad_from_headers(headers)
