@@ -33,7 +33,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from carod import config as configuration
 from carod.node.server import Server
+from carod.unzip import Owner
 from carod.wire import adverts
+from carod.wire.jobad import JobSpec
 
 BROKER_URL = os.environ.get(
     "CAROD_TEST_BROKER_URL", os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -515,3 +517,27 @@ def amqp10_app_properties(values: Mapping[str, object]) -> bytearray:
     data.exit()
     data.exit()
     return bytearray(data.encode())
+
+
+#: Files the sandbox tests make belong to whoever runs them (root in CI).
+OWNER = Owner(os.getuid(), os.getgid())
+
+
+def plain_spec(
+    *,
+    stdin: str | None = None,
+    stdout: str | None = None,
+    stderr: str | None = None,
+    transfer_output: tuple[str, ...] | None = None,
+) -> JobSpec:
+    """A JobSpec for ``/bin/true`` with the given stdio and TransferOutput (the file-level sandbox tests)."""
+    return JobSpec(
+        cmd="/bin/true",
+        arguments=(),
+        environment=(),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        transfer_output=transfer_output,
+        kill_sig=15,
+    )

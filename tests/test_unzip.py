@@ -13,13 +13,8 @@ import pytest
 from carod import unzip
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
-from carod.unzip import Owner
-from tests.helpers import Dirs, raw_zip
-
-OWNER = Owner(os.getuid(), os.getgid())
-
-
-MIB = 1024 * 1024
+from carod.units import MIB
+from tests.helpers import OWNER, Dirs, raw_zip
 
 
 def reg(name: str, data: bytes = b"x", perm: int = 0o644) -> tuple[str, bytes, int]:
@@ -271,12 +266,7 @@ def test_unpack_entry_name_too_long_is_held(tmp_path: Path) -> None:
     assert "File name too long" in info.value.reason
 
 
-MIB = 1024 * 1024
-
-
 # ---------------------------------------------------------------- the file functions, directly
-
-OWNER = unzip.Owner(os.getuid(), os.getgid())
 
 
 # ---------------------------------------------------------------- directories an unpack makes (issue 14)

@@ -27,6 +27,7 @@ import pytest
 
 from carod import config as configuration
 from carod.sandbox import diskquota
+from carod.units import MIB
 from tests.helpers import (
     CAROD,
     SEED,
@@ -41,9 +42,6 @@ from tests.helpers import (
     start_node,
     write_config,
 )
-
-MIB = 1024 * 1024
-
 
 #: A small image keeps the tests' sparse files small; the limits below fit it many times.
 IMAGE_MIB = 2048

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from carod.errors import StartupError
+from carod.units import MIB
 from tests.helpers import (
     CAROD,
     Reply,
@@ -37,7 +38,7 @@ from tests.helpers import (
 )
 
 SEED = {"Cmd": q("/bin/echo"), "Arguments": q("Hello Grid!"), "Out": q("job.out")}
-MIB = 1024 * 1024
+
 #: Short checks and grace so that limit tests take seconds.
 FAST = {"check_interval_s": 0.2, "max_job_pids": 64}
 SLOT_USERS = ("carod-test-slot1", "carod-test-slot2")

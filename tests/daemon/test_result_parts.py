@@ -14,12 +14,10 @@ import aiormq
 import pytest
 
 from carod.client import Client
+from carod.units import MIB
 from carod.wire import parts
 from carod.wire.parts import ResultError
 from tests.helpers import BROKER_URL, RunningNode, Submitter, needs_ctl, q, rabbit_env, rabbitmqctl, start_node
-
-MIB = 1024 * 1024
-
 
 BIG_JOB = {
     "Cmd": q("/bin/sh"),

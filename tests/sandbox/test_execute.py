@@ -17,21 +17,7 @@ from carod.sandbox import execute, results
 from carod.sandbox.execute import Executor, Run
 from carod.sandbox.isolation import Layers
 from carod.sandbox.users import JobUser, UserPool
-from carod.wire.jobad import JobSpec
-from tests.helpers import config_text
-
-
-def spec() -> JobSpec:
-    return JobSpec(
-        cmd="/bin/true",
-        arguments=(),
-        environment=(),
-        stdin=None,
-        stdout=None,
-        stderr=None,
-        transfer_output=None,
-        kill_sig=15,
-    )
+from tests.helpers import config_text, plain_spec
 
 
 @pytest.mark.parametrize(
@@ -59,7 +45,7 @@ async def test_what_zipfile_refuses_is_held_not_an_internal_error(
 
     monkeypatch.setattr(execute, "collect_results", refuse)  # where execute looks it up
     with pytest.raises(JobHeld) as info:
-        await executor.collect(run, spec())
+        await executor.collect(run, plain_spec())
     assert info.value.code == HoldCode.TRANSFER_OUTPUT_ERROR
     assert info.value.reason.startswith("carod could not zip the job's results: "), info.value.reason
     assert not (executor.results_dir / "box.zip").exists()  # no partial zip left behind

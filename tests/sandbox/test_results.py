@@ -12,38 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from carod import unzip
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
 from carod.sandbox import results
 from carod.sandbox import results as result_walk
-from carod.unzip import Owner
+from carod.units import MIB
 from carod.wire.jobad import JobSpec
-from tests.helpers import Dirs
-
-OWNER = Owner(os.getuid(), os.getgid())
-
-
-MIB = 1024 * 1024
-
-
-def spec(
-    *,
-    stdin: str | None = None,
-    stdout: str | None = None,
-    stderr: str | None = None,
-    transfer_output: tuple[str, ...] | None = None,
-) -> JobSpec:
-    return JobSpec(
-        cmd="/bin/true",
-        arguments=(),
-        environment=(),
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        transfer_output=transfer_output,
-        kill_sig=15,
-    )
+from tests.helpers import OWNER, Dirs, plain_spec
 
 
 def zip_contents(path: Path) -> dict[str, bytes]:
@@ -69,7 +44,7 @@ def test_collect_whole_sandbox_regular_files_only(dirs: Dirs) -> None:
     os.symlink("/etc/shadow", dirs.box / "shadow")
     os.symlink("/etc", dirs.box / "etc")
     os.mkfifo(dirs.box / "fifo")
-    results, contents = collect(dirs, spec())
+    results, contents = collect(dirs, plain_spec())
     assert contents == {"a.txt": b"aaa", "d/e/f.txt": b"ffff"}
     assert results.files == 2
     assert results.bytes == 7
@@ -83,7 +58,7 @@ def test_collect_keeps_file_modes_and_stores_uncompressed(dirs: Dirs) -> None:
     (dirs.box / "data").write_bytes(b"d" * 1000)
     (dirs.box / "data").chmod(0o640)
     dest = dirs.base / "result.zip"
-    result_walk.collect_results(spec(), dirs.box, dest, max_bytes=MIB, owner=OWNER)
+    result_walk.collect_results(plain_spec(), dirs.box, dest, max_bytes=MIB, owner=OWNER)
     with zipfile.ZipFile(dest) as archive:
         infos = {info.filename: info for info in archive.infolist()}
     assert stat.S_IMODE(infos["run.sh"].external_attr >> 16) == 0o755
@@ -93,7 +68,7 @@ def test_collect_keeps_file_modes_and_stores_uncompressed(dirs: Dirs) -> None:
 
 
 def test_collect_empty_sandbox_is_an_empty_zip(dirs: Dirs) -> None:
-    results, contents = collect(dirs, spec())
+    results, contents = collect(dirs, plain_spec())
     assert contents == {}
     assert results.files == 0
     assert results.bytes == 0
@@ -112,7 +87,7 @@ def test_collect_transfer_output_only_those_plus_out_and_err(dirs: Dirs) -> None
     (dirs.box / "plots/sub/p.png").write_bytes(b"PNG")
     (dirs.box / "other").mkdir()
     (dirs.box / "other/x").write_bytes(b"X")
-    job = spec(stdout="job.out", stderr="job.err", transfer_output=("result.dat", "plots"))
+    job = plain_spec(stdout="job.out", stderr="job.err", transfer_output=("result.dat", "plots"))
     results, contents = collect(dirs, job)
     assert contents == {"result.dat": b"R", "plots/sub/p.png": b"PNG", "job.out": b"O", "job.err": b"E"}
     assert results.files == 4
@@ -120,14 +95,14 @@ def test_collect_transfer_output_only_those_plus_out_and_err(dirs: Dirs) -> None
 
 def test_collect_transfer_output_with_stdout_not_created(dirs: Dirs) -> None:
     (dirs.box / "result.dat").write_bytes(b"R")
-    _, contents = collect(dirs, spec(stdout="job.out", transfer_output=("result.dat",)))
+    _, contents = collect(dirs, plain_spec(stdout="job.out", transfer_output=("result.dat",)))
     assert contents == {"result.dat": b"R"}
 
 
 def test_collect_transfer_output_empty_list_returns_only_stdio(dirs: Dirs) -> None:
     (dirs.box / "job.out").write_bytes(b"O")
     (dirs.box / "junk").write_bytes(b"J")
-    _, contents = collect(dirs, spec(stdout="job.out", transfer_output=()))
+    _, contents = collect(dirs, plain_spec(stdout="job.out", transfer_output=()))
     assert contents == {"job.out": b"O"}
 
 
@@ -135,7 +110,7 @@ def test_collect_transfer_output_missing_name_is_held(dirs: Dirs) -> None:
     (dirs.box / "present.txt").write_bytes(b"p")
     with pytest.raises(JobHeld) as info:
         result_walk.collect_results(
-            spec(transfer_output=("present.txt", "absent.txt")),
+            plain_spec(transfer_output=("present.txt", "absent.txt")),
             dirs.box,
             dirs.base / "r.zip",
             max_bytes=MIB,
@@ -149,7 +124,7 @@ def test_collect_transfer_output_missing_name_is_held(dirs: Dirs) -> None:
 
 def test_collect_transfer_output_symlink_is_skipped(dirs: Dirs) -> None:
     os.symlink("/etc/shadow", dirs.box / "shadow")
-    results, contents = collect(dirs, spec(transfer_output=("shadow",)))
+    results, contents = collect(dirs, plain_spec(transfer_output=("shadow",)))
     assert contents == {}
     assert results.skipped == ("shadow",)
 
@@ -158,7 +133,7 @@ def test_collect_transfer_output_symlink_is_skipped(dirs: Dirs) -> None:
 def test_collect_transfer_output_fifo_is_skipped_without_hanging(dirs: Dirs) -> None:
     os.mkfifo(dirs.box / "pipe")
     (dirs.box / "ok").write_bytes(b"ok")
-    results, contents = collect(dirs, spec(transfer_output=("pipe", "ok")))
+    results, contents = collect(dirs, plain_spec(transfer_output=("pipe", "ok")))
     assert contents == {"ok": b"ok"}
     assert results.skipped == ("pipe",)
 
@@ -169,7 +144,7 @@ def test_collect_does_not_follow_a_symlinked_directory_in_transfer_output(dirs: 
     (secret_dir / "secret").write_bytes(b"root-only secret")
     os.symlink(secret_dir, dirs.box / "link")
     try:
-        _, contents = collect(dirs, spec(transfer_output=("link/secret",)))
+        _, contents = collect(dirs, plain_spec(transfer_output=("link/secret",)))
     except JobHeld:
         return  # refusing the job is also acceptable
     assert b"root-only secret" not in contents.values()
@@ -178,7 +153,7 @@ def test_collect_does_not_follow_a_symlinked_directory_in_transfer_output(dirs: 
 def test_collect_within_the_limit_exactly(dirs: Dirs) -> None:
     (dirs.box / "a").write_bytes(b"a" * 600)
     (dirs.box / "b").write_bytes(b"b" * 400)
-    results, _ = collect(dirs, spec(), max_bytes=1000)
+    results, _ = collect(dirs, plain_spec(), max_bytes=1000)
     assert results.bytes == 1000
 
 
@@ -186,7 +161,7 @@ def test_collect_over_the_limit_is_held(dirs: Dirs) -> None:
     (dirs.box / "a").write_bytes(b"a" * 600)
     (dirs.box / "b").write_bytes(b"b" * 401)
     with pytest.raises(JobHeld) as info:
-        result_walk.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=1000, owner=OWNER)
+        result_walk.collect_results(plain_spec(), dirs.box, dirs.base / "r.zip", max_bytes=1000, owner=OWNER)
     assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
     assert "1000 bytes" in info.value.reason
 
@@ -198,17 +173,12 @@ def test_collect_sparse_file_counts_at_its_size(dirs: Dirs) -> None:
         f.truncate(1024**4)  # 1 TiB apparent size, no blocks: reading it all would take far too long
     assert os.stat(sparse).st_blocks * 512 < MIB
     with pytest.raises(JobHeld) as info:
-        result_walk.collect_results(spec(), dirs.box, dirs.base / "r.zip", max_bytes=8 * MIB, owner=OWNER)
+        result_walk.collect_results(plain_spec(), dirs.box, dirs.base / "r.zip", max_bytes=8 * MIB, owner=OWNER)
     assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
     assert "8 MiB" in info.value.reason
 
 
-MIB = 1024 * 1024
-
-
 # ---------------------------------------------------------------- the file functions, directly
-
-OWNER = unzip.Owner(os.getuid(), os.getgid())
 
 
 # ---------------------------------------------------------------- bounds on the walk (issue 14)
@@ -227,7 +197,7 @@ def test_the_result_walk_memory_is_bounded_by_the_cap(tmp_path: Path) -> None:
     tracemalloc.start()
     try:
         with pytest.raises(JobHeld) as info:
-            results.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER, max_files=1000)
+            results.collect_results(plain_spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER, max_files=1000)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -251,6 +221,6 @@ def test_the_result_walk_bounds_the_length_of_the_paths_it_keeps(tmp_path: Path)
     finally:
         os.close(fd)
     with pytest.raises(JobHeld) as info:
-        results.collect_results(spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER)
+        results.collect_results(plain_spec(), box, tmp_path / "r.zip", max_bytes=MIB, owner=OWNER)
     assert info.value.code == HoldCode.MAX_TRANSFER_OUTPUT_SIZE_EXCEEDED
     assert "the paths of the job's files and directories take more than 32 MiB together" in info.value.reason

@@ -12,37 +12,13 @@ import pytest
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
 from carod.sandbox import workdir as sandbox
-from carod.unzip import Owner
-from carod.wire.jobad import JobSpec
-from tests.helpers import Dirs
-
-OWNER = Owner(os.getuid(), os.getgid())
-
-
-def spec(
-    *,
-    stdin: str | None = None,
-    stdout: str | None = None,
-    stderr: str | None = None,
-    transfer_output: tuple[str, ...] | None = None,
-) -> JobSpec:
-    return JobSpec(
-        cmd="/bin/true",
-        arguments=(),
-        environment=(),
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-        transfer_output=transfer_output,
-        kill_sig=15,
-    )
-
+from tests.helpers import OWNER, Dirs, plain_spec
 
 # ---------------------------------------------------------------- open_stdio
 
 
 def test_open_stdio_defaults_to_dev_null(dirs: Dirs) -> None:
-    stdio = sandbox.open_stdio(spec(), dirs.box, OWNER)
+    stdio = sandbox.open_stdio(plain_spec(), dirs.box, OWNER)
     try:
         assert os.read(stdio.stdin, 10) == b""
         assert os.write(stdio.stdout, b"dropped") == 7
@@ -54,7 +30,7 @@ def test_open_stdio_defaults_to_dev_null(dirs: Dirs) -> None:
 
 def test_open_stdio_files_in_the_sandbox(dirs: Dirs) -> None:
     (dirs.box / "in.txt").write_bytes(b"input!")
-    stdio = sandbox.open_stdio(spec(stdin="in.txt", stdout="logs/out.txt", stderr="err.txt"), dirs.box, OWNER)
+    stdio = sandbox.open_stdio(plain_spec(stdin="in.txt", stdout="logs/out.txt", stderr="err.txt"), dirs.box, OWNER)
     try:
         assert os.read(stdio.stdin, 100) == b"input!"
         os.write(stdio.stdout, b"to out")
@@ -68,13 +44,13 @@ def test_open_stdio_files_in_the_sandbox(dirs: Dirs) -> None:
 
 def test_open_stdio_truncates_an_existing_output(dirs: Dirs) -> None:
     (dirs.box / "out.txt").write_bytes(b"old contents from the input zip")
-    sandbox.open_stdio(spec(stdout="out.txt"), dirs.box, OWNER).close()
+    sandbox.open_stdio(plain_spec(stdout="out.txt"), dirs.box, OWNER).close()
     assert (dirs.box / "out.txt").read_bytes() == b""
 
 
 def test_open_stdio_missing_input_is_held(dirs: Dirs) -> None:
     with pytest.raises(JobHeld) as info:
-        sandbox.open_stdio(spec(stdin="missing.txt", stdout="out.txt"), dirs.box, OWNER)
+        sandbox.open_stdio(plain_spec(stdin="missing.txt", stdout="out.txt"), dirs.box, OWNER)
     assert info.value.code == HoldCode.UNABLE_TO_OPEN_INPUT
     assert info.value.subcode == errno.ENOENT
     assert "missing.txt" in info.value.reason
@@ -86,7 +62,7 @@ def test_open_stdio_input_symlink_is_not_followed(dirs: Dirs) -> None:
     secret.write_bytes(b"secret")
     os.symlink(secret, dirs.box / "in.txt")
     with pytest.raises(JobHeld) as info:
-        sandbox.open_stdio(spec(stdin="in.txt"), dirs.box, OWNER)
+        sandbox.open_stdio(plain_spec(stdin="in.txt"), dirs.box, OWNER)
     assert info.value.code == HoldCode.UNABLE_TO_OPEN_INPUT
 
 
@@ -94,7 +70,7 @@ def test_open_stdio_input_symlink_is_not_followed(dirs: Dirs) -> None:
 def test_open_stdio_input_fifo_is_held_without_hanging(dirs: Dirs) -> None:
     os.mkfifo(dirs.box / "in.fifo")
     with pytest.raises(JobHeld) as info:
-        sandbox.open_stdio(spec(stdin="in.fifo"), dirs.box, OWNER)
+        sandbox.open_stdio(plain_spec(stdin="in.fifo"), dirs.box, OWNER)
     assert info.value.code == HoldCode.UNABLE_TO_OPEN_INPUT
     assert "regular file" in info.value.reason
 
@@ -102,7 +78,7 @@ def test_open_stdio_input_fifo_is_held_without_hanging(dirs: Dirs) -> None:
 def test_open_stdio_input_directory_is_held(dirs: Dirs) -> None:
     (dirs.box / "adir").mkdir()
     with pytest.raises(JobHeld) as info:
-        sandbox.open_stdio(spec(stdin="adir"), dirs.box, OWNER)
+        sandbox.open_stdio(plain_spec(stdin="adir"), dirs.box, OWNER)
     assert info.value.code == HoldCode.UNABLE_TO_OPEN_INPUT
 
 
@@ -111,7 +87,7 @@ def test_open_stdio_output_symlink_is_not_followed(dirs: Dirs) -> None:
     target.write_bytes(b"keep me")
     os.symlink(target, dirs.box / "out.txt")
     with pytest.raises(JobHeld) as info:
-        sandbox.open_stdio(spec(stdout="out.txt"), dirs.box, OWNER)
+        sandbox.open_stdio(plain_spec(stdout="out.txt"), dirs.box, OWNER)
     assert info.value.code == HoldCode.UNABLE_TO_OPEN_OUTPUT
     assert "Out" in info.value.reason
     assert target.read_bytes() == b"keep me"
@@ -120,13 +96,13 @@ def test_open_stdio_output_symlink_is_not_followed(dirs: Dirs) -> None:
 def test_open_stdio_output_under_a_file_is_held(dirs: Dirs) -> None:
     (dirs.box / "notadir").write_bytes(b"")
     with pytest.raises(JobHeld) as info:
-        sandbox.open_stdio(spec(stderr="notadir/err.txt"), dirs.box, OWNER)
+        sandbox.open_stdio(plain_spec(stderr="notadir/err.txt"), dirs.box, OWNER)
     assert info.value.code == HoldCode.UNABLE_TO_OPEN_OUTPUT
     assert "Err" in info.value.reason
 
 
 def test_open_stdio_out_and_err_share_one_file(dirs: Dirs) -> None:
-    stdio = sandbox.open_stdio(spec(stdout="job.log", stderr="job.log"), dirs.box, OWNER)
+    stdio = sandbox.open_stdio(plain_spec(stdout="job.log", stderr="job.log"), dirs.box, OWNER)
     try:
         assert stdio.stdout == stdio.stderr
         os.write(stdio.stdout, b"out\n")
@@ -143,7 +119,7 @@ def test_open_stdio_closes_what_it_opened_when_held(dirs: Dirs) -> None:
     os.symlink("/etc/passwd", dirs.box / "err.txt")
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(JobHeld):
-        sandbox.open_stdio(spec(stdin="in.txt", stdout="out.txt", stderr="err.txt"), dirs.box, OWNER)
+        sandbox.open_stdio(plain_spec(stdin="in.txt", stdout="out.txt", stderr="err.txt"), dirs.box, OWNER)
     assert set(os.listdir("/proc/self/fd")) == before
 
 

@@ -6,10 +6,9 @@ import hashlib
 
 import pytest
 
+from carod.units import MIB
 from carod.wire import parts
 from carod.wire.parts import Assembler, ResultError
-
-MIB = 1024 * 1024
 
 
 def _split(data: bytes, size: int, result_id: str = "r1") -> tuple[list[tuple[dict[str, object], bytes]], dict]:
