@@ -40,7 +40,14 @@ from aio_pika.abc import (
 )
 
 from carod.config import BrokerConfig, redact_url
-from carod.edges.amqp import TRANSIENT, ReplyUnroutable, check_encodable, publish_failure, reply_message
+from carod.edges.amqp import (
+    ENCODING_ERRORS,
+    TRANSIENT,
+    ReplyUnroutable,
+    not_encodable,
+    publish_failure,
+    reply_message,
+)
 from carod.edges.delivery import CLOSE_TIMEOUT_S, Delivery, PoolMessage
 from carod.errors import BrokerError
 from carod.wire.adverts import ADVERT_KEY_PREFIX, QUERY_KEY
@@ -310,7 +317,6 @@ class Broker:
                     await asyncio.wait_for(channel.close(), self.config.confirm_timeout_s)
 
     async def _publish(self, exchange_name: str, routing_key: str, message: aio_pika.Message) -> None:
-        check_encodable(message, exchange_name, routing_key)
         channel = self._require(self._publish_channel)
         where = f"{exchange_name}/{routing_key}" if exchange_name else routing_key
         try:
@@ -329,6 +335,8 @@ class Broker:
             # A nack: the broker could not take it now (a full queue with reject-publish,
             # an internal error). Backpressure, not a refusal of the address: retried within bounds.
             raise BrokerError(f"the broker did not accept the message for {where} (nack): {exc!r}") from exc
+        except ENCODING_ERRORS as exc:  # raised before anything was sent: the channel is as it was
+            raise not_encodable(exc) from exc
         except TRANSIENT as exc:
             raise publish_failure(
                 exc,
