@@ -164,12 +164,12 @@ def decode_application_properties(blob: bytes) -> dict[str, object]:
 
 
 def decode_properties(blob: bytes) -> dict[str, str]:
-    """message-id, reply-to and correlation-id from the properties section (as text), where set."""
+    """message-id and reply-to from the properties section (as text), where set (carod answers by message-id)."""
     value = _section(blob, _PROPERTIES, "properties")
     if not isinstance(value, list):
         raise Amqp10Error(f"its properties are a {_type_name(value)}, not a list")
     out: dict[str, str] = {}
-    for index, name in ((0, "message-id"), (4, "reply-to"), (5, "correlation-id")):
+    for index, name in ((0, "message-id"), (4, "reply-to")):
         if index < len(value) and value[index] is not None:
             item = _binary(value[index])
             if isinstance(item, bytes):
