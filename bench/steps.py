@@ -83,6 +83,7 @@ async def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.steps")
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--burst", type=int, default=0)
+    ap.add_argument("--prestart", choices=("yes", "no"), default="yes", help="[sandbox] prestart")
     args = ap.parse_args()
     _instrument()
     queue = f"bench-steps-{uuid.uuid4().hex[:6]}"
@@ -90,7 +91,8 @@ async def main() -> None:
     os.chmod(work, 0o711)  # noqa: S103 - the job user must traverse it
     config = configuration.parse(
         f"[broker]\nqueue = {queue}\nbinding_key = {queue}\n"
-        f"[node]\nsandbox_root = {work}/sandboxes\nstate_dir = {work}/state\nlog_level = WARNING\n",
+        f"[node]\nsandbox_root = {work}/sandboxes\nstate_dir = {work}/state\nlog_level = WARNING\n"
+        f"[sandbox]\nprestart = {args.prestart}\n",
         source="bench",
         environ={},
     )

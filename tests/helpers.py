@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -334,6 +335,38 @@ async def start_daemon(config: Path, env: dict[str, str] | None = None, *, ready
             await proc.wait()
             raise
     return daemon
+
+
+def journaled_sandboxes(base: Path) -> dict[str, Path]:
+    """message_id -> the sandbox the journal of the node in ``base`` says the job runs (or ran) in.
+
+    With sandboxes started ahead (``[sandbox] prestart``), a job's sandbox is
+    named ``warm.*``, not after its message_id, and unused ones sit beside it:
+    the journal is how an operator, and a test, tells which is whose.
+    """
+    path = base / "state" / "journal.sqlite3"
+    if not path.exists():
+        return {}
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = connection.execute("SELECT message_id, sandbox FROM jobs WHERE sandbox IS NOT NULL").fetchall()
+    finally:
+        connection.close()
+    return {mid: Path(box) for mid, box in rows}
+
+
+async def sandbox_of(base: Path, message_id: str, timeout_s: float = 30.0) -> Path:
+    """The sandbox of a job that has started on the node in ``base`` (from its journal)."""
+    async with asyncio.timeout(timeout_s):
+        while (box := journaled_sandboxes(base).get(message_id)) is None:
+            await asyncio.sleep(0.02)
+    return box
+
+
+def job_sandboxes(base: Path) -> list[Path]:
+    """The sandboxes under ``base`` that belong to jobs (not those started ahead that no job took yet)."""
+    used = set(journaled_sandboxes(base).values())
+    return [p for p in (base / "sandboxes").iterdir() if p in used]
 
 
 def processes_with(marker: str) -> list[int]:

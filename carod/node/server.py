@@ -104,6 +104,7 @@ class Server:
         self.layers: Layers | None = None
         self.quota: diskquota.DiskQuota | None = None
         self.admission: Admission | None = None
+        self.executor: Executor | None = None
         self.advertiser: Advertiser | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -136,6 +137,8 @@ class Server:
             self.metrics.close()
             if self.admission is not None:
                 await self.admission.close()
+            if self.executor is not None:  # the sandboxes started ahead that no job took
+                await self.executor.close()
             if self.broker is not None:
                 await self.broker.close()
             if self.node is not None:
@@ -230,7 +233,7 @@ class Server:
         self.layers = layers = await asyncio.to_thread(isolation.detect, config)
         for note in layers.notes:
             log.warning("sandbox: %s", note)
-        executor = Executor(config, layers, users)
+        self.executor = executor = Executor(config, layers, users)
         totals, disk_text = await self._setup_disk(executor, machine_ad, totals)
         for user in users.users:
             await _probe(config, layers, user)
@@ -277,6 +280,9 @@ class Server:
             self.metrics,
         )
         await self.node.recovery.recover()
+        ahead = await executor.start_ahead(slots)  # after the clean-up of what an earlier run left
+        if config.sandbox.prestart:
+            log.info("sandbox: %d sandbox(es) started ahead of their jobs", ahead)
         self.advertiser = Advertiser(config, self.node, self.broker, view)
         try:
             await self.broker.connect()

@@ -27,11 +27,13 @@ from carod.sandbox import cgroup, limits
 from carod.sandbox import workdir as sandbox
 from carod.sandbox.cgroup import CgroupError, JobCgroup
 from carod.sandbox.diskquota import DiskQuota, kernel_limit_bytes, limit_slack_bytes
-from carod.sandbox.isolation import Layers
+from carod.sandbox.isolation import Layers, job_exec
 from carod.sandbox.limits import JobLimits
 from carod.sandbox.results import Results, collect_results
 from carod.sandbox.runner import JobProcess, check_command, job_environment, kill_leftover, kill_stopped_gates, rlimits
 from carod.sandbox.users import JobUser, UserPool
+from carod.sandbox.warm import Warm, WarmPool
+from carod.sandbox.warm import fields as warm_fields
 from carod.sandbox.workdir import Stdio
 from carod.wire.jobad import JobSpec, Request
 from carod.wire.replies import ExitInfo
@@ -54,6 +56,8 @@ class Run:
     skipped: tuple[str, ...] = field(default=())
     #: live output: stream name -> a read-only descriptor of its file (carod.node.progress)
     streams: dict[str, int] = field(default_factory=dict)
+    #: the sandbox started ahead this attempt runs in (carod.sandbox.warm), None for a cold start
+    warm: Warm | None = None
 
 
 class Executor:
@@ -65,6 +69,33 @@ class Executor:
         #: set by use_disk at start-up
         self.quota: DiskQuota | None = None
         self.default_disk_kib = 0.0
+        #: sandboxes started ahead of their jobs (start_ahead), None = every job starts cold
+        self.warm: WarmPool | None = None
+
+    async def start_ahead(self, slots: int) -> int:
+        """Start each slot's sandbox ahead of its job ([sandbox] prestart). Returns how many are ready."""
+        if not self.config.sandbox.prestart or self.layers.bash is None:
+            return 0
+        dedicated = self.users.dedicated
+        self.warm = WarmPool(
+            self.layers,
+            self.users.users,
+            1 if dedicated else slots,
+            make_box=self._make_warm_box,
+            remove_box=self._remove_box,
+            refill_on_take=not dedicated,
+        )
+        self.warm.start()
+        return await self.warm.ready()
+
+    async def close(self) -> None:
+        """At shutdown: remove the sandboxes started ahead that no job took."""
+        if self.warm is not None:
+            await self.warm.close()
+
+    def _make_warm_box(self, user: JobUser) -> tuple[Path, int | None]:
+        run = Run(user)
+        return self._create_box(run, "warm"), run.quota_group
 
     def use_disk(self, quota: DiskQuota | None, default_disk_kib: float) -> None:
         """How sandboxes are bounded: the kernel's quota (or None), and the limit of a job without RequestDisk."""
@@ -76,6 +107,11 @@ class Executor:
         return Run(await self.users.acquire())
 
     async def create_box(self, run: Run, message_id: str) -> Path:
+        """The attempt's sandbox: one started ahead for its user when there is one, else a new directory."""
+        if self.warm is not None and (warm := await self.warm.take(run.user)) is not None:
+            run.warm = warm
+            run.box, run.quota_group, run.cgroup = warm.box, warm.quota_group, warm.cgroup
+            return warm.box
         run.box = await asyncio.to_thread(self._create_box, run, message_id)
         return run.box
 
@@ -99,6 +135,17 @@ class Executor:
         if run.box is None:
             raise RuntimeError("start() before create_box()")
         run.limits = limits.limits_for(spec, self.config.sandbox, request, self.default_disk_kib)
+        if run.warm is not None:
+            # The file work and the word to start, in one thread hop.
+            await asyncio.to_thread(self._release_warm, run, run.warm, run.box, run.limits, spec, body)
+            run.process = JobProcess(
+                run.warm.popen,
+                run.user,
+                run.cgroup,
+                sweep=self.users.dedicated,
+                status_from_code=self.layers.bwrap is not None,
+            )
+            return run.process
         # The file work in one thread hop; the spawn on the loop's thread (runner.py).
         executable, stdio = await asyncio.to_thread(self._prepare, run, run.box, run.limits, spec, body)
         cgroups = self.layers.cgroups
@@ -118,8 +165,57 @@ class Executor:
             stdio.close()
         return run.process
 
+    def _release_warm(self, run: Run, warm: Warm, box: Path, job_limits: JobLimits, spec: JobSpec, body: bytes) -> None:
+        """Prepare the job in its sandbox started ahead, then send it to the waiting shell (blocking)."""
+        executable = self._unpack_and_check(run, box, job_limits, spec, body)
+        if run.cgroup is not None:
+            try:
+                run.cgroup.apply(job_limits.cgroup())
+            except OSError as exc:
+                raise JobHeld(
+                    f"carod could not set up the job's limits: {exc.strerror}",
+                    HoldCode.FAILED_TO_CREATE_PROCESS,
+                    exc.errno or 0,
+                ) from exc
+        stdio = self._open_stdio(run, box, spec)
+        stdio.close()  # the files are made and checked; the job user's shell opens them again by name
+        cgroups = self.layers.cgroups
+        argv = [executable, *spec.arguments]
+        try:
+            warm.send(
+                warm_fields(
+                    stdin=str(box / spec.stdin) if spec.stdin is not None else os.devnull,
+                    stdout=str(box / spec.stdout) if spec.stdout is not None else os.devnull,
+                    stderr=""
+                    if spec.stderr is not None and spec.stderr == spec.stdout
+                    else (str(box / spec.stderr) if spec.stderr is not None else os.devnull),
+                    limits=rlimits(job_limits, run.cgroup, cgroups.controllers if cgroups else frozenset()),
+                    argv=job_exec(self.layers, box, argv, job_environment(spec, box, run.user)),
+                )
+            )
+        except ValueError as exc:
+            raise JobHeld(f"carod could not start the job: {exc}", HoldCode.FAILED_TO_CREATE_PROCESS) from exc
+        except OSError as exc:
+            raise JobHeld(
+                f"carod could not start the job in the sandbox prepared for it: {exc.strerror or exc}",
+                HoldCode.FAILED_TO_CREATE_PROCESS,
+                exc.errno or 0,
+            ) from exc
+
     def _prepare(self, run: Run, box: Path, job_limits: JobLimits, spec: JobSpec, body: bytes) -> tuple[str, Stdio]:
         """Unpack the input, check the command, create the cgroup, open stdio (blocking)."""
+        executable = self._unpack_and_check(run, box, job_limits, spec, body)
+        if self.layers.cgroups is not None:
+            try:
+                run.cgroup = self.layers.cgroups.create(f"job-{box.name}", job_limits.cgroup())
+            except CgroupError as exc:
+                raise JobHeld(
+                    f"carod could not set up the job's limits: {exc}", HoldCode.FAILED_TO_CREATE_PROCESS
+                ) from exc
+        return executable, self._open_stdio(run, box, spec)
+
+    def _unpack_and_check(self, run: Run, box: Path, job_limits: JobLimits, spec: JobSpec, body: bytes) -> str:
+        """Set the disk limit, unpack the input, check the command (blocking). Returns the executable."""
         node = self.config.node
         owner = run.user.owner
         if self.quota is not None and run.quota_group is not None and job_limits.disk_bytes is not None:
@@ -135,21 +231,16 @@ class Executor:
             unzip.unpack_input(
                 body, box, owner, max_files=node.max_input_files, max_bytes=node.max_input_mib * units.MIB
             )
-        executable = check_command(spec, box, run.user, self.layers.job_view(box))
-        if self.layers.cgroups is not None:
-            try:
-                run.cgroup = self.layers.cgroups.create(f"job-{box.name}", job_limits.cgroup())
-            except CgroupError as exc:
-                raise JobHeld(
-                    f"carod could not set up the job's limits: {exc}", HoldCode.FAILED_TO_CREATE_PROCESS
-                ) from exc
-        stdio = sandbox.open_stdio(spec, box, owner)
+        return check_command(spec, box, run.user, self.layers.job_view(box))
+
+    def _open_stdio(self, run: Run, box: Path, spec: JobSpec) -> Stdio:
+        stdio = sandbox.open_stdio(spec, box, run.user.owner)
         try:
             run.streams = sandbox.open_streams(spec, stdio)
         except JobHeld:
             stdio.close()
             raise
-        return executable, stdio
+        return stdio
 
     async def watch(self, run: Run, kill_sig: int) -> tuple[ExitInfo, JobHeld | None]:
         """Until the job ends; a limit it broke comes back as JobHeld (the job is stopped)."""
@@ -218,12 +309,16 @@ class Executor:
             if run.process is not None:
                 run.process.kill()
                 await run.process.wait()
+            elif run.warm is not None:  # the job never got it
+                await asyncio.to_thread(run.warm.stop)
             if run.cgroup is not None:
                 await asyncio.to_thread(run.cgroup.remove)
             if run.box is not None:
                 await asyncio.to_thread(self._remove_box, run.box, run.quota_group)
         finally:
             self.users.release(run.user)
+            if self.warm is not None:
+                self.warm.refill(run.user)
 
     def _remove_box(self, box: Path, group: int | None) -> None:
         """A subvolume goes at once, whatever it holds; otherwise (or when refused) file by file."""

@@ -54,6 +54,20 @@ EXEC_SCRIPT = 'exec "$0" "$@"'
 #: The gate stops itself until carod has put it under its limits and sends SIGCONT.
 #: (Should carod die meanwhile, it stays stopped: the next start kills it, carod.sandbox.runner.kill_stopped_gates.)
 GATE_SCRIPT = 'kill -STOP $$; exec "$@"'
+#: The job user's shell in a sandbox started ahead of its job (carod.sandbox.warm). It reads NUL-ended
+#: fields from its stdin until carod closes it: In, Out, Err ("" = as Out), the file size and address space
+#: limits in KiB ("" = none), the job's argv (carod.sandbox.isolation.job_exec), then "carod-end". Anything
+#: else (carod went away before sending it all) ends it with 125 before any of the job runs. It opens the
+#: job's stdio as the job user, sets the limits (hard and soft), and execs the job.
+WAIT_SCRIPT = (
+    "mapfile -d '' a; n=${#a[@]}; "
+    '[ "$n" -ge 7 ] && [ "${a[n-1]}" = carod-end ] || exit 125; '
+    'if [ -n "${a[3]}" ]; then ulimit -f "${a[3]}" || exit 125; fi; '
+    'if [ -n "${a[4]}" ]; then ulimit -v "${a[4]}" || exit 125; fi; '
+    'if [ -z "${a[2]}" ]; then exec <"${a[0]}" >"${a[1]}" 2>&1 || exit 124; '
+    'else exec <"${a[0]}" >"${a[1]}" 2>"${a[2]}" || exit 124; fi; '
+    'exec "${a[@]:5:n-6}"'
+)
 #: What the start-up probe job prints: its credentials, namespaces and whether / is writable.
 PROBE_SCRIPT = (
     "cat /proc/self/status; "
@@ -81,6 +95,8 @@ class Layers:
     #: The seccomp filter bubblewrap loads (carod.sandbox.seccomp): no keyrings, no user namespaces unless allowed.
     seccomp: bytes | None = None
     user_namespaces: bool = False
+    #: bash (>= 4.4, for ``mapfile -d``): the job user's waiting shell of sandboxes started ahead; None = none.
+    bash: str | None = None
     notes: tuple[str, ...] = ()
 
     def job_view(self, box: Path) -> cmdpath.View:
@@ -153,6 +169,11 @@ def detect(config: Config) -> Layers:
             notes.append(
                 f"no seccomp filter for {platform.machine()}: jobs can create user namespaces and use keyrings"
             )
+    bash: str | None = None
+    if sandbox.prestart:
+        bash = _find_bash()
+        if bash is None:
+            notes.append("sandboxes are not started ahead of jobs: no bash 4.4 or newer in /usr/bin or /bin")
     return Layers(
         bwrap=bwrap,
         cgroups=cgroups,
@@ -164,6 +185,7 @@ def detect(config: Config) -> Layers:
         seccomp=filter_program,
         user_namespaces=config.sandbox.user_namespaces,
         hidden_files=tuple(p for p in [config.path] if p is not None and p.is_file()),
+        bash=bash,
         notes=tuple(notes),
     )
 
@@ -185,6 +207,26 @@ def _find_env() -> str:
         f"{path or 'env'} does not do it",
         EXIT_NOPERM,
     )
+
+
+def _find_bash() -> str | None:
+    """bash with ``mapfile -d`` (4.4+), for the waiting shell of sandboxes started ahead."""
+    path = shutil.which("bash", path="/usr/bin:/bin")
+    if path is None:
+        return None
+    try:
+        done = subprocess.run(
+            [path, "--norc", "--noprofile", "-c", "mapfile -d '' a; [ \"${a[1]}\" = y ]"],
+            input=b"x\0y\0",
+            capture_output=True,
+            timeout=10,
+            check=False,
+            cwd="/",
+            env=ROOT_ENV,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return path if done.returncode == 0 else None
 
 
 def _find_bwrap() -> tuple[str | None, str]:
@@ -219,6 +261,11 @@ def command(
     the last ``--`` of bwrap and setpriv, where they read no options, and
     reaches a program only after the switch to the job user.
     """
+    return head(layers, user, box, seccomp_fd=seccomp_fd) + job_exec(layers, box, argv, env)
+
+
+def head(layers: Layers, user: JobUser, box: Path, *, seccomp_fd: int | None = None) -> list[str]:
+    """The part of the chain that knows nothing of the job: gate, bubblewrap, setpriv (the job user's ``--``)."""
     chain = [SH, "-c", GATE_SCRIPT, "carod-gate"]
     if layers.bwrap:
         chain += [layers.bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
@@ -243,12 +290,30 @@ def command(
     if user.switch:
         chain += [f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups"]
         chain += ["--bounding-set=-all", "--inh-caps=-all"]
-    chain += ["--no-new-privs", "--", layers.env, "-i", "-C", str(box), "--"]
+    chain += ["--no-new-privs", "--"]
+    return chain
+
+
+def job_exec(layers: Layers, box: Path, argv: list[str], env: dict[str, str]) -> list[str]:
+    """What the job user runs: ``env -i -C box -- VARS... argv`` (exactly the job's variables, in its sandbox)."""
+    chain = [layers.env, "-i", "-C", str(box), "--"]
     chain += [f"{name}={value}" for name, value in env.items()]
     if "=" in argv[0]:
         chain += [SH, "-c", EXEC_SCRIPT]
     chain += argv
     return chain
+
+
+def waiting(layers: Layers, user: JobUser, box: Path, *, seccomp_fd: int | None = None) -> list[str]:
+    """The chain of a sandbox started ahead of its job: :func:`head`, then the job user's waiting shell.
+
+    The shell (:data:`WAIT_SCRIPT`) reads the job from its stdin when carod
+    sends it (carod.sandbox.warm) and then runs :func:`job_exec`'s argv.
+    """
+    if layers.bash is None:
+        raise ValueError("no bash: sandboxes cannot be started ahead")
+    shell = [layers.bash, "--norc", "--noprofile", "-c", WAIT_SCRIPT, "carod-wait"]
+    return [*head(layers, user, box, seccomp_fd=seccomp_fd), *shell]
 
 
 def probe_problems(output: str, user: JobUser, layers: Layers) -> list[str]:

@@ -33,6 +33,7 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from carod.errors import JobHeld
@@ -162,46 +163,13 @@ class JobProcess:
         sweep: bool,
     ) -> JobProcess:
         """Start ``argv`` as ``user`` in ``box`` through the chain. Raises JobHeld."""
-        seccomp_fd: int | None = None
-        try:
-            if layers.bwrap and layers.seccomp:
-                seccomp_fd = _filter_fd(layers.seccomp)
-            popen = subprocess.Popen(  # noqa: ASYNC220 - on the loop's thread on purpose (module docstring)
-                isolation.command(layers, user, box, argv, env, seccomp_fd=seccomp_fd),
-                pass_fds=() if seccomp_fd is None else (seccomp_fd,),
-                cwd=isolation.ROOT_CWD,
-                env=isolation.ROOT_ENV,
-                stdin=stdio.stdin,
-                stdout=stdio.stdout,
-                stderr=stdio.stderr,
-                close_fds=True,
-                start_new_session=True,
-                umask=0o077,
-            )
-        except OSError as exc:
-            raise JobHeld(
-                f"carod could not start the job: {exc.strerror}", HoldCode.FAILED_TO_CREATE_PROCESS, exc.errno or 0
-            ) from exc
-        finally:
-            if seccomp_fd is not None:
-                os.close(seccomp_fd)
-        # Off the loop: a cgroup v1 move can wait for other jobs' forks and exits.
-        release = asyncio.ensure_future(asyncio.to_thread(_release, popen, limits, cgroup))
-        try:
-            await asyncio.shield(release)
-        except asyncio.CancelledError:
-            # Forced exit: nobody will watch this job; do not let it run.
-            _kill_group(popen.pid, signal.SIGKILL)
-            raise
-        except OSError as exc:
-            if popen.returncode is None:
-                popen.kill()
-                popen.wait()
-            raise JobHeld(
-                f"carod could not put the job under its limits: {exc.strerror}",
-                HoldCode.FAILED_TO_CREATE_PROCESS,
-                exc.errno or 0,
-            ) from exc
+        popen = await spawn(
+            layers,
+            lambda seccomp_fd: isolation.command(layers, user, box, argv, env, seccomp_fd=seccomp_fd),
+            stdio,
+            cgroup,
+            limits,
+        )
         return cls(popen, user, cgroup, sweep=sweep, status_from_code=layers.bwrap is not None)
 
     async def wait(self) -> ExitInfo:
@@ -319,6 +287,61 @@ class JobProcess:
 
     def peak_memory_kib(self) -> int | None:
         return self.cgroup.usage().peak_memory_kib if self.cgroup is not None else None
+
+
+async def spawn(
+    layers: Layers,
+    chain: Callable[[int | None], list[str]],
+    stdio: Stdio,
+    cgroup: JobCgroup | None,
+    limits: list[tuple[int, int]],
+) -> subprocess.Popen[bytes]:
+    """Start a chain (``chain(seccomp_fd)``: isolation.command or isolation.waiting) under its limits.
+
+    On the loop's thread (module docstring); the gate is put into its cgroup
+    and under its rlimits, then let go, in a worker thread. Raises JobHeld.
+    """
+    seccomp_fd: int | None = None
+    try:
+        if layers.bwrap and layers.seccomp:
+            seccomp_fd = _filter_fd(layers.seccomp)
+        popen = subprocess.Popen(  # noqa: ASYNC220 - on the loop's thread on purpose (module docstring)
+            chain(seccomp_fd),
+            pass_fds=() if seccomp_fd is None else (seccomp_fd,),
+            cwd=isolation.ROOT_CWD,
+            env=isolation.ROOT_ENV,
+            stdin=stdio.stdin,
+            stdout=stdio.stdout,
+            stderr=stdio.stderr,
+            close_fds=True,
+            start_new_session=True,
+            umask=0o077,
+        )
+    except OSError as exc:
+        raise JobHeld(
+            f"carod could not start the job: {exc.strerror}", HoldCode.FAILED_TO_CREATE_PROCESS, exc.errno or 0
+        ) from exc
+    finally:
+        if seccomp_fd is not None:
+            os.close(seccomp_fd)
+    # Off the loop: a cgroup v1 move can wait for other jobs' forks and exits.
+    release = asyncio.ensure_future(asyncio.to_thread(_release, popen, limits, cgroup))
+    try:
+        await asyncio.shield(release)
+    except asyncio.CancelledError:
+        # Forced exit: nobody will watch this job; do not let it run.
+        _kill_group(popen.pid, signal.SIGKILL)
+        raise
+    except OSError as exc:
+        if popen.returncode is None:
+            popen.kill()
+            popen.wait()
+        raise JobHeld(
+            f"carod could not put the job under its limits: {exc.strerror}",
+            HoldCode.FAILED_TO_CREATE_PROCESS,
+            exc.errno or 0,
+        ) from exc
+    return popen
 
 
 def _release(popen: subprocess.Popen[bytes], limits: list[tuple[int, int]], cgroup: JobCgroup | None) -> None:

@@ -21,6 +21,7 @@ Safety rules (docs/security.md):
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -53,6 +54,17 @@ def executable_by(st: os.stat_result, owner: Owner) -> bool:
         bit = stat.S_IXGRP
     else:
         bit = stat.S_IXOTH
+    return bool(st.st_mode & bit)
+
+
+def readable_by(st: os.stat_result, owner: Owner) -> bool:
+    """Whether the read bit applies to ``owner`` (no supplementary groups)."""
+    if st.st_uid == owner.uid:
+        bit = stat.S_IRUSR
+    elif st.st_gid == owner.gid:
+        bit = stat.S_IRGRP
+    else:
+        bit = stat.S_IROTH
     return bool(st.st_mode & bit)
 
 
@@ -122,7 +134,7 @@ def open_stdio(spec: JobSpec, sandbox: Path, owner: Owner) -> Stdio:
         return fd
 
     try:
-        stdin = remember(_open_in(spec.stdin, sandbox))
+        stdin = remember(_open_in(spec.stdin, sandbox, owner))
         stdout = remember(_open_out("Out", spec.stdout, sandbox, owner))
         if spec.stderr is not None and spec.stderr == spec.stdout:
             stderr = stdout
@@ -161,7 +173,7 @@ def open_streams(spec: JobSpec, stdio: Stdio) -> dict[str, int]:
     return streams
 
 
-def _open_in(path: str | None, sandbox: Path) -> int:
+def _open_in(path: str | None, sandbox: Path, owner: Owner) -> int:
     if path is None:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -172,9 +184,17 @@ def _open_in(path: str | None, sandbox: Path) -> int:
             HoldCode.UNABLE_TO_OPEN_INPUT,
             exc.errno or 0,
         ) from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise JobHeld(f"the job's input file In = {path!r} is not a regular file", HoldCode.UNABLE_TO_OPEN_INPUT)
+    if not readable_by(st, owner):
+        os.close(fd)
+        raise JobHeld(
+            f"the job's input file In = {path!r} is not readable by the job user (Permission denied)",
+            HoldCode.UNABLE_TO_OPEN_INPUT,
+            errno.EACCES,
+        )
     os.set_blocking(fd, True)
     return fd
 

@@ -34,9 +34,11 @@ from tests.helpers import (
     Reply,
     RunningNode,
     Submitter,
+    job_sandboxes,
     processes_with,
     q,
     raw_zip,
+    sandbox_of,
     seed_runs,
     start_daemon,
     start_node,
@@ -73,15 +75,6 @@ def held_mib(reply: Reply) -> float:
 def image_allocated_bytes(node: RunningNode) -> int:
     """What the sandboxes' image takes on the state directory's disk now."""
     return os.stat(node.base / "state" / diskquota.IMAGE_NAME).st_blocks * 512
-
-
-def only_box(node: RunningNode) -> Path:
-    return only_box_of(node.base)
-
-
-def only_box_of(base: Path) -> Path:
-    (box,) = list((base / "sandboxes").iterdir())
-    return box
 
 
 async def until(predicate: Any, timeout_s: float = 30.0) -> None:
@@ -124,7 +117,7 @@ async def _cut_at_the_node_default(disk_node: RunningNode, submitter: Submitter)
     )
     mid = await submitter.send(sh(script))
     await submitter.wait_running(mid)
-    box = only_box(disk_node)
+    box = await sandbox_of(disk_node.base, mid)
     big = box / f"big-{tag}"
     await until(lambda: big.exists() and not processes_with(tag))
     # Seen from the host while the job still holds it: the file was cut by the kernel at the limit...
@@ -300,7 +293,7 @@ async def _restarts(config: Path, base: Path, submitter: Submitter) -> None:
         # (after the crash, its redelivery runs again on the next carod and is stopped with it)
         mid = await submitter.send(sh(f"mkdir -p {deep} && head -c 1000000 /dev/zero > {deep}/x; exec sleep 600"))
         await submitter.wait_running(mid)
-        box = only_box_of(base)
+        box = await sandbox_of(base, mid)
         await until(lambda: (box / deep / "x").exists())
     finally:
         await first.stop(signal.SIGKILL)
@@ -381,4 +374,4 @@ async def test_a_job_cannot_keep_a_read_only_subvolume_past_its_end(
     assert final.status == 4, final.headers
     assert final.zip_read("out") == b"create 1\n"  # EPERM
     await seed_runs(submitter)
-    await until(lambda: not list((disk_node.base / "sandboxes").iterdir()))
+    await until(lambda: not job_sandboxes(disk_node.base))

@@ -25,9 +25,11 @@ from tests.helpers import (
     SEED,
     RunningNode,
     Submitter,
+    job_sandboxes,
     processes_with,
     q,
     raw_zip,
+    sandbox_of,
     seed_runs,
     start_daemon,
     start_node,
@@ -172,7 +174,7 @@ async def test_job_that_makes_a_1200_level_tree_is_answered_and_cleaned_up(
     assert final.zip_read("out") == b"made\n"
     await seed_runs(submitter)
     # The clean-up runs alongside the final reply: wait for it, bounded.
-    await until_empty(boxed.base / "sandboxes")
+    await until_no_job_sandbox(boxed.base)
 
 
 async def test_carod_starts_again_after_a_crash_with_a_deep_tree_left_behind(queue: str, base: Path) -> None:
@@ -199,9 +201,40 @@ async def test_carod_starts_again_after_a_crash_with_a_deep_tree_left_behind(que
     assert processes_with("sleep 6007") == []
 
 
-async def until_empty(directory: Path, timeout_s: float = 30) -> None:
+async def test_sandboxes_started_ahead_leave_nothing_after_a_stop_or_a_crash(queue: str, base: Path) -> None:
+    """The unused sandboxes started ahead go at a clean stop; after a SIGKILL their shells end by themselves
+    (they read no whole job: nothing of a job runs) and the next start removes the rest."""
+    config = write_config(base, queue, node={"slots": 2, "kill_grace_s": 1})
+    sandboxes = base / "sandboxes"
+    marker = f"{sandboxes}/warm."  # in bubblewrap's argv (--bind BOX BOX) while a sandbox waits
+    submitter = await Submitter.open(queue)
+    daemon = await start_daemon(config)
+    try:
+        await seed_runs(submitter)
+        assert processes_with(marker), "no sandbox was started ahead: the test proves nothing"
+        assert await daemon.stop() == 0
+        assert processes_with(marker) == []
+        assert list(sandboxes.iterdir()) == []
+        daemon = await start_daemon(config)
+        await seed_runs(submitter)
+        waiting = list(sandboxes.iterdir())
+        assert waiting and processes_with(marker)
+        daemon.proc.send_signal(signal.SIGKILL)
+        await daemon.proc.wait()
+        async with asyncio.timeout(30):
+            while processes_with(marker):
+                await asyncio.sleep(0.05)
+        daemon = await start_daemon(config)
+        assert not any(path.exists() for path in waiting)
+        await seed_runs(submitter)
+    finally:
+        await daemon.stop()
+        await submitter.close()
+
+
+async def until_no_job_sandbox(base: Path, timeout_s: float = 30) -> None:
     async with asyncio.timeout(timeout_s):
-        while list(directory.iterdir()):
+        while job_sandboxes(base):
             await asyncio.sleep(0.05)
 
 
@@ -364,14 +397,10 @@ async def test_another_jobs_links_tell_nothing_about_root_only_files(boxed: Runn
         )
     )
     assert mid is not None
-    sandboxes = boxed.base / "sandboxes"
+    box = await sandbox_of(boxed.base, mid)
     async with asyncio.timeout(30):
-        while (
-            not (boxes := [p for p in sandboxes.iterdir() if p.name.startswith(mid)])
-            or not (boxes[0] / "links-made").exists()
-        ):
+        while not (box / "links-made").exists():
             await asyncio.sleep(0.05)
-    box = boxes[0]
     reasons = []
     for link in ("l-rootfile", "l-rootnope", f"../../../../../../proc/{os.getpid()}/root/etc/passwd"):
         final = (await submitter.run({"Cmd": q(str(box / link))}))[-1]

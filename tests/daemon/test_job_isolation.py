@@ -33,6 +33,7 @@ from tests.helpers import (
     processes_with,
     q,
     raw_zip,
+    sandbox_of,
     start_node,
     write_config,
 )
@@ -129,7 +130,7 @@ async def test_job_cannot_touch_another_jobs_sandbox(boxed: RunningNode, submitt
     need_bwrap(boxed)  # with one shared job user and no bubblewrap, jobs can reach each other (docs/security.md)
     first = await submitter.send(sh("echo secret > mine; sleep 3"))
     await submitter.wait_running(first)
-    (box,) = list((boxed.base / "sandboxes").iterdir())
+    box = await sandbox_of(boxed.base, first)
     done = await submitter.run(
         sh(f'cat {box}/mine; echo rc=$?; touch {box}/evil; echo rc=$?; ls /proc | grep -c "^[0-9]"')
     )

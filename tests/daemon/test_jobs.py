@@ -9,7 +9,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
-from tests.helpers import RunningNode, Submitter, processes_with, q, queue_depth
+from tests.helpers import RunningNode, Submitter, job_sandboxes, processes_with, q, queue_depth
 
 SEED = {
     "Cmd": q("/bin/echo"),
@@ -232,7 +232,7 @@ async def test_sandbox_removed_after_final_reply(node: RunningNode, submitter: S
     # cleanup follows the confirmed final reply and the ack, so it may trail the reply briefly
 
     def leftovers() -> list[Path]:
-        return [*(node.base / "sandboxes").iterdir(), *(node.base / "state" / "results").iterdir()]
+        return [*job_sandboxes(node.base), *(node.base / "state" / "results").iterdir()]
 
     for _ in range(250):
         if not leftovers():
