@@ -97,6 +97,17 @@ class Executor:
         run = Run(user)
         return self._create_box(run, "warm"), run.quota_group
 
+    @property
+    def _sweep_at_exit(self) -> bool:
+        """Sweep a slot user's processes as the job's main process exits, before its results are read?
+
+        Only when the sweep is all that finds the job's processes (no cgroup, no
+        PID namespace). Otherwise every process of the job is killed with its
+        cgroup or namespace, and the sweep (a scan of /proc) runs in :meth:`end`,
+        after the final reply went out and before the user is handed on.
+        """
+        return self.users.dedicated and self.layers.cgroups is None and self.layers.bwrap is None
+
     def use_disk(self, quota: DiskQuota | None, default_disk_kib: float) -> None:
         """How sandboxes are bounded: the kernel's quota (or None), and the limit of a job without RequestDisk."""
         self.quota = quota
@@ -142,7 +153,7 @@ class Executor:
                 run.warm.popen,
                 run.user,
                 run.cgroup,
-                sweep=self.users.dedicated,
+                sweep=self._sweep_at_exit,
                 status_from_code=self.layers.bwrap is not None,
             )
             return run.process
@@ -159,7 +170,7 @@ class Executor:
                 layers=self.layers,
                 cgroup=run.cgroup,
                 limits=rlimits(run.limits, run.cgroup, cgroups.controllers if cgroups else frozenset()),
-                sweep=self.users.dedicated,
+                sweep=self._sweep_at_exit,
             )
         finally:
             stdio.close()
@@ -311,6 +322,10 @@ class Executor:
                 await run.process.wait()
             elif run.warm is not None:  # the job never got it
                 await asyncio.to_thread(run.warm.stop)
+            if self.users.dedicated and not self._sweep_at_exit:
+                killed = await asyncio.to_thread(cgroup.sweep_user, run.user.uid)
+                if killed:
+                    log.info("killed %d leftover processes of slot user %s", killed, run.user.name)
             if run.cgroup is not None:
                 await asyncio.to_thread(run.cgroup.remove)
             if run.box is not None:
