@@ -97,13 +97,19 @@ class FakeJournal:
         body_path: str | None,
         *,
         final: bool,
+        reply_to: str | None = None,
+        wait: bool = True,
     ) -> OutboxEntry:
         entry = OutboxEntry(len(self.entries) + 1, message_id, exchange, routing_key, headers, body_path, final)
         self.entries.append(entry)
         return entry
 
     async def confirmed(self, entry_id: int, message_id: str, *, final: bool) -> None:
+        """As the journal does: a confirmed final reply's result file goes once that is recorded."""
         self.confirmed_ids.append(entry_id)
+        entry = next(e for e in self.entries if e.id == entry_id)
+        if final and entry.body_path:
+            Path(entry.body_path).unlink(missing_ok=True)
 
     async def set_state(self, message_id: str, state: JobState) -> None:
         self.states.append(state)
