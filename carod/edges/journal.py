@@ -16,9 +16,10 @@ reply until the broker confirms it; a final reply's result zip stays on disk
 sends the id again is answered from them: carod.node.answer). Finished records are kept for
 ``journal_retention_s`` so that a redelivery is recognised and never re-run.
 
-A job's row is written when it starts (:meth:`Journal.start_attempt`) or is
-answered (:meth:`Journal.add_reply` of a final reply), whichever comes
-first: a job that never started leaves nothing a redelivery needs.
+A job's ``received`` row is given to the caller before it is committed
+(:meth:`Journal.receive`): nothing relies on it being on disk, and the commit
+that starts the job (:meth:`Journal.start_attempt`) or answers it
+(:meth:`Journal.add_reply` of a final reply) makes it again if it was lost.
 
 **Group commit.** Every call is queued, in order, for the journal thread,
 which runs all the calls queued while it was busy in one transaction (each
@@ -145,6 +146,9 @@ class _Call:
     after_commit: Callable[[Any], None] | None = None
     #: run outside any transaction, in a batch of its own (opening and closing the database)
     alone: bool = False
+    #: its result is given as soon as it has run, before the batch commits (its writes may be lost
+    #: with a failed commit: only for a write that nothing relies on until a later one repeats it)
+    early: bool = False
 
 
 class Journal:
@@ -218,15 +222,16 @@ class Journal:
         wait: bool,
         after_commit: Callable[[_T], None] | None = None,
         alone: bool = False,
+        early: bool = False,
     ) -> asyncio.Future[_T] | None:
         """Queue ``fn`` for the journal thread (in order); its future, or None when nobody waits for it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] | None = loop.create_future() if wait else None
-        if wait and writes:
+        if wait and writes and not early:
             self.waited_writes += 1
         with self._lock:
             self._loop = loop
-            self._queued.append(_Call(fn, writes, future, after_commit, alone))
+            self._queued.append(_Call(fn, writes, future, after_commit, alone, early))
             if self._draining:
                 return future
             self._draining = True
@@ -278,13 +283,16 @@ class Journal:
                     results.append((call, call.fn(), None))
             except Exception as exc:  # handed to its caller, as run_in_executor would
                 results.append((call, None, exc))
+            if call.early and self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                    self._loop.call_soon_threadsafe(_deliver, [results.pop()])
         if writes:
             try:
                 self._run("COMMIT")
             except JournalError as exc:
                 with contextlib.suppress(sqlite3.Error, JournalError):
                     self._conn().execute("ROLLBACK")
-                return [(call, None, exc) for call in calls]
+                return [(call, None, exc) for call, _value, _error in results]
             self.commits += 1
         for call, value, error in results:
             if error is None and call.after_commit is not None:
@@ -344,7 +352,17 @@ class Journal:
         return record, new
 
     async def receive(self, message_id: str, reply_to: str | None = None) -> tuple[JobRecord, bool]:
-        return await self._call(self._receive, message_id, reply_to)
+        """The job's record, made as ``received`` if new; given before its commit (not waited for).
+
+        Nothing relies on a ``received`` row being on disk: the commit that starts the job
+        (start_attempt) or answers it (add_reply of a final reply) makes the row if it was lost.
+        """
+        future = self._submit(
+            functools.partial(self._receive, message_id, reply_to), writes=True, wait=True, early=True
+        )
+        if future is None:  # pragma: no cover - wait=True always gives one
+            raise JournalError("the journal lost a call")
+        return await future
 
     def _set(self, message_id: str, **fields: Any) -> None:
         fields["updated"] = time.time()

@@ -200,9 +200,9 @@ class Node:
             held = JobHeld("the job message has no message_id; carod needs one to identify the job")
             await self.answer.commit_final(job, self.answer.reply(job, Held(held)).headers, b"")
             return
-        # A look-up, not a write: the job's row is made in the commit that starts it (or answers it).
-        record = await self.journal.get(env.message_id)
-        if record is not None and (await self.answer.reused_id(job, record) or await self.recovery.known(job, record)):
+        # Not a commit the job waits for: the row is committed with the job's start (or its answer).
+        record, new = await self.journal.receive(env.message_id, str(env.reply_to))
+        if not new and (await self.answer.reused_id(job, record) or await self.recovery.known(job, record)):
             return
         removal = self.removals.get(env.message_id, time.monotonic())
         if removal is not None:
