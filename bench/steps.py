@@ -6,8 +6,9 @@ Runs carod in this process (default config, its own queue) with timing
 wrappers around the steps of a job's path (executor, journal, replies, the
 wait for the process), sends ``--jobs`` seed jobs one at a time (or a burst
 of ``--burst`` at once) and prints each step's p50, plus the CPU time per
-job of this process, its children (the job chains) and RabbitMQ. Not part
-of the tests.
+job of this process, its children (the job chains) and RabbitMQ, and the
+journal's commits per job: those a job waited for (its critical path) and
+all of them. Not part of the tests.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _wrap(cls: type, name: str) -> None:
 def _instrument() -> None:
     for name in ("create_box", "start", "watch", "collect", "end"):
         _wrap(execute.Executor, name)
-    for name in ("receive", "start_attempt", "set_pid", "add_reply", "confirmed"):
+    for name in ("get", "receive", "start_attempt", "set_pid", "add_reply", "confirmed"):
         _wrap(journal.Journal, name)
     for name in ("send", "final", "commit_final"):
         _wrap(answer.Answerer, name)
@@ -103,6 +104,8 @@ async def main() -> None:
     await sub.open()
     await sub.latency(30)  # warm-up
     TIMES.clear()
+    store = server.journal
+    commits0, waited0 = (store.commits, store.waited_writes) if store is not None else (0, 0)
     self0, kids0, rabbit0 = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),
@@ -122,6 +125,8 @@ async def main() -> None:
         resource.getrusage(resource.RUSAGE_CHILDREN),
         _rabbit_cpu_s(),
     )
+    commits = (store.commits - commits0) if store is not None else 0
+    waited = (store.waited_writes - waited0) if store is not None else 0
     await sub.close()
     server.handle_exit()
     await serving
@@ -138,6 +143,8 @@ async def main() -> None:
         f"sys {per_job(kids1.ru_stime - kids0.ru_stime)} ms, "
         f"RabbitMQ {per_job(rabbit1 - rabbit0)} ms"
     )
+    # A write waited for is a commit on the job's path (one commit may serve several jobs' writes).
+    print(f"journal per job: {waited / n:.2f} commits waited for (critical path), {commits / n:.2f} commits in all")
     print(f"\n{'step':36} {'calls':>6} {'p50 ms':>8}")
     for name, values in sorted(TIMES.items(), key=lambda kv: -statistics.median(kv[1])):
         print(f"{name:36} {len(values):6} {statistics.median(values) * 1e3:8.3f}")

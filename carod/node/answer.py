@@ -3,6 +3,10 @@
 A final reply (Completed or Held) is published only while the job has a
 live delivery, in one AMQP transaction with that delivery's ack
 (docs/reliability.md); a non-final one is published and confirmed alone.
+The Running reply goes out without the job waiting for it
+(:meth:`Answerer.send_soon`); every later reply of the job, the final one
+included, waits until the broker has confirmed it (or it was given up), so
+replies arrive in order and a final reply never overtakes an update.
 A result zip larger than ``[broker] result_part_mib`` goes ahead of the
 final reply in parts (carod.wire.parts), each confirmed before the next is read,
 so at most one part of it is in memory.
@@ -81,6 +85,8 @@ class Answerer:
         self.stopping = stopping
         self.metrics = metrics
         self.part_bytes = config.broker.result_part_mib * MIB
+        #: each job's update being sent without the job waiting for it (keyed by id(job))
+        self._updates: dict[int, asyncio.Task[bool]] = {}
 
     def reply(self, job: Job, outcome: Outcome) -> replies.Reply:
         """The outcome's state change (log line, metrics) and its reply: the one place a job's end is told."""
@@ -132,7 +138,9 @@ class Answerer:
             dict(reply.headers),
             str(reply.body_path) if reply.body_path else None,
             final=True,
+            reply_to=str(address) if address else None,
         )
+        await self.updates_sent(job)  # never before an update the broker has not confirmed
         await self.resend_final(job, entry)
 
     async def reused_id(self, job: Job, record: JobRecord) -> bool:
@@ -293,14 +301,14 @@ class Answerer:
             if self.running.get(entry.message_id) is job:
                 del self.running[entry.message_id]
             return
+        # Not waited for: in the journal's next commit, which comes before any later call's
+        # answer (a redelivery's look-up included); the result file goes after that commit.
         await self.journal.confirmed(entry.id, entry.message_id, final=True)
         # From here on a redelivery is answered from the journal (acked), not adopted.
         if self.running.get(entry.message_id) is job:
             del self.running[entry.message_id]
         if not job.delivery.acked:  # a redelivery adopted since the commit: it is answered too
             await job.delivery.settle(Settle.ACK, label=job.envelope.label)
-        if entry.body_path:
-            await asyncio.to_thread(Path(entry.body_path).unlink, missing_ok=True)
 
     async def commit_final(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> None:
         """Publish the final reply and ack the job in one transaction, retrying until it commits (within bounds).
@@ -370,6 +378,7 @@ class Answerer:
 
     async def send(self, job: Job, reply: replies.Reply) -> bool:
         """A non-final reply: journaled, published until confirmed or given up. False: not delivered."""
+        await self.updates_sent(job)
         address = job.envelope.reply_to
         if address is None or job.unanswerable is not None:
             return False
@@ -381,12 +390,67 @@ class Answerer:
         finally:
             await self.journal.confirmed(entry.id, job.message_id, final=False)  # sent or given up
 
+    def send_soon(self, job: Job, reply: replies.Reply) -> asyncio.Task[bool] | None:
+        """A non-final reply (Running) sent as :meth:`send` does, without the job waiting for it.
+
+        Its journal row is in the journal's next commit, not waited for: its
+        ``Sequence`` is already durable (carod.node.attempt gives it to
+        start_attempt). The job's next reply, final or not, waits until the
+        broker has confirmed this one or it was given up (:meth:`updates_sent`).
+        None: nothing to send (no reply address, or nobody can be answered).
+        """
+        address = job.envelope.reply_to
+        if address is None or job.unanswerable is not None:
+            return None
+        previous = self._updates.get(id(job))
+
+        async def deliver() -> bool:
+            entry = await self.journal.add_reply(
+                job.message_id,
+                address.exchange,
+                address.routing_key,
+                dict(reply.headers),
+                None,
+                final=False,
+                wait=False,
+            )
+            try:
+                if previous is not None:
+                    await asyncio.wait({previous})  # its failure is its own
+                return await self._publish(job, reply.headers, b"")
+            finally:
+                await self.journal.confirmed(entry.id, job.message_id, final=False)  # sent or given up
+
+        task = asyncio.create_task(deliver())
+        key = id(job)
+        self._updates[key] = task
+
+        def forget(done: asyncio.Task[bool]) -> None:
+            if self._updates.get(key) is done:
+                del self._updates[key]
+
+        task.add_done_callback(forget)
+        return task
+
+    async def updates_sent(self, job: Job) -> None:
+        """Until the job's updates sent without waiting are confirmed by the broker, or given up."""
+        task = self._updates.get(id(job))
+        if task is not None:
+            await asyncio.wait({task})  # its failures are its own (logged, counted)
+
+    def drop_updates(self, job: Job) -> None:
+        """The job is done with here (answered, or its handling failed): stop sending its updates."""
+        task = self._updates.pop(id(job), None)
+        if task is not None and not task.done():
+            task.cancel()
+
     async def progress(self, job: Job, reply: replies.Reply) -> bool:
         """A periodic update (carod.node.progress): journaled for its Sequence, published once, dropped on failure.
 
         Unlike :meth:`send` it never waits for the broker to come back: a
         later update supersedes it, and the final reply must not wait behind it.
         """
+        await self.updates_sent(job)
         address = job.envelope.reply_to
         if address is None or job.unanswerable is not None:
             return False
@@ -400,6 +464,7 @@ class Answerer:
 
     async def output(self, job: Job, headers: Mapping[str, Scalar], body: bytes) -> bool:
         """A chunk of live output (carod.node.progress), published once, not journaled. False: not delivered."""
+        await self.updates_sent(job)
         return await self._publish_once(job, headers, body, message_type=replies.OUTPUT_TYPE)
 
     async def _publish_once(

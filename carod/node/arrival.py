@@ -1,7 +1,8 @@
 """A job's arrival and placement: message -> job ad -> match -> here, later, elsewhere, or never.
 
 :meth:`Node.handle` owns a delivery from the moment it arrives until it is
-settled. Every step is written to the journal first (docs/reliability.md):
+settled. Every step that matters after a crash is written to the journal
+first (docs/reliability.md):
 
 * a redelivered ``message_id`` is recognised: still running here -> the new
   delivery is adopted; known to the journal -> carod.node.recovery answers it;
@@ -45,7 +46,7 @@ from carod.states import JobState
 from carod.wire import amqp10, classads, jobad
 from carod.wire.adverts import JobInfo
 from carod.wire.jobad import Request
-from carod.wire.message import parse_envelope
+from carod.wire.message import Envelope, parse_envelope
 
 log = logging.getLogger("carod.job")
 
@@ -167,7 +168,7 @@ class Node:
             self.metrics.job_state(JobState.ERROR, {})
             if mid is not None and live is None:  # the row is this job's (not another one's)
                 with contextlib.suppress(JournalError):
-                    await self.journal.count_failure(mid)
+                    await self.journal.count_failure(mid, reply_to=_reply_to(envelope))
             await delivery.settle(Settle.REQUEUE, label=envelope.label)
         finally:
             del self.jobs[key]
@@ -199,6 +200,7 @@ class Node:
             held = JobHeld("the job message has no message_id; carod needs one to identify the job")
             await self.answer.commit_final(job, self.answer.reply(job, Held(held)).headers, b"")
             return
+        # Not a commit the job waits for: the row is committed with the job's start (or its answer).
         record, new = await self.journal.receive(env.message_id, str(env.reply_to))
         if not new and (await self.answer.reused_id(job, record) or await self.recovery.known(job, record)):
             return
@@ -398,3 +400,10 @@ class Node:
 
     def _state(self, job: Job, state: JobState, **fields: object) -> None:
         log_state(job, state, self.metrics, info=None, **fields)
+
+
+def _reply_to(envelope: Envelope) -> str | None:
+    """The address a failed job's row is made with (None: no usable one, and no row is made)."""
+    if envelope.reply_to is None or envelope.reply_to_problem is not None:
+        return None
+    return str(envelope.reply_to)

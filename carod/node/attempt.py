@@ -60,6 +60,7 @@ class Attempt:
                 await self._end(job, run)
             yield outcome
         finally:
+            self.answer.drop_updates(job)  # answered by now, or its handling failed
             if cleanup is not None:
                 await cleanup
             else:
@@ -72,7 +73,11 @@ class Attempt:
             box = await self.executor.create_box(run, job.message_id)
         except JobHeld as held:
             return Held(held)
-        job.run_count = await self.journal.start_attempt(job.message_id, str(box))
+        # The job's one journal commit before it runs: its row (made here if new), the run counted, and
+        # the Sequence of its Running reply, which is published before its own row is committed.
+        job.run_count = await self.journal.start_attempt(
+            job.message_id, str(box), reply_to=str(job.envelope.reply_to), sequence=job.sequence + 1
+        )
         try:
             process = await self.executor.start(run, spec, job.body, request)
         except JobHeld as held:
@@ -80,7 +85,7 @@ class Attempt:
         job.info = job_info(job, spec, request, process.start_time)
         job.process = process
         job.state = JobState.RUNNING
-        await self.journal.set_pid(job.message_id, process.pid, process_start_time(process.pid))
+        await self.journal.set_pid(job.message_id, process.pid, process_start_time(process.pid))  # not waited for
         log_state(
             job,
             JobState.RUNNING,
@@ -98,7 +103,9 @@ class Attempt:
             pid=process.pid,
             run_count=job.run_count,
         )
-        await self.answer.send(job, running)
+        update = self.answer.send_soon(job, running)  # the job goes on; its final reply waits for this one
+        if update is not None:
+            update.add_done_callback(lambda _: self._stop_unanswerable(job))
         if job.removed is not None or job.unanswerable is not None:  # carod rm, or nobody to answer
             self.stop(job)
         progress = Progress.for_job(self.config, job, process, run.streams, self.answer)
@@ -118,6 +125,11 @@ class Attempt:
         except JobHeld as held:
             return Held(held, info)
         return Exited(info, result_zip, results)
+
+    def _stop_unanswerable(self, job: Job) -> None:
+        """The broker refused the job's reply address for good while it runs: stop it (nobody can be told)."""
+        if job.unanswerable is not None and job.state is JobState.RUNNING:
+            self.stop(job)
 
     def stop(self, job: Job) -> None:
         """Stop the job's process with its KillSig (SIGKILL after kill_grace_s), without waiting."""

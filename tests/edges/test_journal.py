@@ -1,7 +1,9 @@
-"""carod.edges.journal on its own: states, outbox, expiry, persistence across reopen."""
+"""carod.edges.journal on its own: states, outbox, expiry, persistence across reopen, group commit."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -98,4 +100,67 @@ async def test_unwritable_location_is_a_clear_error(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "no" / "such" / "dir" / "journal.sqlite3")
     with pytest.raises(JournalError, match="cannot open the journal"):
         await journal.open()
+    await journal.close()
+
+
+async def test_the_writes_queued_while_the_thread_is_busy_share_one_commit(tmp_path: Path) -> None:
+    journal = await opened(tmp_path)
+    busy = threading.Event()
+    blocked = asyncio.ensure_future(journal._call(busy.wait, writes=False))  # the journal thread is busy
+    before = journal.commits
+    starts = [asyncio.ensure_future(journal.start_attempt(f"m{i}", "/box", reply_to="q")) for i in range(20)]
+    await asyncio.sleep(0)  # every start is queued behind the busy call
+    busy.set()
+    assert await asyncio.gather(*starts) == [1] * 20
+    await blocked
+    assert journal.commits - before == 1, "20 jobs' starts in one commit"
+    records = [await journal.get(f"m{i}") for i in range(20)]
+    assert all(r is not None and r.state == JobState.RUNNING and r.reply_to == "q" for r in records)
+    await journal.close()
+
+
+async def test_a_write_that_fails_in_a_shared_commit_undoes_only_itself(tmp_path: Path) -> None:
+    journal = await opened(tmp_path)
+    busy = threading.Event()
+    blocked = asyncio.ensure_future(journal._call(busy.wait, writes=False))
+    good = asyncio.ensure_future(journal.start_attempt("good", "/box", reply_to="q"))
+    bad = asyncio.ensure_future(journal.add_reply("bad", "", "q", {"x": object()}, None, final=True, reply_to="q"))
+    await asyncio.sleep(0)
+    busy.set()
+    await blocked
+    assert await good == 1
+    with pytest.raises(TypeError):
+        await bad
+    assert await journal.get("bad") is None, "its row, made in the same call, is undone with it"
+    await journal.close()
+
+
+async def test_writes_not_waited_for_are_in_the_next_commit_and_on_disk_after_close(tmp_path: Path) -> None:
+    journal = await opened(tmp_path)
+    assert await journal.start_attempt("m1", "/box", reply_to="q", sequence=1) == 1
+    await journal.set_pid("m1", 1234, "99")
+    update = await journal.add_reply("m1", "", "q", {"JobStatus": 2, "Sequence": 1}, None, final=False, wait=False)
+    await journal.confirmed(update.id, "m1", final=False)
+    result = tmp_path / "r.zip"
+    result.write_bytes(b"zip")
+    final = await journal.add_reply("m1", "", "q", {"JobStatus": 4, "Sequence": 2}, str(result), final=True)
+    assert final.id == update.id + 1
+    await journal.confirmed(final.id, "m1", final=True)
+    await journal.close()  # no flush: closing commits what is queued
+    assert not result.exists(), "the result file goes once the confirmed reply is committed"
+    journal = await opened(tmp_path)
+    record = await journal.get("m1")
+    assert record is not None and (record.state, record.pid, record.sequence) == (JobState.REPLIED, 1234, 2)
+    assert await journal.pending_count() == 0
+    again = await journal.add_reply("m2", "", "q", {"Sequence": 1}, None, final=True, reply_to="q")
+    assert again.id > final.id, "an outbox id is never given twice"
+    await journal.close()
+
+
+async def test_a_job_answered_before_it_ran_gets_its_row_with_its_final_reply(tmp_path: Path) -> None:
+    journal = await opened(tmp_path)
+    await journal.add_reply("held", "", "q", {"JobStatus": 5, "Sequence": 1}, None, final=True, reply_to="q")
+    record = await journal.get("held")
+    assert record is not None and (record.state, record.reply_to, record.attempts) == (JobState.FINISHED, "q", 0)
+    assert await journal.count_failure("failed", reply_to="q") == 1, "a failure before the start is counted"
     await journal.close()

@@ -18,7 +18,7 @@ from typing import Any, cast
 import pytest
 
 from carod import config as configuration
-from carod.edges.amqp import ReplyRefused, ReplyUndeliverable
+from carod.edges.amqp import ReplyRefused, ReplyUndeliverable, ReplyUnroutable
 from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Parking, Settle
 from carod.edges.journal import JobRecord, Journal, OutboxEntry
@@ -32,6 +32,7 @@ from carod.node.outcome import Evicted, Exited, Held, Outcome, Removed
 from carod.node.resources import Resources, Totals
 from carod.sandbox.results import Results
 from carod.states import JobState
+from carod.wire import replies
 from carod.wire.classads import Scalar
 from carod.wire.jobad import Request
 from carod.wire.message import ReplyAddress, parse_envelope
@@ -97,13 +98,19 @@ class FakeJournal:
         body_path: str | None,
         *,
         final: bool,
+        reply_to: str | None = None,
+        wait: bool = True,
     ) -> OutboxEntry:
         entry = OutboxEntry(len(self.entries) + 1, message_id, exchange, routing_key, headers, body_path, final)
         self.entries.append(entry)
         return entry
 
     async def confirmed(self, entry_id: int, message_id: str, *, final: bool) -> None:
+        """As the journal does: a confirmed final reply's result file goes once that is recorded."""
         self.confirmed_ids.append(entry_id)
+        entry = next(e for e in self.entries if e.id == entry_id)
+        if final and entry.body_path:
+            Path(entry.body_path).unlink(missing_ok=True)
 
     async def set_state(self, message_id: str, state: JobState) -> None:
         self.states.append(state)
@@ -383,3 +390,69 @@ async def test_every_final_outcome_is_logged_once_with_its_state(
     states = [getattr(r, "job_state", None) for r in caplog.records if getattr(r, "job_state", None)]
     expected = JobState.HELD if isinstance(outcome, Held) else JobState.REMOVED
     assert states == [expected.value]
+
+
+# ---------------------------------------------------------------- the Running reply, sent without waiting
+
+
+def running_reply(scene: Scene) -> replies.Reply:
+    return replies.running(
+        sequence=scene.job.next_sequence(), node="n1", now=WHEN, start_date=WHEN, pid=42, run_count=1
+    )
+
+
+def final_after_updates(scene: Scene) -> list[int]:
+    """How many updates the broker had taken at each final reply's commit."""
+    seen: list[int] = []
+    commit = scene.delivery.reply_and_ack
+
+    async def recording(address: ReplyAddress, **kwargs: Any) -> None:
+        seen.append(len(scene.broker.published))
+        await commit(address, **kwargs)
+
+    scene.delivery.reply_and_ack = recording  # type: ignore[method-assign]
+    return seen
+
+
+async def test_a_running_reply_the_broker_nacks_is_sent_again_before_the_final_reply() -> None:
+    scene = Scene()
+    scene.broker.failures = [BrokerError("the broker did not accept the message (nack)")]
+    seen = final_after_updates(scene)
+    assert scene.answer.send_soon(scene.job, running_reply(scene)) is not None, "the job does not wait for it"
+    await scene.conclude(held_outcome())
+    assert seen == [1], "the final reply went out after the Running reply was confirmed, once"
+    [update] = scene.broker.published
+    assert update["JobStatus"] == 2 and update["Sequence"] == 1
+    [(_address, headers, _body)] = scene.delivery.committed
+    assert headers["JobStatus"] == 5 and headers["Sequence"] == 2
+    assert scene.journal.confirmed_ids == [e.id for e in scene.journal.entries], "both rows confirmed"
+
+
+async def test_an_unroutable_running_reply_still_leads_to_exactly_one_final_reply() -> None:
+    scene = Scene()
+    scene.broker.failures = [ReplyUnroutable("no queue is bound for replies-q")]
+    seen = final_after_updates(scene)
+    scene.answer.send_soon(scene.job, running_reply(scene))
+    await scene.conclude(held_outcome())
+    assert scene.broker.published == [] and seen == [0]
+    assert len(scene.delivery.committed) == 1 and scene.delivery.settled == []
+    assert scene.counter("carod_replies_refused_total", reason="unroutable") == 1
+
+
+async def test_a_running_reply_to_an_address_that_refuses_it_leaves_the_job_unanswered() -> None:
+    scene = Scene()
+    scene.broker.failures = [ReplyUndeliverable("there is no exchange 'gone'")]
+    scene.answer.send_soon(scene.job, running_reply(scene))
+    await scene.conclude(held_outcome())
+    assert scene.delivery.committed == [] and scene.delivery.settled == [Settle.ACK], "acked alone, once"
+    assert scene.job.unanswerable is not None
+    assert scene.counter("carod_jobs_unanswered_total") == 1
+
+
+async def test_an_eviction_s_idle_reply_comes_after_the_running_reply_it_follows() -> None:
+    scene = Scene()
+    scene.broker.failures = [BrokerError("no confirm")]
+    scene.answer.send_soon(scene.job, running_reply(scene))
+    await scene.conclude(Evicted("the node is stopping", INFO))
+    assert [u["JobStatus"] for u in scene.broker.published] == [2, 1]
+    assert scene.delivery.settled == [Settle.REQUEUE]
