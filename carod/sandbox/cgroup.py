@@ -39,6 +39,9 @@ V2_CONTROLLERS = ("memory", "pids", "cpu")
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
 CPU_PERIOD_US = 100_000
 KILL_TIMEOUT_S = 5.0
+#: After a job's main process exited, how long its last processes may take to end by themselves
+#: (bubblewrap's init tearing its PID namespace down) before the cgroup is frozen and killed.
+SETTLE_TIMEOUT_S = 0.02
 
 
 class CgroupError(CarodError):
@@ -220,11 +223,19 @@ class JobCgroup:
                     break
 
     def _wait_empty(self, deadline: float) -> bool:
+        # Polled from 0.1 ms up to 2 ms apart: what is left is usually a process in its last
+        # fraction of a millisecond of exiting (bubblewrap's init emptying its PID namespace).
+        delay = 0.0001
         while self.pids():
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.002)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
         return True
+
+    def settle(self, timeout_s: float = SETTLE_TIMEOUT_S) -> bool:
+        """Wait briefly for the processes left to end by themselves (blocking). True when none is left."""
+        return self._wait_empty(time.monotonic() + timeout_s)
 
 
 # ---------------------------------------------------------------- v2

@@ -231,7 +231,7 @@ class JobProcess:
     def _kill_rest(self) -> None:
         """Every other process of the job, however it hid (blocking)."""
         if self.cgroup is not None:
-            if not self.cgroup.kill(GROUP_DEATH_TIMEOUT_S):
+            if not self.cgroup.settle() and not self.cgroup.kill(GROUP_DEATH_TIMEOUT_S):
                 log.warning("processes of job cgroup %s still alive after SIGKILL", self.cgroup.name)
         elif _group_exists(self.pid):
             _wait_group_dead(self.pid, GROUP_DEATH_TIMEOUT_S)
