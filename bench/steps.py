@@ -1,6 +1,7 @@
 """Where one job's time goes inside carod: each step of its path, timed.
 
     .venv/bin/python -m bench.steps [--jobs 200] [--burst 0]
+    .venv/bin/python -m bench.steps --process [--uvloop] [--jobs 300]
 
 Runs carod in this process (default config, its own queue) with timing
 wrappers around the steps of a job's path (executor, journal, replies, the
@@ -8,7 +9,14 @@ wait for the process), sends ``--jobs`` seed jobs one at a time (or a burst
 of ``--burst`` at once) and prints each step's p50, plus the CPU time per
 job of this process, its children (the job chains) and RabbitMQ, and the
 journal's commits per job: those a job waited for (its critical path) and
-all of them. Not part of the tests.
+all of them. ``--prestart no``: every job's sandbox started cold. Not part
+of the tests.
+
+``--process``: carod's own CPU per job instead, without the submitter's:
+carod runs as a real process (``python -m carod``, default config; with
+``--uvloop``, on uvloop's loop) and its CPU is read from
+``/proc/<pid>/stat``, the event loop thread apart from the others
+(``/proc/<pid>/task``). No step timings in this mode.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import os
 import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -27,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.__main__ import Submitter, delete_queues
+from bench.__main__ import URL, Submitter, delete_queues
 from carod import config as configuration
 from carod.edges import journal
 from carod.node import answer
@@ -75,9 +84,84 @@ def _rabbit_cpu_s() -> float:
     found = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True, check=False).stdout.split()
     if not found:
         return 0.0
-    with open(f"/proc/{found[0]}/stat") as f:
+    return _cpu_s(f"/proc/{found[0]}/stat")[0]
+
+
+def _cpu_s(stat_path: str) -> tuple[float, float]:
+    """(user + sys, children's user + sys) seconds of a process or thread, from its /proc stat file."""
+    with open(stat_path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+def _threads_cpu_s(pid: int) -> dict[int, float]:
+    found = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found[int(task)] = _cpu_s(f"/proc/{pid}/task/{task}/stat")[0]
+        except OSError:
+            continue  # a worker thread that just ended
+    return found
+
+
+#: carod on uvloop's loop (bench only: carod itself never installs it; docs/performance.md, issue 16).
+_ON_UVLOOP = (
+    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+    "from carod.cli import main; sys.argv[0] = 'carod'; sys.exit(main())"
+)
+
+
+async def process_cpu(jobs: int, uvloop: bool) -> None:
+    """carod's own CPU per job, as a real process (``--process``)."""
+    queue = f"bench-steps-{uuid.uuid4().hex[:6]}"
+    work = tempfile.mkdtemp(prefix="carod-steps-", dir="/tmp")
+    os.chmod(work, 0o711)  # noqa: S103 - the job user must traverse it
+    conf = os.path.join(work, "carod.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f"[broker]\nurl = {URL}\nqueue = {queue}\nbinding_key = {queue}\n"
+            f"[node]\nsandbox_root = {work}/sandboxes\nstate_dir = {work}/state\nlog_level = WARNING\n"
+        )
+    os.chmod(conf, 0o600)
+    start = ["-c", _ON_UVLOOP] if uvloop else ["-m", "carod"]
+    carod = await asyncio.create_subprocess_exec(sys.executable, *start, "--config", conf, stderr=subprocess.DEVNULL)
+    sub = Submitter(queue)
+    await sub.open()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # ready when it answers (a job sent before it declared its queue is dropped)
+            try:
+                await asyncio.wait_for(sub.one(), 2)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline or carod.returncode is not None:
+                    raise RuntimeError("carod did not start") from None
+        await sub.latency(10)  # warm-up (20 + 10 jobs)
+        threads0, (own0, kids0), rabbit0 = _threads_cpu_s(carod.pid), _cpu_s(f"/proc/{carod.pid}/stat"), _rabbit_cpu_s()
+        t0 = time.perf_counter()
+        latencies = [(await sub.one())[1] for _ in range(jobs)]
+        wall = time.perf_counter() - t0
+        threads1, (own1, kids1), rabbit1 = _threads_cpu_s(carod.pid), _cpu_s(f"/proc/{carod.pid}/stat"), _rabbit_cpu_s()
+    finally:
+        await sub.close()
+        carod.terminate()
+        await carod.wait()
+        await delete_queues(queue)
+        subprocess.run(["rm", "-rf", work], check=False)  # noqa: ASYNC221 - after the run
+
+    def ms(seconds: float) -> str:
+        return f"{seconds / jobs * 1e3:.2f}"
+
+    loop_s = threads1.get(carod.pid, 0.0) - threads0.get(carod.pid, 0.0)
+    print(
+        f"{jobs} sequential jobs ({'uvloop' if uvloop else 'asyncio'}): end-to-end p50 "
+        f"{statistics.median(latencies) * 1e3:.2f} ms, wall {ms(wall)} ms per job"
+    )
+    print(
+        f"CPU per job: carod {ms(own1 - own0)} ms (event loop thread {ms(loop_s)}, other threads "
+        f"{ms(own1 - own0 - loop_s)}), job chains {ms(kids1 - kids0)}, RabbitMQ {ms(rabbit1 - rabbit0)}"
+    )
 
 
 async def main() -> None:
@@ -85,7 +169,12 @@ async def main() -> None:
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--burst", type=int, default=0)
     ap.add_argument("--prestart", choices=("yes", "no"), default="yes", help="[sandbox] prestart")
+    ap.add_argument("--process", action="store_true", help="carod's own CPU per job, as a real process")
+    ap.add_argument("--uvloop", action="store_true", help="with --process: carod on uvloop")
     args = ap.parse_args()
+    if args.process:
+        await process_cpu(args.jobs, args.uvloop)
+        return
     _instrument()
     queue = f"bench-steps-{uuid.uuid4().hex[:6]}"
     work = tempfile.mkdtemp(prefix="carod-steps-", dir="/tmp")

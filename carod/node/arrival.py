@@ -262,7 +262,8 @@ class Node:
         too_big = self.resources.never_fits(request)
         if too_big is not None:
             return f"the job does not fit this machine ({too_big})"
-        result = classads.match(ad, self.live_ad(idle=True))
+        # As if idle: the totals are written, not what is free, so the filesystem need not be read (a statvfs).
+        result = classads.match(ad, self.live_ad(idle=True, disk_available_kib=0.0))
         return None if result.ok else result.reason
 
     def _ready(self, ad: classad2.ClassAd, request: Request) -> bool:

@@ -118,16 +118,17 @@ def log_state(job: Job, state: JobState, metrics: Metrics, *, info: ExitInfo | N
     """One job state change: its log line and its metrics (with how long it ran, when it did)."""
     if info is not None:
         fields["duration_s"] = round(info.duration_s, 6)
-    fields = {k: _short(v) for k, v in fields.items()}
-    extra = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in fields.items())
-    elapsed = job.elapsed_s()
-    label = job.envelope.label
-    log.info(
-        "job=%s state=%s elapsed_s=%.6f %s",
-        label,
-        state.value,
-        elapsed,
-        extra,
-        extra={"message_id": label, "job_state": state.value, "elapsed_s": round(elapsed, 6), "fields": fields},
-    )
+    if log.isEnabledFor(logging.INFO):  # the line is built only when it is written (bench runs at WARNING)
+        fields = {k: _short(v) for k, v in fields.items()}
+        extra = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in fields.items())
+        elapsed = job.elapsed_s()
+        label = job.envelope.label
+        log.info(
+            "job=%s state=%s elapsed_s=%.6f %s",
+            label,
+            state.value,
+            elapsed,
+            extra,
+            extra={"message_id": label, "job_state": state.value, "elapsed_s": round(elapsed, 6), "fields": fields},
+        )
     metrics.job_state(state, fields)

@@ -157,19 +157,21 @@ def evaluate_in_match(my: classad2.ClassAd, target: classad2.ClassAd, attribute:
     if attribute not in my:
         return UNDEFINED
     expr = my.lookup(attribute)
-    scope = classad2.ClassAd()
-    scope.update(my)
     try:
         refs = my.externalRefs(expr)
     except (ValueError, classad2.ClassAdException):
         return ERROR  # e.g. a cyclic definition (Requirements = Requirements)
-    for ref in refs:
-        if "." not in ref and ref in target and ref not in my:
-            # Evaluated where it is defined (MY = target), as the negotiator does.
-            value = _eval(target.lookup(ref), target, my)
-            if isinstance(value, classad2.Value):
-                value = classad2.ExprTree("error" if value == classad2.Value.Error else "undefined")
-            scope[ref] = value
+    borrowed = [ref for ref in refs if "." not in ref and ref in target and ref not in my]
+    if not borrowed:  # nothing to add to MY: evaluated in ``my`` itself, without copying it
+        return _python(_eval(expr, my, target))
+    scope = classad2.ClassAd()
+    scope.update(my)
+    for ref in borrowed:
+        # Evaluated where it is defined (MY = target), as the negotiator does.
+        value = _eval(target.lookup(ref), target, my)
+        if isinstance(value, classad2.Value):
+            value = classad2.ExprTree("error" if value == classad2.Value.Error else "undefined")
+        scope[ref] = value
     return _python(_eval(expr, scope, target))
 
 

@@ -293,9 +293,9 @@ def headers_size(headers: Mapping[str, Scalar]) -> int:
     """Bytes of ``headers`` as an AMQP field table (name, type, value)."""
     size = 0
     for name, value in headers.items():
-        size += 1 + len(name.encode("utf-8", "surrogateescape")) + 1
+        size += 2 + (len(name) if name.isascii() else len(name.encode("utf-8", "surrogateescape")))
         if isinstance(value, str):
-            size += 4 + len(value.encode("utf-8", "surrogateescape"))
+            size += 4 + (len(value) if value.isascii() else len(value.encode("utf-8", "surrogateescape")))
         elif isinstance(value, bool):
             size += 1
         else:
@@ -315,6 +315,9 @@ def bound_headers(
     further, then headers are dropped, largest first (carod's own replies never get there).
     """
     out = {name: _bound_value(value, text_bytes) for name, value in headers.items()}
+    size = headers_size(out)
+    if size <= total_bytes:  # every reply carod builds: one pass over the headers
+        return out
     limit = text_bytes
     while headers_size(out) > total_bytes and limit > 64:
         limit //= 2
@@ -325,7 +328,8 @@ def bound_headers(
 
 
 def _bound_value(value: Scalar, limit: int) -> Scalar:
-    if not isinstance(value, str) or len(value.encode("utf-8", "surrogateescape")) <= limit:
+    # A character is at most 4 bytes of UTF-8: a short text needs no encoding to know it fits.
+    if not isinstance(value, str) or 4 * len(value) <= limit or len(value.encode("utf-8", "surrogateescape")) <= limit:
         return value
     literal = _literal(value)
     if literal is not None:
