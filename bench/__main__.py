@@ -1,7 +1,9 @@
-"""carod against the alternatives, in one run: null responder, Celery, carod.
+"""carod against the alternatives, in one run: null responder, Celery, Dramatiq, carod (and Slurm).
 
-    make bench        # = .venv/bin/python -m bench (Celery from the `bench` extra)
-    .venv/bin/python -m bench [--jobs 300] [--burst 2000] [--only null,celery,carod] [--no-extras]
+    make bench        # = .venv/bin/python -m bench (Celery, Dramatiq, matplotlib from the `bench` extra)
+    .venv/bin/python -m bench [--jobs 300] [--burst 2000] [--only null,celery,dramatiq,carod]
+                              [--no-extras] [--peers hpc] [--curve 1,2,4,8] [--sleep-jobs 1000]
+                              [--waiting 1000,10000] [--no-png]
 
 Every contender does the seed job (`/bin/echo "Hello Grid!"`, Out/Err to
 files, the working directory zipped and returned) on the local RabbitMQ:
@@ -11,16 +13,30 @@ files, the working directory zipped and returned) on the local RabbitMQ:
 * ``celery``: a Celery worker (prefork, concurrency = cores, acks_late,
   rpc:// results) whose task runs the job with subprocess and zipfile
   (bench/celery_app.py);
+* ``dramatiq``: a Dramatiq worker (RabbitMQ broker, 2 processes x 1 thread)
+  with the same task, the zip published by the task to the submitter's reply
+  queue on the same RabbitMQ (bench/dramatiq_app.py says why not Redis);
 * ``carod``: a real carod process, default config (bubblewrap, cgroups,
-  setpriv, journal), jobs as ``nobody``.
+  setpriv, journal), jobs as ``nobody``;
+* ``slurm`` (with ``--peers hpc``): ``srun /bin/echo "Hello Grid!"`` on a
+  private single-node Slurm the bench sets up and tears down
+  (bench/slurm.py; skipped with the reason when it cannot be set up).
 
-For each: latency p50/p99 of sequential jobs (publish to final reply),
-throughput of a burst; for carod its RSS idle, with 1,000 jobs waiting in
-its queue, and its peak. Extras (carod only): event-loop lag while a job
-returns a 200 MB result and while a 50 MB input is unpacked, time to first
-status with that input, throughput as slots go from 1 to 2 x cores, and the
-cost of ClassAd parse + match. Prints a table with the targets of issue 6
-and writes bench/results/<time>.json. Not part of the tests.
+For each: latency p50/p99 of sequential jobs (publish to final reply, after
+20 of warm-up), throughput of a burst; for carod its RSS idle, with 1,000 and
+10,000 jobs waiting in its queue (``--waiting``), and its peak. The cost
+curve (bench/cost.py, ``--curve``): carod's jobs/s and p50 at 1, 2, 4, 8
+slots; and ``--sleep-jobs`` x ``sleep 1`` on ``--sleep-slots`` 64 slots
+against the ideal jobs x 1 s / slots. Extras (carod only, skipped with
+``--no-extras`` like the curve and the sleep run): event-loop lag while a
+job returns a 200 MB result and while a 50 MB input is unpacked, time to
+first status with that input, and the cost of ClassAd parse + match.
+
+Prints a table with the targets of issue 6, writes
+bench/results/<time>.json (every figure, with the sequential latencies) and
+bench/results/<time>.png (bench/plot.py), copied to docs/performance.png.
+The default run takes about 6 minutes on a 2-core machine; ``--peers hpc``
+adds about 1.5. Not part of the tests.
 """
 
 from __future__ import annotations
@@ -31,127 +47,30 @@ import io
 import json
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 
+from bench import cost
+from bench.harness import CPUS, MIB, SEED, URL, Carod, Submitter, delete_queues, summary
 from carod.client import Client
 from carod.config import Config
 from carod.node.machine import detect
 from carod.wire import classads, jobad
 from carod.wire.message import parse_envelope
 
-URL = os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
-SEED: dict[str, Any] = {
-    "Cmd": '"/bin/echo"',
-    "Arguments": '"Hello Grid!"',
-    "Out": '"job.out"',
-    "Err": '"job.err"',
-    "Requirements": "TRUE",
-}
-CPUS = os.cpu_count() or 1
-MIB = 1024 * 1024
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[int(q * (len(ordered) - 1))]
-
-
-class Submitter:
-    """Publishes jobs and times their replies (first status, final)."""
-
-    def __init__(self, queue: str) -> None:
-        self.queue = queue
-        self.finals: dict[str, asyncio.Future[float]] = {}
-        self.firsts: dict[str, asyncio.Future[float]] = {}
-
-    async def open(self) -> None:
-        self.conn = await aio_pika.connect(URL)
-        self.ch = await self.conn.channel(publisher_confirms=False)
-        self.replies = await self.ch.declare_queue("", exclusive=True, auto_delete=True)
-        await self.replies.consume(self._on_reply, no_ack=True)
-
-    async def _on_reply(self, msg: aio_pika.abc.AbstractIncomingMessage) -> None:
-        status = (msg.headers or {}).get("JobStatus")
-        mid = msg.correlation_id or ""
-        now = time.perf_counter()
-        first = self.firsts.pop(mid, None)
-        if status is not None and first is not None and not first.done():
-            first.set_result(now)
-        if status in (4, 5):
-            fut = self.finals.pop(mid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(now)
-
-    async def publish(self, headers: dict[str, Any], body: bytes = b"") -> tuple[str, float]:
-        mid = str(uuid.uuid4())
-        loop = asyncio.get_running_loop()
-        self.finals[mid] = loop.create_future()
-        self.firsts[mid] = loop.create_future()
-        t0 = time.perf_counter()
-        # Not mandatory: before carod has declared its queue (start-up), a job is simply dropped and retried.
-        await self.ch.default_exchange.publish(
-            aio_pika.Message(body, headers=headers, message_id=mid, reply_to=self.replies.name),
-            self.queue,
-            mandatory=False,
-        )
-        return mid, t0
-
-    async def one(self, headers: dict[str, Any] | None = None, body: bytes = b"") -> tuple[float, float]:
-        """(time to first status, time to final reply) of one job."""
-        mid, t0 = await self.publish(headers or SEED, body)
-        first = self.firsts.get(mid)
-        final = await asyncio.wait_for(self.finals[mid], 120)
-        first_at = await first if first is not None else final
-        return first_at - t0, final - t0
-
-    async def latency(self, jobs: int) -> list[float]:
-        for _ in range(20):  # warm-up
-            await self.one()
-        return [(await self.one())[1] for _ in range(jobs)]
-
-    async def burst(self, n: int) -> float:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(self.one() for _ in range(n)))
-        return n / (time.perf_counter() - t0)
-
-    async def close(self) -> None:
-        await self.conn.close()
-
-
-async def delete_queues(*queues: str) -> None:
-    """Each job queue with the delay and dead-letter queues carod made beside it (if any)."""
-    conn = await aio_pika.connect(URL)
-    async with conn:
-        ch = await conn.channel()
-        for queue in queues:
-            for name in (queue, f"{queue}.unmatched", f"{queue}.dead"):
-                await ch.queue_delete(name)
-
-
-async def summary(name: str, queue: str, jobs: int, burst: int) -> dict[str, Any]:
-    sub = Submitter(queue)
-    await sub.open()
-    lat = await sub.latency(jobs)
-    rate = await sub.burst(burst)
-    await sub.close()
-    return {
-        "name": name,
-        "p50_ms": statistics.median(lat) * 1e3,
-        "p99_ms": _pct(lat, 0.99) * 1e3,
-        "throughput_jobs_s": rate,
-    }
-
+ROOT = Path(__file__).resolve().parent.parent
+CONTENDERS = ("null", "celery", "dramatiq", "carod")
 
 # ------------------------------------------------------------------ null
 
@@ -178,125 +97,72 @@ async def run_null(args: argparse.Namespace) -> dict[str, Any]:
         await conn.close()
 
 
-# ---------------------------------------------------------------- celery
+# -------------------------------------------------------- celery, dramatiq
+
+
+async def _worker_and_client(
+    name: str, worker_argv: list[str], client_module: str, env: dict[str, str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Start a worker, run its client (which prints a JSON summary), stop the worker."""
+    worker = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for below
+        worker_argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            client_module,
+            str(args.jobs),
+            str(args.burst),
+            env=env,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"the {name} client failed")
+        return {"name": name, **json.loads(out)}
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(worker.wait, 30)
 
 
 async def run_celery(args: argparse.Namespace) -> dict[str, Any]:
     queue = f"bench-celery-{uuid.uuid4().hex[:6]}"
     env = dict(os.environ, BENCH_CELERY_QUEUE=queue, CAROD_BROKER_URL=URL)
     celery = Path(sys.executable).with_name("celery")
-    worker = subprocess.Popen(  # noqa: ASYNC220 - started once, waited for below
-        [str(celery), "-A", "bench.celery_app", "worker", "-P", "prefork", f"--concurrency={CPUS}", "-l", "WARNING"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = [str(celery), "-A", "bench.celery_app", "worker", "-P", "prefork", f"--concurrency={CPUS}", "-l", "WARNING"]
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bench.celery_app",
-            str(args.jobs),
-            str(args.burst),
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError("the Celery client failed")
-        return {"name": "celery", **json.loads(out)}
+        return await _worker_and_client("celery", argv, "bench.celery_app", env, args)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(worker.wait, 30)
         await delete_queues(queue)
 
 
+async def run_dramatiq(args: argparse.Namespace) -> dict[str, Any]:
+    queue = f"bench-dramatiq-{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, BENCH_DRAMATIQ_QUEUE=queue, CAROD_BROKER_URL=URL)
+    dramatiq = Path(sys.executable).with_name("dramatiq")
+    argv = [str(dramatiq), "bench.dramatiq_app", "--processes", str(CPUS), "--threads", "1"]
+    try:
+        return await _worker_and_client("dramatiq", argv, "bench.dramatiq_app", env, args)
+    finally:
+        await delete_queues(queue, suffixes=(".DQ", ".XQ"))
+
+
+# ----------------------------------------------------------------- slurm
+
+
+async def run_slurm(args: argparse.Namespace) -> dict[str, Any] | None:
+    from bench import slurm  # only with --peers hpc
+
+    try:
+        return await asyncio.to_thread(slurm.run, args.hpc_jobs, args.hpc_burst)
+    except slurm.SlurmUnavailable as exc:
+        print(f"slurm: skipped: {exc}", file=sys.stderr)
+        return None
+
+
 # ----------------------------------------------------------------- carod
-
-
-class Carod:
-    """A carod process (with the loop-lag probe of bench/carod_lag.py) on its own queue."""
-
-    def __init__(self, *, node: str = "", machine: str = "") -> None:
-        self.queue = f"bench-carod-{uuid.uuid4().hex[:6]}"
-        self.work = Path(tempfile.mkdtemp(prefix="carod-bench-", dir="/tmp"))
-        os.chmod(self.work, 0o711)  # noqa: S103 - the job user must traverse it
-        self.conf = self.work / "carod.conf"
-        self.stats = self.work / "lag.json"
-        self.conf.write_text(
-            f"[broker]\nurl = {URL}\nqueue = {self.queue}\nbinding_key = {self.queue}\n"
-            f"[node]\nsandbox_root = {self.work}/sandboxes\nstate_dir = {self.work}/state\nlog_level = WARNING\n"
-            f"{node}\n" + (f"[machine]\n{machine}\n" if machine else "")
-        )
-        self.marks = 0
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.carod_lag", str(self.conf), str(self.stats)
-        )
-        # Ready when it consumes (it declared the queue and answers a job).
-        sub = Submitter(self.queue)
-        await sub.open()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                await asyncio.wait_for(sub.one(), 2)
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline or self.proc.returncode is not None:
-                    raise RuntimeError("carod did not start") from None
-        await sub.close()
-        await asyncio.sleep(1)  # settle (adverts, first timers)
-
-    def status(self, field: str) -> float:
-        """A /proc/<pid>/status field in MiB (VmRSS, VmHWM)."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    async def lag(self) -> dict[str, float]:
-        """Event-loop lag since the previous call."""
-        self.marks += 1
-        self.proc.send_signal(signal.SIGUSR2)
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            try:
-                stats: dict[str, float] = json.loads(self.stats.read_text())
-            except (OSError, ValueError):
-                continue
-            if stats["mark"] == self.marks:
-                return stats
-        raise RuntimeError("carod did not report its loop lag")
-
-    async def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        await self.proc.wait()
-        await delete_queues(self.queue)
-        subprocess.run(["rm", "-rf", str(self.work)], check=False)  # noqa: ASYNC221 - after the run
-
-
-async def rss_with_waiting_jobs(carod: Carod, waiting: int) -> float:
-    """Peak RSS while two long jobs fill the slots and ``waiting`` jobs wait in the queue."""
-    sub = Submitter(carod.queue)
-    await sub.open()
-    sleepers = [
-        await sub.publish({"Cmd": '"/bin/sleep"', "Arguments": '"4"', "Requirements": "TRUE"}) for _ in range(CPUS)
-    ]
-    await asyncio.gather(*(sub.firsts[mid] for mid, _ in sleepers if mid in sub.firsts))
-    for _ in range(waiting):
-        await sub.publish(SEED)
-    peak = 0.0
-    for _ in range(20):
-        peak = max(peak, carod.status("VmRSS"))
-        await asyncio.sleep(0.1)
-    conn = await aio_pika.connect(URL)
-    async with conn:
-        ch = await conn.channel()
-        await (await ch.declare_queue(carod.queue, passive=True)).purge()
-    await asyncio.gather(*(sub.finals[mid] for mid, _ in sleepers))
-    await sub.close()
-    return peak
 
 
 async def run_carod(args: argparse.Namespace) -> dict[str, Any]:
@@ -307,7 +173,11 @@ async def run_carod(args: argparse.Namespace) -> dict[str, Any]:
         row = await summary("carod", carod.queue, args.jobs, args.burst)
         row["rss_idle_mib"] = idle
         row["rss_after_burst_mib"] = carod.status("VmRSS")
-        row["rss_1000_waiting_mib"] = await rss_with_waiting_jobs(carod, 1000)
+        row["waiting"] = []
+        for n in args.waiting:
+            measured = await cost.rss_with_waiting_jobs(carod, n)
+            row["waiting"].append(measured)
+            row[f"rss_{n}_waiting_mib"] = measured["rss_mib"]
         row["rss_peak_mib"] = carod.status("VmHWM")
         return row
     finally:
@@ -379,22 +249,6 @@ async def large_files(result_mib: int, input_mib: int) -> dict[str, Any]:
         await carod.stop()
 
 
-async def slot_scaling(burst: int) -> list[dict[str, Any]]:
-    rows = []
-    for slots in range(1, 2 * CPUS + 1):
-        carod = Carod(node=f"slots = {slots}", machine=f"Cpus = {slots}")
-        await carod.start()
-        try:
-            sub = Submitter(carod.queue)
-            await sub.open()
-            rate = await sub.burst(burst)
-            await sub.close()
-            rows.append({"slots": slots, "throughput_jobs_s": rate})
-        finally:
-            await carod.stop()
-    return rows
-
-
 def classad_cost(n: int = 2000) -> dict[str, float]:
     """Header parsing, defaults, job spec and Requirements match per job (no I/O)."""
     machine = detect(Config())
@@ -411,8 +265,8 @@ def classad_cost(n: int = 2000) -> dict[str, float]:
 
 # ------------------------------------------------------------------ report
 
-TARGETS = [
-    # (label, value function, limit, lower is better)
+TARGETS: list[tuple[str, Callable[[dict[str, Any]], float], float]] = [
+    # (label, value function, limit: lower is better)
     ("p50 carod/celery", lambda r: r["carod"]["p50_ms"] / r["celery"]["p50_ms"], 0.8),
     ("p50 carod/null", lambda r: r["carod"]["p50_ms"] / r["null"]["p50_ms"], 2.5),
     ("p99 carod/celery", lambda r: r["carod"]["p99_ms"] / r["celery"]["p99_ms"], 1.0),
@@ -425,16 +279,33 @@ TARGETS = [
 
 
 def report(results: dict[str, Any]) -> list[dict[str, Any]]:
-    print(f"\n{'':8} {'p50 ms':>8} {'p99 ms':>8} {'jobs/s':>8}")
-    for name in ("null", "celery", "carod"):
+    print(f"\n{'':9} {'p50 ms':>8} {'p99 ms':>8} {'jobs/s':>8}")
+    for name in (*CONTENDERS, "slurm"):
         if name in results:
             row = results[name]
-            print(f"{name:8} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['throughput_jobs_s']:8.0f}")
+            burst = f"  (burst of {row['burst']})" if "burst" in row else ""
+            print(f"{name:9} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['throughput_jobs_s']:8.1f}{burst}")
     if "carod" in results:
         c = results["carod"]
+        waiting = ", ".join(
+            f"{w['waiting']} waiting {w['rss_mib']:.1f}" + (f" ({w['started']} of them ran)" if w["started"] else "")
+            for w in c["waiting"]
+        )
         print(
             f"carod RSS MiB: idle {c['rss_idle_mib']:.1f}, after the burst {c['rss_after_burst_mib']:.1f}, "
-            f"1000 waiting {c['rss_1000_waiting_mib']:.1f}, peak {c['rss_peak_mib']:.1f}"
+            f"{waiting}, peak {c['rss_peak_mib']:.1f}"
+        )
+    if "curve" in results:
+        print(
+            "carod cost curve, slots -> jobs/s, p50 ms: "
+            + ", ".join(f"{s['slots']}: {s['throughput_jobs_s']:.0f}, {s['p50_ms']:.1f}" for s in results["curve"])
+        )
+    if "sleep" in results:
+        s = results["sleep"]
+        print(
+            f"{s['jobs']} x sleep {s['sleep_s']:g} on {s['slots']} slots: {s['wall_s']:.1f} s from the first publish "
+            f"to the last final reply, ideal {s['ideal_s']:.1f} s: x{s['ratio']:.2f} (carod peak RSS "
+            f"{s['rss_peak_mib']:.1f} MiB)"
         )
     extras = results.get("extras", {})
     if "large" in extras:
@@ -447,8 +318,6 @@ def report(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{i['mib']} MiB input: first status {i['first_status_ms']:.0f} ms, final {i['final_ms']:.0f} ms, "
             f"loop lag max {i['lag_max_ms']:.1f} ms p99 {i['lag_p99_ms']:.1f} ms"
         )
-    if "slots" in extras:
-        print("slots -> jobs/s: " + ", ".join(f"{s['slots']}: {s['throughput_jobs_s']:.0f}" for s in extras["slots"]))
     if "classad" in extras:
         print(f"ClassAd parse + match: {extras['classad']['per_job_ms']:.3f} ms per job")
     checks = []
@@ -464,49 +333,79 @@ def report(results: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
-async def main() -> None:
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--jobs", type=int, default=300, help="sequential jobs for the latency figures")
     ap.add_argument("--burst", type=int, default=2000, help="jobs in the throughput burst")
-    ap.add_argument("--only", default="null,celery,carod", help="comma-separated contenders")
-    ap.add_argument("--no-extras", action="store_true", help="skip large files, slot scaling, ClassAd cost")
-    ap.add_argument("--scaling-burst", type=int, default=500)
+    ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    ap.add_argument(
+        "--no-extras", action="store_true", help="skip large files, ClassAd cost, the cost curve and the sleep run"
+    )
+    ap.add_argument("--peers", default="", help="'hpc': add a private single-node Slurm (srun)")
+    ap.add_argument("--hpc-jobs", type=int, default=100, help="sequential srun for Slurm's latency")
+    ap.add_argument("--hpc-burst", type=int, default=40, help="srun started at once for Slurm's throughput")
+    ap.add_argument("--curve", type=_ints, default=[1, 2, 4, 8], help="carod slot counts of the cost curve ('' = none)")
+    ap.add_argument("--curve-jobs", type=int, default=100, help="sequential jobs per curve point")
+    ap.add_argument("--scaling-burst", type=int, default=500, help="burst per curve point")
+    ap.add_argument("--sleep-jobs", type=int, default=1000, help="sleep jobs on --sleep-slots (0 = skip)")
+    ap.add_argument("--sleep-slots", type=int, default=64)
+    ap.add_argument("--sleep-s", type=float, default=1.0)
+    ap.add_argument("--waiting", type=_ints, default=[1000, 10000], help="carod's RSS with this many jobs waiting")
     ap.add_argument("--result-mib", type=int, default=200)
     ap.add_argument("--input-mib", type=int, default=50)
+    ap.add_argument("--no-png", action="store_true", help="no PNG (nor docs/performance.png)")
     args = ap.parse_args()
+    peers = {p for p in args.peers.split(",") if p}
+    if peers - {"hpc"}:
+        ap.error(f"--peers: unknown {', '.join(sorted(peers - {'hpc'}))} (known: hpc)")
+    args.hpc = "hpc" in peers
+    return args
+
+
+async def main() -> None:
+    args = _args()
     only = set(args.only.split(","))
     results: dict[str, Any] = {}
-    if "null" in only:
-        results["null"] = await run_null(args)
-    if "celery" in only:
-        results["celery"] = await run_celery(args)
-    if "carod" in only:
-        results["carod"] = await run_carod(args)
-    if not args.no_extras:
+    runners = {"null": run_null, "celery": run_celery, "dramatiq": run_dramatiq, "carod": run_carod}
+    for name, runner in runners.items():
+        if name in only:
+            results[name] = await runner(args)
+    if args.hpc and (row := await run_slurm(args)) is not None:
+        results["slurm"] = row
+    if "carod" in only and not args.no_extras:
+        if args.curve:
+            results["curve"] = await cost.curve(args.curve, args.curve_jobs, args.scaling_burst)
+        if args.sleep_jobs:
+            results["sleep"] = await cost.sleep_jobs(args.sleep_jobs, args.sleep_slots, args.sleep_s)
         results["extras"] = {
             "classad": classad_cost(),
             "large": await large_files(args.result_mib, args.input_mib),
-            "slots": await slot_scaling(args.scaling_burst),
         }
     checks = report(results)
     commit = subprocess.run(  # noqa: ASYNC221 - after the run
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=ROOT
     )
     out = Path(__file__).parent / "results" / time.strftime("%Y%m%dT%H%M%S.json")
-    out.write_text(
-        json.dumps(
-            {
-                "commit": commit.stdout.strip(),
-                "cpus": CPUS,
-                "jobs": args.jobs,
-                "burst": args.burst,
-                "results": results,
-                "targets": checks,
-            },
-            indent=2,
-        )
-    )
+    run = {
+        "commit": commit.stdout.strip(),
+        "cpus": CPUS,
+        "jobs": args.jobs,
+        "burst": args.burst,
+        "results": results,
+        "targets": checks,
+    }
+    out.write_text(json.dumps(run, indent=2))
     print(f"written: {out}")
+    if not args.no_png:
+        from bench import plot  # matplotlib: the bench extra
+
+        plot.draw(run, out.with_suffix(".png"))
+        shutil.copyfile(out.with_suffix(".png"), ROOT / "docs" / "performance.png")
+        print(f"written: {out.with_suffix('.png')}, docs/performance.png")
 
 
 if __name__ == "__main__":

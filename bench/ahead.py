@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from bench.__main__ import Submitter, delete_queues
+from bench.harness import Submitter, delete_queues
 from carod import config as configuration
 from carod.node.server import Server
 

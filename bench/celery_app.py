@@ -6,7 +6,7 @@ Worker (prefork, concurrency = cores, acks_late, rpc:// results)::
 
 Client (prints one JSON object: latencies and burst throughput)::
 
-    python -m bench.celery_app <queue> <jobs> <burst>
+    BENCH_CELERY_QUEUE=<queue> python -m bench.celery_app <jobs> <burst>
 
 The task does the seed job the way carod does: run `/bin/echo "Hello Grid!"`
 in a fresh directory with stdout/stderr to files, zip the directory, return
@@ -25,8 +25,9 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
-from celery import Celery
+from celery import Celery  # type: ignore[import-untyped]
 
 URL = os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 QUEUE = os.environ.get("BENCH_CELERY_QUEUE", "bench-celery")
@@ -43,7 +44,7 @@ app.conf.update(
 )
 
 
-@app.task(name="bench.run_job")
+@app.task(name="bench.run_job")  # type: ignore[untyped-decorator]
 def run_job(cmd: str, args: list[str], out: str, err: str) -> bytes:
     with tempfile.TemporaryDirectory(prefix="celery-job-") as d:
         work = Path(d)
@@ -64,7 +65,7 @@ def _one() -> float:
     return time.perf_counter() - t0
 
 
-def client(jobs: int, burst: int) -> dict[str, float]:
+def client(jobs: int, burst: int) -> dict[str, Any]:
     for _ in range(20):  # warm-up
         _one()
     lat = sorted(_one() for _ in range(jobs))
@@ -77,6 +78,7 @@ def client(jobs: int, burst: int) -> dict[str, float]:
         "p50_ms": statistics.median(lat) * 1e3,
         "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3,
         "throughput_jobs_s": rate,
+        "latencies_ms": [x * 1e3 for x in lat],
     }
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import aio_pika
 
-from bench.__main__ import delete_queues
+from bench.harness import delete_queues
 
 URL = os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
 SHORT = {"Cmd": '"/bin/sleep"', "Arguments": '"0.05"'}

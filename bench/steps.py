@@ -36,7 +36,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.__main__ import URL, Submitter, delete_queues
+from bench.harness import URL, Submitter, delete_queues
 from carod import config as configuration
 from carod.edges import journal
 from carod.node import answer
