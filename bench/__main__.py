@@ -13,7 +13,7 @@ files, the working directory zipped and returned) on the local RabbitMQ:
 * ``celery``: a Celery worker (prefork, concurrency = cores, acks_late,
   rpc:// results) whose task runs the job with subprocess and zipfile
   (bench/celery_app.py);
-* ``dramatiq``: a Dramatiq worker (RabbitMQ broker, 2 processes x 1 thread)
+* ``dramatiq``: a Dramatiq worker (RabbitMQ broker, processes = cores x 1 thread)
   with the same task, the zip published by the task to the submitter's reply
   queue on the same RabbitMQ (bench/dramatiq_app.py says why not Redis);
 * ``carod``: a real carod process, default config (bubblewrap, cgroups,

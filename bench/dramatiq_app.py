@@ -1,7 +1,7 @@
 """The Dramatiq side of the benchmark: the same task as Celery's, on Dramatiq's RabbitMQ broker.
 
-Worker (2 processes of 1 thread each: one job at a time per process, like
-Celery's prefork with concurrency = cores)::
+Worker (as many processes as cores, 2 here, of 1 thread each: one job at a
+time per process, like Celery's prefork with concurrency = cores)::
 
     BENCH_DRAMATIQ_QUEUE=<queue> dramatiq bench.dramatiq_app --processes 2 --threads 1
 
