@@ -35,8 +35,8 @@ first status with that input, and the cost of ClassAd parse + match.
 Prints a table with the targets of issue 6, writes
 bench/results/<time>.json (every figure, with the sequential latencies) and
 bench/results/<time>.png (bench/plot.py), copied to docs/performance.png.
-The default run takes about 6 minutes on a 2-core machine; ``--peers hpc``
-adds about 1.5. Not part of the tests.
+The default run took 3.5 min on the 2-core development machine (8 when busy);
+``--peers hpc`` adds about half a minute. Not part of the tests.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def draw(run: dict[str, Any], out: Path) -> None:
     rates = [results[n]["throughput_jobs_s"] for n in shown]
     labels = [f"{n}\n(burst {results[n].get('burst', run.get('burst'))})" for n in shown]
     drawn = bars.bar(labels, rates, color=[COLOURS[n] for n in shown])
-    bars.bar_label(drawn, fmt="%.3g")
+    bars.bar_label(drawn, labels=[f"{r:.0f}" if r >= 10 else f"{r:.2g}" for r in rates])
     bars.set_yscale("log")
     bars.set_ylabel("jobs/s (log)")
     bars.set_title("Throughput of a burst")
