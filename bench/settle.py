@@ -37,8 +37,9 @@ async def one_round(mode: str, jobs: int) -> tuple[float, float, float]:
     submitter = await aio_pika.connect(URL)
     try:
         channel = await responder.channel(publisher_confirms=(mode == "confirm"))
+        underlay = await channel.get_underlay_channel()
         if mode == "tx":
-            await channel.channel.tx_select()
+            await underlay.tx_select()
         queue = await channel.declare_queue(queue_name, auto_delete=True)
         exchange = channel.default_exchange
 
@@ -47,7 +48,7 @@ async def one_round(mode: str, jobs: int) -> tuple[float, float, float]:
             if mode == "tx":
                 await exchange.publish(reply, message.reply_to or "")
                 await message.ack()
-                await channel.channel.tx_commit()
+                await underlay.tx_commit()
             else:
                 await exchange.publish(reply, message.reply_to or "")  # waits for the confirm
                 await message.ack()
