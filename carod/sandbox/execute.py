@@ -92,6 +92,13 @@ class Executor:
         """At shutdown: remove the sandboxes started ahead that no job took."""
         if self.warm is not None:
             await self.warm.close()
+            pool = self.warm
+            log.info(
+                "sandboxes started ahead: %d jobs found theirs ready, %d waited for it, %d started cold",
+                pool.hits,
+                pool.waits,
+                pool.misses,
+            )
 
     def _make_warm_box(self, user: JobUser) -> tuple[Path, int | None]:
         run = Run(user)

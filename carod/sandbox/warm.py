@@ -182,21 +182,22 @@ class WarmPool:
         task = queue.popleft()
         if self._refill_on_take:
             self._prepare_soon(user)
-        if task.done():
-            self.hits += 1
-        else:
-            self.waits += 1
+        ready = task.done()
         try:
             warm = await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(self._give_up_later)  # nobody takes it now
             raise
-        if warm is None:
-            return None
-        if not warm.alive():
+        if warm is not None and not warm.alive():
             log.warning("a sandbox started ahead ended before its job came (pid %d); starting cold", warm.popen.pid)
             await self._give_up(warm)
-            return None
+            warm = None
+        if warm is None:
+            self.misses += 1
+        elif ready:
+            self.hits += 1
+        else:
+            self.waits += 1
         return warm
 
     def refill(self, user: JobUser) -> None:

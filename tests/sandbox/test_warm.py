@@ -7,9 +7,11 @@ ahead outlives the executor.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -188,3 +190,26 @@ def test_fields_bound_what_the_shell_reads() -> None:
     assert got == ["/dev/null", "o", "", "2", "65536", "/bin/true"]
     with pytest.raises(ValueError, match="NUL"):
         warm.fields(stdin="/dev/null", stdout="o", stderr="", limits=[], argv=["/bin/echo", "a\0b"])
+
+
+async def test_a_sandbox_that_died_while_waiting_gives_its_job_a_cold_start(
+    base: Path, executors: list[Executor]
+) -> None:
+    """Something killed the waiting chain (an admin, the OOM killer): the job starts cold, not Held."""
+    node = await executor_for(base, prestart=True)
+    executors.append(node)
+    pool = node.warm
+    assert pool is not None
+    marker = str(base / "sandboxes" / "warm.")
+    for pid in processes_with(marker):
+        os.kill(pid, signal.SIGKILL)
+    async with asyncio.timeout(10):
+        while processes_with(marker):  # (a zombie's command line is empty)
+            await asyncio.sleep(0.01)
+    box, out, code = await run_one(node, spec("echo cold"))
+    assert (out, code) == ("cold\n", 0)
+    assert box.name.startswith("job-1.")
+    assert (pool.misses, pool.hits + pool.waits) == (1, 0)
+    box, out, code = await run_one(node, spec("echo ahead"))  # the next was prepared meanwhile
+    assert (out, code) == ("ahead\n", 0)
+    assert box.name.startswith("warm.")
