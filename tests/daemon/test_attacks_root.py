@@ -221,15 +221,28 @@ async def test_sandboxes_started_ahead_leave_nothing_after_a_stop_or_a_crash(que
         assert waiting and processes_with(marker)
         daemon.proc.send_signal(signal.SIGKILL)
         await daemon.proc.wait()
+        # The waiting shells end by themselves. A chain carod was still preparing may be left as a
+        # stopped gate (nothing of a job in it), which the next start kills as it kills any gate.
         async with asyncio.timeout(30):
-            while processes_with(marker):
+            while any(_state(pid) != "T" for pid in processes_with(marker)):
                 await asyncio.sleep(0.05)
+        stopped = processes_with(marker)
         daemon = await start_daemon(config)
         assert not any(path.exists() for path in waiting)
+        assert not set(stopped) & set(processes_with(marker))
         await seed_runs(submitter)
     finally:
         await daemon.stop()
         await submitter.close()
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (R, S, T, Z...), "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 async def until_no_job_sandbox(base: Path, timeout_s: float = 30) -> None:
