@@ -362,6 +362,7 @@ class Broker:
             properties=properties,
             mandatory=True,
             timeout=self.config.confirm_timeout_s,
+            wait=False,  # type: ignore[call-arg]  # for the write: the confirm (waited for) comes after it
         )
 
 
