@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import functools
 import os
 import socket
 import typing
@@ -198,8 +199,9 @@ class Config:
         """The config file this was loaded from (None when it was not read from a file)."""
         return None if self.source.startswith("<") else Path(self.source).absolute()
 
-    @property
+    @functools.cached_property
     def node_name(self) -> str:
+        """[node] name, or the host's name (looked up once: every reply and advert carries it)."""
         return self.node.name or socket.gethostname()
 
     def slots_for(self, cpus: float) -> int:

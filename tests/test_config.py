@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -65,6 +66,11 @@ def test_values_are_converted_to_their_types() -> None:
     assert cfg.node.sandbox_root == Path("/srv/boxes")
     assert cfg.node_name == "n1"
     assert cfg.node.start == 'TARGET.Owner == "alice"'
+
+
+def test_the_node_name_defaults_to_the_host_name() -> None:
+    cfg = parse("")
+    assert cfg.node_name == socket.gethostname()
 
 
 def test_slots_and_prefetch_defaults_follow_the_machine() -> None:

@@ -5,16 +5,15 @@ and how a reply message is built. Only carod.edges imports aio-pika or aiormq.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import re
 import struct
 import time
 import uuid
 from collections.abc import Mapping
 
-import aio_pika
 import aiormq
 from aio_pika.abc import DeliveryMode
-from pamqp.header import ContentHeader
 
 from carod.errors import BrokerError
 from carod.wire.classads import Scalar
@@ -99,19 +98,24 @@ def refusal(exc: BaseException, exchange: str, *, headers_bytes: int, body_bytes
     return None
 
 
-def reply_message(
-    correlation_id: str | None, headers: Mapping[str, Scalar], body: bytes, message_type: str | None = None
-) -> aio_pika.Message:
-    content_type = "application/octet-stream" if message_type is not None else "application/zip" if body else None
-    return aio_pika.Message(
-        body,
+def reply_properties(
+    correlation_id: str | None, headers: Mapping[str, Scalar], *, has_body: bool, message_type: str | None = None
+) -> aiormq.spec.Basic.Properties:
+    """A reply's AMQP properties: persistent, a new message_id, the job's id as its correlation_id.
+
+    Built once per publish and given to the channel as they are (what
+    ``aio_pika.Message(...).properties`` made, without the message object).
+    """
+    content_type = "application/octet-stream" if message_type is not None else "application/zip" if has_body else None
+    return aiormq.spec.Basic.Properties(
         headers=dict(headers),
         message_id=str(uuid.uuid4()),
-        correlation_id=correlation_id,
+        correlation_id=None if correlation_id is None else str(correlation_id),
         delivery_mode=DeliveryMode.PERSISTENT,
+        priority=0,
         content_type=content_type,
-        type=message_type,
-        timestamp=time.time(),
+        message_type=message_type,
+        timestamp=datetime.datetime.fromtimestamp(time.time(), tz=datetime.UTC),
     )
 
 
@@ -129,22 +133,20 @@ def _value_bytes(value: object) -> int:
     return len(str(value).encode("utf-8", "surrogateescape"))
 
 
-def check_encodable(message: aio_pika.Message, exchange: str, routing_key: str) -> None:
-    """Raise ReplyRefused when the client library cannot encode ``message`` for this address.
+def check_names(exchange: str, routing_key: str) -> None:
+    """Raise ReplyRefused when the address's names are longer than AMQP 0-9-1 carries.
 
-    For a publish inside a transaction (the final reply and the ack): there an encoding failure
-    (a header type or a length AMQP 0-9-1 cannot carry) would close the transaction's channel and
-    requeue every delivery on it. A plain publish needs no check first: the library raises
-    ENCODING_ERRORS before it sends anything, and the channel stays as it was (checked on aio-pika
-    9 with a bytes header, a 300-byte correlation_id and a 300-byte routing key).
+    The rest of what AMQP 0-9-1 cannot carry (a header type, a property's
+    length) is found by the client library while it encodes the publish, and
+    raised (ENCODING_ERRORS) before anything is sent: the channel stays as it
+    was (checked on aio-pika 9 and 10 with a bytes header, a 300-byte
+    correlation_id and a 300-byte routing key). Inside a transaction it is
+    therefore caught at the publish and the transaction left alone, not
+    rolled back by closing its channel (carod.edges.delivery).
     """
     for what, name in (("exchange", exchange), ("routing key", routing_key)):
         if len(name.encode("utf-8", "surrogateescape")) > SHORTSTR_BYTES:
             raise ReplyRefused(f"its {what} is longer than the {SHORTSTR_BYTES} bytes AMQP 0-9-1 carries")
-    try:
-        ContentHeader(0, len(message.body), message.properties).marshal()
-    except ENCODING_ERRORS as exc:
-        raise not_encodable(exc) from exc
 
 
 #: What the AMQP client libraries raise, before sending anything, for a message AMQP 0-9-1 cannot carry.

@@ -46,7 +46,7 @@ from carod.edges.amqp import (
     ReplyUnroutable,
     not_encodable,
     publish_failure,
-    reply_message,
+    reply_properties,
 )
 from carod.edges.delivery import CLOSE_TIMEOUT_S, Delivery, PoolMessage
 from carod.errors import BrokerError
@@ -279,8 +279,8 @@ class Broker:
         message_type: str | None = None,
     ) -> None:
         """Publish one persistent reply and wait for the broker's confirm."""
-        message = reply_message(correlation_id, headers, body, message_type)
-        await self._publish(address.exchange, address.routing_key, message)
+        properties = reply_properties(correlation_id, headers, has_body=bool(body), message_type=message_type)
+        await self._publish(address.exchange, address.routing_key, body, properties)
 
     async def check_address(self, address: ReplyAddress, headers: Mapping[str, Scalar]) -> None:
         """Would the broker take a reply with these headers for ``address``? Nothing is delivered.
@@ -297,14 +297,14 @@ class Broker:
         transport = self._connection.transport if self._connection is not None else None
         if transport is None:
             raise BrokerError("not connected to the broker")
-        message = reply_message(None, headers, b"")
+        properties = reply_properties(None, headers, has_body=False)
         channel: aiormq.abc.AbstractChannel | None = None
         try:
             async with asyncio.timeout(self.config.confirm_timeout_s):
                 channel = await transport.connection.channel(publisher_confirms=False)
                 await channel.tx_select()
                 await channel.basic_publish(
-                    b"", exchange=address.exchange, routing_key=address.routing_key, properties=message.properties
+                    b"", exchange=address.exchange, routing_key=address.routing_key, properties=properties
                 )
                 await channel.tx_rollback()
         except TRANSIENT as exc:
@@ -316,21 +316,20 @@ class Broker:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(channel.close(), self.config.confirm_timeout_s)
 
-    async def _publish(self, exchange_name: str, routing_key: str, message: aio_pika.Message) -> None:
-        channel = self._require(self._publish_channel)
+    async def _publish(
+        self, exchange_name: str, routing_key: str, body: bytes, properties: aiormq.spec.Basic.Properties
+    ) -> None:
         where = f"{exchange_name}/{routing_key}" if exchange_name else routing_key
         try:
-            # The whole publish is bounded: a robust channel otherwise waits for
-            # a lost connection to come back before it even starts.
-            async with asyncio.timeout(self.config.confirm_timeout_s):
-                exchange = (
-                    channel.default_exchange
-                    if not exchange_name
-                    else await channel.get_exchange(exchange_name, ensure=False)
-                )
-                confirm = await exchange.publish(
-                    message, routing_key, mandatory=True, timeout=self.config.confirm_timeout_s
-                )
+            # The whole publish is bounded by confirm_timeout_s. The client library
+            # bounds the publish and its confirm (one timer); the wait for a lost
+            # connection to come back (a robust channel waits for it before it
+            # even starts) is bounded here, and only when there is one.
+            if self._connection is not None and self._connection.connected.is_set():
+                confirm = await self._send(exchange_name, routing_key, body, properties)
+            else:
+                async with asyncio.timeout(self.config.confirm_timeout_s):
+                    confirm = await self._send(exchange_name, routing_key, body, properties)
         except aiormq.exceptions.DeliveryError as exc:
             # A nack: the broker could not take it now (a full queue with reject-publish,
             # an internal error). Backpressure, not a refusal of the address: retried within bounds.
@@ -341,12 +340,30 @@ class Broker:
             raise publish_failure(
                 exc,
                 exchange_name,
-                headers=message.headers,
-                body_bytes=len(message.body),
+                headers=properties.headers,
+                body_bytes=len(body),
                 what=f"publishing to {where} was not confirmed",
             ) from exc
         if isinstance(confirm, aiormq.abc.DeliveredMessage):
             raise ReplyUnroutable(f"no queue is bound for {where} (the submitter's queue is gone)")
+
+    async def _send(
+        self, exchange_name: str, routing_key: str, body: bytes, properties: aiormq.spec.Basic.Properties
+    ) -> aiormq.abc.ConfirmationFrameType | None:
+        """Publish on the publish channel's current AMQP channel (after a reconnection, the new one); its confirm."""
+        channel = self._require(self._publish_channel)
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        underlay = await channel.get_underlay_channel()
+        return await underlay.basic_publish(
+            body,
+            exchange=exchange_name,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=True,
+            timeout=self.config.confirm_timeout_s,
+            wait=False,  # type: ignore[call-arg]  # for the write: the confirm (waited for) comes after it
+        )
 
 
 def job_queue_arguments(cfg: BrokerConfig) -> dict[str, object]:

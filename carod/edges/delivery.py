@@ -29,7 +29,15 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from carod.edges.amqp import TRANSIENT, check_encodable, publish_failure, reply_message
+from carod.edges.amqp import (
+    ENCODING_ERRORS,
+    TRANSIENT,
+    ReplyRefused,
+    check_names,
+    not_encodable,
+    publish_failure,
+    reply_properties,
+)
 from carod.errors import BrokerError
 from carod.wire.classads import Scalar
 from carod.wire.message import FIRST_OFFER_HEADER, OFFERS_HEADER, ReplyAddress
@@ -226,14 +234,21 @@ class Delivery:
             # A redelivery was adopted meanwhile (the old channel died): this tag means
             # nothing on the new channel, or another job's message. Try again on the new one.
             raise BrokerError("the job was redelivered while its reply address was checked")
-        reply = reply_message(correlation_id, headers, body)
-        check_encodable(reply, address.exchange, address.routing_key)  # before the transaction: it would close
+        properties = reply_properties(correlation_id, headers, has_body=bool(body))
+        check_names(address.exchange, address.routing_key)  # before the transaction: it would close
         try:
             async with asyncio.timeout(timeout_s), _transaction(message) as channel:
-                await channel.basic_publish(
-                    body, exchange=address.exchange, routing_key=address.routing_key, properties=reply.properties
-                )
+                try:
+                    await channel.basic_publish(
+                        body, exchange=address.exchange, routing_key=address.routing_key, properties=properties
+                    )
+                except ENCODING_ERRORS as exc:
+                    # Raised while the publish was encoded, before any of it was sent
+                    # (carod.edges.amqp.check_names): the transaction has nothing to undo.
+                    raise _NothingSent(not_encodable(exc)) from exc
                 await channel.basic_ack(tag)
+        except _NothingSent as unsent:
+            raise unsent.refusal from unsent.__cause__
         except TRANSIENT as exc:
             raise publish_failure(
                 exc,
@@ -288,6 +303,14 @@ class Delivery:
         return True
 
 
+class _NothingSent(Exception):
+    """Raised inside a transaction before anything of it was sent: ``refusal`` is what the caller is told."""
+
+    def __init__(self, refusal: ReplyRefused) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
 @contextlib.asynccontextmanager
 async def _transaction(message: AbstractIncomingMessage) -> AsyncIterator[aiormq.abc.AbstractChannel]:
     """A transaction on the channel ``message`` came on (the only one its tag means anything on)."""
@@ -300,6 +323,8 @@ async def _transaction(message: AbstractIncomingMessage) -> AsyncIterator[aiormq
         try:
             yield channel
             await channel.tx_commit()
+        except _NothingSent:
+            raise  # nothing of the transaction reached the channel: it stays as it was, for the next one
         except BaseException:
             # Never leave half a transaction (e.g. a publish whose frames are
             # still queued) for the next commit on this channel to pick up:

@@ -21,7 +21,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from carod import config as configuration
-from carod.edges.amqp import ReplyUndeliverable
+from carod.edges.amqp import ReplyRefused, ReplyUndeliverable
 from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Parking, Settle
 from carod.edges.journal import Journal
@@ -172,6 +172,30 @@ async def test_an_address_refused_in_the_dry_run_leaves_the_delivery_intact(queu
         )
     assert delivery.live() and not delivery.acked
     assert await delivery.settle(Settle.ACK, label="job-1"), "the delivery can still be settled"
+
+
+@pytest.mark.parametrize(
+    ("correlation_id", "headers"),
+    [("job-1", {"JobStatus": 4, "Bad": b"bytes"}), ("j" * 300, {"JobStatus": 4})],
+    ids=["a header type", "a 300-byte correlation_id"],
+)
+async def test_a_final_reply_that_cannot_be_encoded_is_refused_and_the_delivery_stays_intact(
+    queues: Queues, correlation_id: str, headers: dict[str, Scalar]
+) -> None:
+    """Found inside the transaction, before anything of it was sent: its channel (and every delivery on it) lives."""
+    await publish_job(queues, "job-1")
+    await publish_job(queues, "job-2")
+    first, second = Delivery(await take(queues), no_check), Delivery(await take(queues), no_check)
+    address = ReplyAddress("", queues.replies)
+    with pytest.raises(ReplyRefused, match="cannot be encoded"):
+        await first.reply_and_ack(address, correlation_id=correlation_id, headers=headers, body=b"zip", timeout_s=5)
+    assert first.live() and second.live() and not first.acked
+    await first.reply_and_ack(address, correlation_id="job-1", headers={"JobStatus": 5}, body=b"", timeout_s=5)
+    await second.reply_and_ack(address, correlation_id="job-2", headers={"JobStatus": 4}, body=b"", timeout_s=5)
+    replies = [await take(queues, queues.replies), await take(queues, queues.replies)]
+    assert [(r.correlation_id, (r.headers or {})["JobStatus"]) for r in replies] == [("job-1", 5), ("job-2", 4)]
+    assert await depth(queues, queues.jobs) == 0
+    assert await depth(queues, queues.replies) == 0, "nothing of the refused reply was committed"
 
 
 async def test_a_dead_channel_makes_the_delivery_wait_for_an_adopted_redelivery(queues: Queues) -> None:
