@@ -173,6 +173,11 @@ class WarmPool:
         done = await asyncio.gather(*pending)
         return sum(w is not None for w in done)
 
+    def waiting(self) -> list[Warm]:
+        """The sandboxes ready now (started ahead, no job yet)."""
+        done = [t.result() for q in self._waiting.values() for t in q if t.done()]
+        return [w for w in done if w is not None]
+
     async def take(self, user: JobUser) -> Warm | None:
         """A sandbox started ahead for ``user``; None when there is none (the job starts cold)."""
         queue = self._waiting.get(user.uid)

@@ -158,9 +158,10 @@ async def test_nothing_started_ahead_outlives_the_executor(base: Path) -> None:
     assert pool is not None
     boxes = list((base / "sandboxes").iterdir())
     assert len(boxes) == 3 and all(b.name.startswith("warm.") for b in boxes)
-    waiting = processes_with(str(base / "sandboxes" / "warm."))  # the gates, then bwrap: their argv names the box
-    assert len(waiting) >= 3
+    waiting = pool.waiting()
+    assert len(waiting) == 3 and all(w.alive() for w in waiting)
     await node.close()
+    assert all(w.popen.returncode is not None for w in waiting)  # ended and reaped
     if node.layers.cgroups is not None:
         groups = node.layers.cgroups.leftovers()
         node.layers.cgroups.close()
@@ -200,11 +201,10 @@ async def test_a_sandbox_that_died_while_waiting_gives_its_job_a_cold_start(
     executors.append(node)
     pool = node.warm
     assert pool is not None
-    marker = str(base / "sandboxes" / "warm.")
-    for pid in processes_with(marker):
-        os.kill(pid, signal.SIGKILL)
+    (waiting,) = pool.waiting()
+    os.killpg(waiting.popen.pid, signal.SIGKILL)  # the chain's own process group
     async with asyncio.timeout(10):
-        while processes_with(marker):  # (a zombie's command line is empty)
+        while waiting.alive():
             await asyncio.sleep(0.01)
     box, out, code = await run_one(node, spec("echo cold"))
     assert (out, code) == ("cold\n", 0)
