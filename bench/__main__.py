@@ -3,7 +3,7 @@
     make bench        # = .venv/bin/python -m bench (Celery, Dramatiq, matplotlib from the `bench` extra)
     .venv/bin/python -m bench [--jobs 300] [--burst 2000] [--only null,celery,dramatiq,carod]
                               [--no-extras] [--peers hpc] [--curve 1,2,4,8] [--sleep-jobs 1000]
-                              [--waiting 1000,10000] [--no-png]
+                              [--waiting 1000,10000] [--no-png] [--event-loop asyncio|uvloop]
 
 Every contender does the seed job (`/bin/echo "Hello Grid!"`, Out/Err to
 files, the working directory zipped and returned) on the local RabbitMQ:
@@ -166,7 +166,7 @@ async def run_slurm(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 async def run_carod(args: argparse.Namespace) -> dict[str, Any]:
-    carod = Carod()
+    carod = Carod(node=f"event_loop = {args.event_loop}" if args.event_loop else "")
     await carod.start()
     try:
         idle = carod.status("VmRSS")
@@ -345,6 +345,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument(
         "--no-extras", action="store_true", help="skip large files, ClassAd cost, the cost curve and the sleep run"
     )
+    ap.add_argument("--event-loop", choices=("asyncio", "uvloop"), help="carod's [node] event_loop (default: its own)")
     ap.add_argument("--peers", default="", help="'hpc': add a private single-node Slurm (srun)")
     ap.add_argument("--hpc-jobs", type=int, default=100, help="sequential srun for Slurm's latency")
     ap.add_argument("--hpc-burst", type=int, default=40, help="srun started at once for Slurm's throughput")

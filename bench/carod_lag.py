@@ -1,4 +1,4 @@
-"""carod as `carod --config CONFIG` runs it, plus an event-loop lag probe (bench only).
+"""carod as `carod --config CONFIG` runs it (on its [node] event_loop), plus an event-loop lag probe (bench only).
 
     python -m bench.carod_lag CONFIG STATS_FILE
 
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from carod import config as configuration
+from carod.cli import loop_factory
 from carod.edges import logs
 from carod.node.server import Server
 
@@ -65,4 +66,5 @@ async def main(config_path: str, stats_path: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    with asyncio.Runner(loop_factory=loop_factory(configuration.load(sys.argv[1]).node.event_loop)) as runner:
+        runner.run(main(sys.argv[1], sys.argv[2]))

@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from carod import __version__
@@ -42,18 +42,33 @@ def _load_config(path: str | None) -> configuration.Config:
     return configuration.load(path)
 
 
+def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """What makes the daemon's loop, for ``[node] event_loop``. Raises ConfigError when uvloop is not importable."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError as exc:
+            raise ConfigError(
+                f"[node] event_loop: uvloop cannot be imported ({exc}); install it or set event_loop = asyncio"
+            ) from exc
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
 # ---------------------------------------------------------------- commands
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = _load_config(args.config)
+        new_loop = loop_factory(config.node.event_loop)
     except ConfigError as exc:
         return fail(f"config error: {exc}", EXIT_CONFIG)
     logs.setup(config.node.log_level, config.node.log_format)
     server = Server(config, config_path=None if config.source == "<defaults>" else Path(config.source))
     try:
-        asyncio.run(server.serve())
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(server.serve())
     except StartupError as exc:
         return fail(str(exc), exc.exit_code)
     return EXIT_OK

@@ -30,6 +30,7 @@ LOG_FORMATS = ("text", "json")
 ISOLATIONS = ("auto", "bwrap", "none")
 CGROUP_MODES = ("auto", "v2", "v1", "none")
 DISK_QUOTA_MODES = ("auto", "required", "none")
+EVENT_LOOPS = ("asyncio", "uvloop")
 #: The default wall-clock limit of a job (s): one day, so a forgotten job frees its slot by itself.
 DEFAULT_MAX_JOB_DURATION_S = 86400.0
 
@@ -115,6 +116,8 @@ class NodeConfig:
     #: ...at most this much per second per job; a job writing faster has the middle skipped
     #: (its whole output is still in the result zip).
     stream_rate_kib_s: int = 256
+    #: The daemon's event loop: asyncio's own, or uvloop's (docs/operations.md, docs/performance.md issue 16).
+    event_loop: str = "asyncio"
 
 
 @dataclass(frozen=True)
@@ -329,6 +332,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"[node] log_level: must be one of {', '.join(LOG_LEVELS)}, got {n.log_level!r}")
     if n.log_format not in LOG_FORMATS:
         raise ConfigError(f"[node] log_format: must be one of {', '.join(LOG_FORMATS)}, got {n.log_format!r}")
+    if n.event_loop not in EVENT_LOOPS:
+        raise ConfigError(f"[node] event_loop: must be one of {', '.join(EVENT_LOOPS)}, got {n.event_loop!r}")
     _check_sandbox(config.sandbox, n)
     _check_pool(config.pool)
     if not 0 <= config.metrics.port <= 65535:

@@ -1,15 +1,29 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import aio_pika
 import pytest
 
+from carod.cli import loop_factory
+from carod.config import NodeConfig
 from tests.helpers import BROKER_URL, Dirs, NotifySocket, RunningNode, Submitter, delete_queues, start_node, unique
+
+#: The loop async tests (and the nodes they start in-process) run on: carod's default ``[node] event_loop``,
+#: or ``CAROD_TEST_EVENT_LOOP=asyncio|uvloop`` to run the suite on the other one.
+EVENT_LOOP = os.environ.get("CAROD_TEST_EVENT_LOOP", NodeConfig().event_loop)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """pytest-asyncio's loop for every async test and fixture: the one carod runs on (EVENT_LOOP)."""
+    return {EVENT_LOOP: loop_factory(EVENT_LOOP)}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

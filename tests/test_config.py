@@ -189,6 +189,8 @@ def test_relative_directories_are_refused(key: str) -> None:
         ("[node]\nmax_result_mib = -5\n", "[node] max_result_mib"),
         ("[node]\nlog_level = LOUD\n", "[node] log_level"),
         ("[node]\nlog_format = xml\n", "[node] log_format"),
+        ("[node]\nevent_loop = trio\n", "[node] event_loop"),
+        ("[node]\nevent_loop = UVLOOP\n", "[node] event_loop"),
         ("[node]\ndefault_request_memory_mib = 0\n", "[node] default_request_memory_mib"),
         ("[broker]\ndelivery_limit = -1\n", "[broker] delivery_limit"),
         ("[pool]\nexchange = amq.topic\n", "[pool] exchange"),
@@ -199,6 +201,11 @@ def test_relative_directories_are_refused(key: str) -> None:
 )
 def test_out_of_range_values_are_refused_naming_the_key(text: str, key: str) -> None:
     assert key in refused(text)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_event_loops_accepted(loop: str) -> None:
+    assert parse(f"[node]\nevent_loop = {loop}\n").node.event_loop == loop
 
 
 def test_a_renamed_key_says_where_it_went() -> None:

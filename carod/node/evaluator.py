@@ -25,6 +25,14 @@ naming the attribute; a dead or hung child costs that job and nothing else.
 Frames on the pipes: a 4-byte big-endian length and a JSON object. The
 attribute being evaluated is written to a shared page (a memfd), so carod can
 name it when the child is killed.
+
+The child is started with :class:`subprocess.Popen` (``close_fds``) on the
+loop's thread, as jobs are, never with ``asyncio.create_subprocess_exec``:
+under uvloop that is libuv's spawn, which passes carod's descriptors on
+(docs/security.md). It inherits its two pipes, carod's stderr and the page,
+nothing else. Its pipes are non-blocking and read and written with the loop's
+``add_reader``/``add_writer``, its exit seen with a pidfd: the same on
+asyncio's loop and on uvloop's.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import os
 import pwd
 import resource
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -205,12 +214,14 @@ class Evaluator:
             except KeyError:
                 entry = pwd.getpwnam("nobody")
             self._ids = [str(entry.pw_uid), str(entry.pw_gid)]
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: _Child | None = None
+        #: children killed without waiting (a cancelled request), reaped in the background
+        self._reaping: set[asyncio.Task[None]] = set()
         #: the machine ad text the child has (it is sent only when it changed)
         self._machine_sent: str | None = None
         self._lock = asyncio.Lock()
         self._sequence = 0
-        fd = os.memfd_create("carod-evaluator", 0)
+        fd = os.memfd_create("carod-evaluator", os.MFD_CLOEXEC)  # the child's by pass_fds, no other's
         os.ftruncate(fd, _PAGE)
         self._page_fd = fd
         self._page = mmap.mmap(fd, _PAGE)
@@ -230,31 +241,19 @@ class Evaluator:
         self._machine_sent = None
         command = f"{sys.executable} -m carod.node.evaluator"
         try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "carod.node.evaluator",
-                str(self.memory_mib),
-                str(self._page_fd),
-                *self._ids,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                pass_fds=(self._page_fd,),
-                cwd="/",
-                env=_child_env(),
+            proc = _Child.spawn(
+                [sys.executable, "-m", "carod.node.evaluator", str(self.memory_mib), str(self._page_fd), *self._ids],
+                page_fd=self._page_fd,
             )
         except OSError as exc:
             raise EvaluatorError(f"cannot start the ClassAd evaluator ({command}): {exc!r}") from exc
         try:
-            if proc.stdout is None:
-                raise EOFError("no pipe")
-            await asyncio.wait_for(self._read(proc.stdout), _START_TIMEOUT_S)  # {"ready": pid}
-        except (EOFError, TimeoutError, ValueError) as exc:
-            _kill_now(proc)
-            await proc.wait()
+            await asyncio.wait_for(self._read(proc), _START_TIMEOUT_S)  # {"ready": pid}
+        except (EOFError, TimeoutError, ValueError, OSError) as exc:
+            await proc.kill()
             raise EvaluatorError(f"cannot start the ClassAd evaluator ({command}): {exc!r}") from exc
         except BaseException:
-            _kill_now(proc)  # cancelled: never keep a child whose first answer was not read
+            self._reap_later(proc)  # cancelled: never keep a child whose first answer was not read
             raise
         self._proc = proc
 
@@ -291,7 +290,7 @@ class Evaluator:
         """The job ad reduced by the child (see the module doc). Raises JobHeld."""
         machine_text = str(machine)
         async with self._lock:
-            if self._proc is None or self._proc.returncode is not None:
+            if self._proc is None or self._proc.exited():
                 await self.start()
             same = machine_text == self._machine_sent
             self._sequence += 1
@@ -353,19 +352,18 @@ class Evaluator:
             HoldCode.JOB_POLICY_UNDEFINED,
         )
 
-    async def _ask(self, proc: asyncio.subprocess.Process | None, request: bytes) -> dict[str, Any]:
-        if proc is None or proc.stdin is None or proc.stdout is None:
+    async def _ask(self, proc: _Child | None, request: bytes) -> dict[str, Any]:
+        if proc is None:
             raise EOFError("the evaluator is not running")
-        proc.stdin.write(_LEN.pack(len(request)) + request)
-        await proc.stdin.drain()
-        return await self._read(proc.stdout)
+        await proc.write(_LEN.pack(len(request)) + request)
+        return await self._read(proc)
 
-    async def _read(self, stdout: asyncio.StreamReader) -> dict[str, Any]:
-        head = await stdout.readexactly(_LEN.size)
+    async def _read(self, proc: _Child) -> dict[str, Any]:
+        head = await proc.readexactly(_LEN.size)
         size = _LEN.unpack(head)[0]
         if size > MAX_REPLY_BYTES:
             raise ValueError(f"an answer of {size} bytes")
-        data = json.loads(await stdout.readexactly(size))
+        data = json.loads(await proc.readexactly(size))
         if not isinstance(data, dict):
             raise ValueError("an answer that is not an object")
         return data
@@ -390,28 +388,166 @@ class Evaluator:
         """Kill the child without waiting for it; the next request starts a fresh one."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            _kill_now(proc)
+            self._reap_later(proc)
+
+    def _reap_later(self, proc: _Child) -> None:
+        task = proc.abandon()
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
 
     async def _kill(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        await proc.wait()
+        if proc is not None:
+            await proc.kill()
 
     async def close(self) -> None:
         async with self._lock:
             await self._kill()
+        if self._reaping:
+            await asyncio.gather(*self._reaping, return_exceptions=True)
         self._page.close()
         os.close(self._page_fd)
 
 
-def _kill_now(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
+class _Child:
+    """The child process, its pipes (carod's ends, non-blocking) and its pidfd, each closed exactly once."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], to_child: int, from_child: int) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self._to_child = to_child
+        self._from_child = from_child
+        self._buffer = bytearray()
+        self._closed = False
+        try:
+            self._pidfd: int | None = os.pidfd_open(popen.pid)  # unreaped, so the pid is still this child's
+        except OSError:
+            self._pidfd = None
+
+    @classmethod
+    def spawn(cls, argv: list[str], *, page_fd: int) -> _Child:
+        """Start it on the loop's thread (as jobs: carod/sandbox/runner.py). Raises OSError."""
+        child_in, to_child = os.pipe2(os.O_CLOEXEC)
+        from_child, child_out = os.pipe2(os.O_CLOEXEC)
+        try:
+            # On the loop's thread on purpose (module docstring); a fork and exec, no wait.
+            popen = subprocess.Popen(
+                argv,
+                stdin=child_in,
+                stdout=child_out,
+                pass_fds=(page_fd,),
+                close_fds=True,
+                cwd="/",
+                env=_child_env(),
+            )
+        except BaseException:
+            for fd in (to_child, from_child):
+                os.close(fd)
+            raise
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        os.set_blocking(to_child, False)
+        os.set_blocking(from_child, False)
+        return cls(popen, to_child, from_child)
+
+    def exited(self) -> bool:
+        return self.popen.poll() is not None
+
+    async def write(self, data: bytes) -> None:
+        """Write all of ``data``. Raises BrokenPipeError when the child is gone."""
+        view = memoryview(data)
+        while view:
+            if self._closed:
+                raise EOFError("the evaluator's pipes are closed")
+            try:
+                view = view[os.write(self._to_child, view) :]
+            except BlockingIOError:
+                await self._ready(writing=True)
+
+    async def readexactly(self, size: int) -> bytes:
+        """``size`` bytes from the child. Raises asyncio.IncompleteReadError at its end."""
+        while len(self._buffer) < size:
+            if self._closed:
+                raise EOFError("the evaluator's pipes are closed")
+            try:
+                data = os.read(self._from_child, max(size - len(self._buffer), 65536))
+            except BlockingIOError:
+                await self._ready(writing=False)
+                continue
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), size)
+            self._buffer += data
+        answer = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return answer
+
+    async def _ready(self, *, writing: bool) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        if writing:
+            loop.add_writer(self._to_child, wake)
+        else:
+            loop.add_reader(self._from_child, wake)
+        try:
+            await ready
+        finally:
+            if writing:
+                loop.remove_writer(self._to_child)
+            else:
+                loop.remove_reader(self._from_child)
+
+    def _close_pipes(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._to_child)
+            os.close(self._from_child)
+
+    def _signal_kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+            self.popen.kill()  # not if it was reaped already
+
+    async def kill(self) -> None:
+        """Kill it and wait until it is reaped."""
+        self._close_pipes()
+        self._signal_kill()
+        await self._reap()
+
+    def abandon(self) -> asyncio.Task[None]:
+        """Kill it now; the task that reaps it is returned (to be awaited before the loop ends)."""
+        self._close_pipes()
+        self._signal_kill()
+        return asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        try:
+            if self.popen.returncode is not None:
+                return
+            if self._pidfd is None:  # a kernel without pidfds
+                await asyncio.to_thread(self.popen.wait)
+                return
+            loop = asyncio.get_running_loop()
+            gone = loop.create_future()
+
+            def readable() -> None:
+                if not gone.done():
+                    gone.set_result(None)
+
+            loop.add_reader(self._pidfd, readable)
+            try:
+                await gone
+            finally:
+                loop.remove_reader(self._pidfd)
+            self.popen.wait()  # it has exited: at once
+        finally:
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
 
 
 def _child_env() -> dict[str, str]:
