@@ -105,7 +105,7 @@ def _threads_cpu_s(pid: int) -> dict[int, float]:
     return found
 
 
-#: carod on uvloop's loop (bench only: carod itself never installs it; docs/performance.md, issue 16).
+#: carod on uvloop's loop, whatever its config says (carod's own way is `[node] event_loop = uvloop`).
 _ON_UVLOOP = (
     "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
     "from carod.cli import main; sys.argv[0] = 'carod'; sys.exit(main())"

@@ -1,8 +1,10 @@
 """Start the job's process through the isolation chain, wait for it, stop it.
 
-A job is started with :class:`subprocess.Popen` on the default asyncio loop's
-thread (never through uvloop, which cannot close inherited descriptors; see
-docs/security.md) as the chain :func:`carod.sandbox.isolation.command` builds:
+A job is started with :class:`subprocess.Popen` on the event loop's thread
+(never through a loop's own spawn: uvloop's, libuv's, passes the parent's
+descriptors on; see docs/security.md) as the chain
+:func:`carod.sandbox.isolation.command` builds (or, ahead of its job,
+:func:`carod.sandbox.isolation.waiting`, carod.sandbox.warm):
 
 * Popen itself runs as root with ``close_fds`` (only 0, 1, 2 are inherited),
   ``start_new_session`` (own session and process group, no controlling terminal), ``umask`` 077, in ``/`` with
