@@ -46,26 +46,24 @@ def prepare_root(root: Path) -> None:
     os.chmod(root, 0o711)  # noqa: S103 - traversable, not listable: jobs reach only their own box
 
 
+def _permits(st: os.stat_result, owner: Owner, bits: tuple[int, int, int]) -> bool:
+    """Whether the user/group/other bit of ``bits`` that applies to ``owner`` is set (no supplementary groups)."""
+    user, group, other = bits
+    if st.st_uid == owner.uid:
+        return bool(st.st_mode & user)
+    if st.st_gid == owner.gid:
+        return bool(st.st_mode & group)
+    return bool(st.st_mode & other)
+
+
 def executable_by(st: os.stat_result, owner: Owner) -> bool:
     """Whether the execute (search, for a directory) bit applies to ``owner`` (no supplementary groups)."""
-    if st.st_uid == owner.uid:
-        bit = stat.S_IXUSR
-    elif st.st_gid == owner.gid:
-        bit = stat.S_IXGRP
-    else:
-        bit = stat.S_IXOTH
-    return bool(st.st_mode & bit)
+    return _permits(st, owner, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH))
 
 
 def readable_by(st: os.stat_result, owner: Owner) -> bool:
     """Whether the read bit applies to ``owner`` (no supplementary groups)."""
-    if st.st_uid == owner.uid:
-        bit = stat.S_IRUSR
-    elif st.st_gid == owner.gid:
-        bit = stat.S_IRGRP
-    else:
-        bit = stat.S_IROTH
-    return bool(st.st_mode & bit)
+    return _permits(st, owner, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH))
 
 
 def untraversable(path: Path, owner: Owner) -> Path | None:

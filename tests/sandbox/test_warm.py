@@ -13,8 +13,7 @@ import resource
 import shutil
 import signal
 import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,14 +33,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes are started
 REQUEST = Request(1.0, 128.0)
 #: What the job prints about itself: who, where, its environment, its limits.
 SELF_REPORT = 'id -u; id -G; pwd; env | grep -v "^PWD=" | sort; ulimit -c; ulimit -f; echo "$0|$1"'
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="carod-warm-", dir="/tmp"))
-    os.chmod(path, 0o711)  # noqa: S103 - the job user must traverse it
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def executor_for(base: Path, *, prestart: bool, slots: int = 1) -> Executor:
