@@ -204,3 +204,30 @@ async def test_a_sandbox_that_died_while_waiting_gives_its_job_a_cold_start(
     box, out, code = await run_one(node, spec("echo ahead"))  # the next was prepared meanwhile
     assert (out, code) == ("ahead\n", 0)
     assert box.name.startswith("warm.")
+
+
+async def test_hostile_fields_reach_only_the_job_as_given(base: Path, executors: list[Executor]) -> None:
+    """What the job chose travels through the pipe as data: 300 KB of arguments (past the pipe's buffer),
+    arguments that look like the shell's own fields, an environment value with newlines, control bytes and
+    shell syntax, stdio names with spaces, dashes and a directory. Nothing of it is read as a field or run."""
+    node = await executor_for(base, prestart=True)
+    executors.append(node)
+    tricky = ["carod-end", "", "-n", "$(id)", "a\nb", "/dev/null"]
+    big = ["x" * 3000 + str(i) for i in range(100)]
+    trick = "line1\nline2\t\x01 $(id) `id` carod-end\n"
+    script = 'printf "%s\\n" "$#" "$1" "$2" "$4"; printf "%s" "$TRICK" > trick; id -u'
+    job = spec(script, stdout="- out dir/-o u t", stderr="- out dir/-o u t", environment=(("TRICK", trick),))
+    job = JobSpec(**{**job.__dict__, "arguments": ("-c", script, "arg 0", *tricky, *big)})
+    run = await node.begin()
+    try:
+        box = await node.create_box(run, "job-h")
+        assert run.warm is not None
+        await node.start(run, job, b"", REQUEST)
+        info, _ = await node.watch(run, 15)
+        lines = (box / "- out dir" / "-o u t").read_text().splitlines()
+        got = (box / "trick").read_text()
+    finally:
+        await node.end(run)
+    assert info.exit_code == 0, lines
+    assert lines == [str(len(tricky) + len(big)), "carod-end", "", "$(id)", "65534"]
+    assert got == trick  # the value verbatim, nothing of it run
