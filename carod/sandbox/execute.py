@@ -217,11 +217,7 @@ class Executor:
         try:
             warm.send(
                 warm_fields(
-                    stdin=str(box / spec.stdin) if spec.stdin is not None else os.devnull,
-                    stdout=str(box / spec.stdout) if spec.stdout is not None else os.devnull,
-                    stderr=""
-                    if spec.stderr is not None and spec.stderr == spec.stdout
-                    else (str(box / spec.stderr) if spec.stderr is not None else os.devnull),
+                    *sandbox.stdio_paths(spec, box),
                     limits=rlimits(job_limits, run.cgroup, cgroups.controllers if cgroups else frozenset()),
                     argv=job_exec(self.layers, box, argv, job_environment(spec, box, run.user)),
                 )

@@ -109,7 +109,7 @@ class Warm:
             log.warning("the chain of an unused sandbox (pid %d) did not end after SIGKILL", self.popen.pid)
 
 
-def fields(*, stdin: str, stdout: str, stderr: str, limits: list[tuple[int, int]], argv: list[str]) -> list[str]:
+def fields(stdin: str, stdout: str, stderr: str, *, limits: list[tuple[int, int]], argv: list[str]) -> list[str]:
     """What the waiting shell reads (isolation.WAIT_SCRIPT): stdio paths, rlimits in KiB, the job's argv.
 
     ``stderr`` = "" sends stderr where stdout goes. Only RLIMIT_FSIZE and

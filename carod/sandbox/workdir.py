@@ -145,6 +145,17 @@ def open_stdio(spec: JobSpec, sandbox: Path, owner: Owner) -> Stdio:
     return Stdio(stdin, stdout, stderr, fds)
 
 
+def stdio_paths(spec: JobSpec, sandbox: Path) -> tuple[str, str, str]:
+    """In, Out, Err as paths for the job user's shell to open (carod.sandbox.warm): /dev/null for
+    what the job does not name, and "" for an Err that is its Out (one file, as :func:`open_stdio` shares it)."""
+
+    def path(name: str | None) -> str:
+        return str(sandbox / name) if name is not None else os.devnull
+
+    shared = spec.stderr is not None and spec.stderr == spec.stdout
+    return path(spec.stdin), path(spec.stdout), "" if shared else path(spec.stderr)
+
+
 def open_streams(spec: JobSpec, stdio: Stdio) -> dict[str, int]:
     """Read-only descriptors of the Out/Err files the job streams (StreamOut/StreamErr).
 
