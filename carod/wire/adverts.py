@@ -76,9 +76,21 @@ class AdvertError(CarodError):
     """An advert that cannot be read, or that would cost too much to keep."""
 
 
+#: JobStatus values a node advertises for its jobs (HTCondor's): waiting on the node, running, held.
+IDLE, RUNNING_STATUS, HELD = 1, 2, 5
+#: Most extra attributes one advertised job may carry, and the longest expression text of one.
+MAX_JOB_ATTRS = 64
+MAX_JOB_ATTR_BYTES = 2048
+
+
 @dataclass(frozen=True)
 class JobInfo:
-    """One job running on a node, as ``carod q`` shows it."""
+    """One job on a node (running, waiting there, or held by it), as ``carod q`` shows it.
+
+    ``attrs`` are extra job attributes as ClassAd expression text: the ones the job
+    chirped (``condor_chirp set_job_attr``) and, for a held job, ``HoldReason`` and
+    ``HoldReasonCode``. ``submitted`` is the job's ``QDate`` (Unix time; 0 when unknown).
+    """
 
     message_id: str
     owner: str
@@ -86,6 +98,9 @@ class JobInfo:
     started: float
     cpus: float
     memory_mib: float
+    status: int = RUNNING_STATUS
+    submitted: float = 0.0
+    attrs: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +110,9 @@ class JobInfo:
             "started": self.started,
             "cpus": self.cpus,
             "memory_mib": self.memory_mib,
+            "status": self.status,
+            "submitted": self.submitted,
+            "attrs": dict(self.attrs),
         }
 
 
@@ -210,11 +228,23 @@ def _jobs(items: object) -> tuple[JobInfo, ...]:
                     started=float(item["started"]),
                     cpus=float(item["cpus"]),
                     memory_mib=float(item["memory_mib"]),
+                    status=int(item.get("status", RUNNING_STATUS)),
+                    submitted=float(item.get("submitted", 0.0)),
+                    attrs=_attrs(item.get("attrs", {})),
                 )
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AdvertError(f"a job entry is incomplete: {exc!r}") from exc
     return tuple(jobs)
+
+
+def _attrs(items: object) -> dict[str, str]:
+    if not isinstance(items, dict) or len(items) > MAX_JOB_ATTRS:
+        raise AdvertError(f"a job's attrs must map at most {MAX_JOB_ATTRS} names to expression text")
+    for name, text in items.items():
+        if not isinstance(name, str) or not isinstance(text, str) or len(text.encode()) > MAX_JOB_ATTR_BYTES:
+            raise AdvertError(f"a job's attrs must map names to expression text of at most {MAX_JOB_ATTR_BYTES} bytes")
+    return dict(items)
 
 
 def _finite(value: object) -> bool:
