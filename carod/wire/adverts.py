@@ -134,6 +134,36 @@ class Advert:
             raise AdvertError(f"advert of {self.node[:64]!r}: its machine ad does not parse: {exc}") from exc
 
 
+def query_ad(node: str, info: JobInfo) -> classad2.ClassAd:
+    """The ClassAd ``carod q -af/-format/-constraint`` (and a node's ``-constraint``) see for one job.
+
+    Fixed attributes from the advert's fields, then each of ``info.attrs`` parsed as an
+    expression; one that does not parse (a forged advert) is left out. The fixed ones
+    cannot be overridden by ``attrs``.
+    """
+    ad = classad2.ClassAd()
+    for name, text in info.attrs.items():
+        try:
+            ad[name] = classad2.ExprTree(text)
+        except (classad2.ClassAdException, ValueError):
+            continue
+    ad.update(
+        {
+            "MessageId": info.message_id,
+            "GlobalJobId": info.message_id,
+            "Owner": info.owner,
+            "Cmd": info.cmd,
+            "JobStatus": info.status,
+            "QDate": int(info.submitted),
+            "JobStartDate": int(info.started),
+            "RemoteHost": node,
+            "RequestCpus": _number(info.cpus),
+            "RequestMemory": _number(info.memory_mib),
+        }
+    )
+    return ad
+
+
 def checked_ad(advert: Advert) -> classad2.ClassAd:
     """The advert's machine ad, if evaluating it is cheap by construction. Raises AdvertError.
 
@@ -236,6 +266,10 @@ def _jobs(items: object) -> tuple[JobInfo, ...]:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise AdvertError(f"a job entry is incomplete: {exc!r}") from exc
     return tuple(jobs)
+
+
+def _number(value: float) -> int | float:
+    return int(value) if math.isfinite(value) and value.is_integer() else value
 
 
 def _attrs(items: object) -> dict[str, str]:
