@@ -5,8 +5,13 @@
     carod check-config FILE             validate a config, print the effective settings
     carod submit [options] CMD [ARG...] submit a job and follow it
     carod status [-l NODE] [--json]     the pool: nodes, free resources, jobs
-    carod q [--json]                    the jobs running in the pool (condor_q)
+    carod q [-af ATTR...] [-format FMT ATTR]... [-constraint EXPR] [--json]
+                                        the jobs in the pool (condor_q)
     carod rm ID [ID...] [--reason TEXT] remove jobs: running ones are killed (condor_rm)
+
+The client commands (submit, status, q, rm, ...) take the broker URL, the job queue
+and the pool exchange from the node's config (--config FILE, $CAROD_CONFIG or
+/etc/carod/carod.conf when present); their flags override it (:func:`client_settings`).
 
 Exit codes are listed in docs/operations.md.
 """
@@ -40,6 +45,47 @@ def _load_config(path: str | None) -> configuration.Config:
     if path is None:
         return configuration.parse("", source="<defaults>")
     return configuration.load(path)
+
+
+def _client_config(path: str | None) -> configuration.Config:
+    """The config the client commands read: an explicit one must be readable; the default one is skipped when not."""
+    path = path or os.environ.get("CAROD_CONFIG")
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        if not os.access(DEFAULT_CONFIG, os.R_OK):
+            print(
+                f"carod: note: {DEFAULT_CONFIG} is not readable by this user; using the flags and defaults",
+                file=sys.stderr,
+            )
+            return configuration.parse("", source="<defaults>")
+        path = DEFAULT_CONFIG
+    if path is None:
+        return configuration.parse("", source="<defaults>")
+    return configuration.load(path)
+
+
+#: What a client command's option is called -> where its value is in the node's config, when the flag is not given.
+CLIENT_SETTINGS: dict[str, Callable[[configuration.Config], str]] = {
+    "url": lambda config: config.broker.url,
+    "queue": lambda config: config.broker.queue,
+    "pool_exchange": lambda config: config.pool.exchange,
+}
+
+
+def client_settings(args: argparse.Namespace) -> int:
+    """Fill the client options left unset on the command line from the node's config; 0, or the exit code.
+
+    Order: the flag, then ``CAROD_BROKER_URL`` and the other ``CAROD_<SECTION>_<KEY>`` variables,
+    then the config file, then the built-in defaults. Applied to every subcommand whose parser
+    went through :func:`client_options`.
+    """
+    try:
+        config = _client_config(getattr(args, "config", None))
+    except ConfigError as exc:
+        return fail(f"config error: {exc}", EXIT_CONFIG)
+    for option, setting in CLIENT_SETTINGS.items():
+        if hasattr(args, option) and getattr(args, option) is None:
+            setattr(args, option, setting(config))
+    return EXIT_OK
 
 
 def loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -117,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("submit", help="submit a job and follow its replies")
-    p.add_argument("--url", default=os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
-    p.add_argument("--queue", default="grid", help="job queue (published on the default exchange)")
+    client_options(p)
+    p.add_argument("--url", default=None, help="the broker (default: the config's [broker] url)")
+    p.add_argument(
+        "--queue", default=None, help="job queue, published on the default exchange (default: [broker] queue)"
+    )
     p.add_argument("--exchange", default="", help="publish to this exchange instead (e.g. amq.direct)")
     p.add_argument("--routing-key", default=None, help="routing key with --exchange (e.g. grid_key)")
     p.add_argument(
@@ -156,9 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one advert per line, as JSON")
     p.set_defaults(func=commands.cmd_status)
 
-    p = sub.add_parser("q", help="the jobs running in the pool, from the nodes' adverts (condor_q)")
+    p = sub.add_parser("q", help="the jobs in the pool: running, held and idle (condor_q)")
     _pool_options(p)
-    p.add_argument("--json", action="store_true", help="one job per line, as JSON")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="one job per line, as JSON")
+    shown.add_argument(
+        "-af",
+        "-autoformat",
+        dest="af",
+        nargs="+",
+        metavar="ATTR",
+        help="these attributes or expressions of each job, space separated, one job a line",
+    )
+    shown.add_argument(
+        "-format",
+        dest="format",
+        nargs=2,
+        action="append",
+        metavar=("FMT", "ATTR"),
+        help="printf-style FMT applied to ATTR for each job (repeatable; no newline unless FMT has \\n)",
+    )
+    p.add_argument(
+        "-constraint",
+        dest="constraint",
+        action="append",
+        metavar="EXPR",
+        help="only the jobs for which this ClassAd expression is true (repeated: all must be)",
+    )
     p.set_defaults(func=commands.cmd_q)
 
     p = sub.add_parser("rm", help="remove jobs by message_id: running ones are killed and answered Removed")
@@ -169,16 +242,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def client_options(p: argparse.ArgumentParser) -> None:
+    """``--config``, and the node's config read for the options left unset (:func:`client_settings`)."""
+    p.add_argument(
+        "--config",
+        "-c",
+        default=argparse.SUPPRESS,
+        help=f"the node's config, for the broker URL, queue and pool exchange (default: $CAROD_CONFIG or "
+        f"{DEFAULT_CONFIG} when present)",
+    )
+    p.set_defaults(client_config=True)
+
+
 def _pool_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("CAROD_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"))
-    p.add_argument("--queue", default="grid", help="the nodes consuming this job queue (default: grid)")
+    client_options(p)
+    p.add_argument("--url", default=None, help="the broker (default: the config's [broker] url)")
+    p.add_argument("--queue", default=None, help="the nodes consuming this job queue (default: [broker] queue)")
     p.add_argument("--all-queues", action="store_true", help="nodes of every job queue")
-    p.add_argument("--pool-exchange", default="carod.nodes", help="the nodes' [pool] exchange")
+    p.add_argument("--pool-exchange", default=None, help="the nodes' pool exchange (default: [pool] exchange)")
     p.add_argument("--wait", type=float, default=2.0, help="seconds to wait for nodes to answer")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "client_config", False):
+        code = client_settings(args)
+        if code != EXIT_OK:
+            return code
     try:
         result: int = args.func(args)
     except BrokenPipeError:  # e.g. `carod machine-ad | head`

@@ -16,9 +16,10 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
-from carod.client import tables
-from carod.client.library import Client, ClientError, JobReply, PoolStatus, pool_status, remove
+from carod.client import formats, tables
+from carod.client.library import Client, ClientError, JobReply, PoolStatus, pool_status, remove, waiting
 from carod.errors import EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 from carod.wire import adverts
 from carod.wire.classads import to_classad_text
@@ -182,18 +183,45 @@ def _pool_status(args: argparse.Namespace) -> PoolStatus | int:
 
 
 def cmd_q(args: argparse.Namespace) -> int:
+    """condor_q: the jobs the nodes advertise (running, held, waiting there), and the ones waiting in the queue."""
+    try:
+        chosen = formats.selection(args.constraint or (), args.af or (), args.format or ())
+    except formats.FormatError as exc:
+        return fail(str(exc), 2)
     status = _pool_status(args)
     if isinstance(status, int):
         return status
-    jobs = [(advert.node, job) for advert in status.adverts.values() for job in advert.jobs]
-    if args.json:
-        for node, job in jobs:
-            print(json.dumps({"node": node, **job.to_json()}))
+    jobs = []
+    for advert in status.adverts.values():
+        for job in advert.jobs:
+            ad = adverts.query_ad(advert.node, job)
+            if chosen.wants(ad):
+                jobs.append((advert.node, job, ad))
+    jobs.sort(key=lambda item: (item[1].submitted, item[1].message_id))
+    custom = bool(chosen.autoformat or chosen.formats)
+    if args.json or custom:
+        for node, job, ad in jobs:
+            if args.json:
+                print(json.dumps(formats.job_json(node, job.to_json(), ad), default=str))
+            else:
+                sys.stdout.write(chosen.line(ad))
+        _silent(status, sys.stderr)
         return EXIT_OK
-    sys.stdout.write(tables.queue_table(jobs, time.time()))
-    if status.silent:
-        print(f"({len(status.silent)} node(s) did not answer: {', '.join(sorted(status.silent))})")
+    queued = 0
+    if not chosen.constraints:  # a constraint cannot be asked of the jobs still in the queue
+        queues = {advert.queue for advert in status.adverts.values()} if args.all_queues else {args.queue}
+        try:
+            queued = sum(asyncio.run(waiting(args.url, queues)).values())
+        except ClientError as exc:
+            return fail(str(exc), EXIT_UNAVAILABLE)
+    sys.stdout.write(tables.queue_table([(node, job) for node, job, _ in jobs], time.time(), queued))
+    _silent(status, sys.stdout)
     return EXIT_OK
+
+
+def _silent(status: PoolStatus, stream: TextIO) -> None:
+    if status.silent:
+        print(f"({len(status.silent)} node(s) did not answer: {', '.join(sorted(status.silent))})", file=stream)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:

@@ -346,6 +346,34 @@ async def pool_status(
     return PoolStatus(latest, silent)
 
 
+async def waiting(url: str, queues: Iterable[str]) -> dict[str, int]:
+    """``carod q``'s idle count: the messages waiting in each job queue (a passive declare, so nothing is created).
+
+    A queue that does not exist has none waiting (0).
+    """
+    counts: dict[str, int] = {}
+    try:
+        connection = await aio_pika.connect(url, timeout=10)
+    except _BROKER_ERRORS as exc:
+        raise ClientError(f"cannot connect to the broker: {exc}") from exc
+    async with connection:
+        for name in sorted(set(queues)):
+            try:
+                channel = await connection.channel()
+            except _BROKER_ERRORS as exc:
+                raise ClientError(f"cannot count the jobs waiting in {name!r}: {exc}") from exc
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+                counts[name] = queue.declaration_result.message_count or 0
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                counts[name] = 0  # the broker closed this channel; the next name gets a new one
+                continue
+            except _BROKER_ERRORS as exc:
+                raise ClientError(f"cannot count the jobs waiting in {name!r}: {exc}") from exc
+            await channel.close()
+    return counts
+
+
 async def remove(
     url: str,
     message_ids: Iterable[str],

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterable, Mapping
 
+from carod.client import formats
 from carod.wire import adcost, classads
 from carod.wire.adverts import Advert, JobInfo
 
@@ -45,24 +48,52 @@ def status_table(adverts: Mapping[str, Advert], silent: Mapping[str, float], now
     return "\n".join(lines) + "\n"
 
 
-def queue_table(jobs: Iterable[tuple[str, JobInfo]], now: float) -> str:
-    """The jobs running in the pool as ``condor_q`` prints them: one line per job, then a count."""
-    lines = [f"{'ID':<36} {'Owner':<12} {'Node':<20} {'Run time':>9} {'Cpus':>5} {'Mem MiB':>8}  Cmd"]
-    count = 0
-    for node, job in sorted(jobs, key=lambda item: item[1].started):
-        count += 1
+#: condor_q's ST letters for a JobStatus.
+STATUS_LETTERS = {1: "I", 2: "R", 3: "X", 4: "C", 5: "H", 6: "E", 7: "S"}
+
+
+def queue_table(jobs: Iterable[tuple[str, JobInfo]], now: float, queued: int = 0) -> str:
+    """The jobs as ``condor_q -nobatch`` prints them: one line per job, then the totals.
+
+    ``queued``: jobs waiting in the job queue(s), counted as idle with the ones waiting on a node.
+    ID is the whole message_id (what ``carod rm`` takes); SIZE is the memory the job
+    reserved (MiB); there is no PRI column (carod has no job priorities).
+    """
+    rows = sorted(jobs, key=lambda item: (item[1].submitted, item[1].message_id))
+    width = max([len(formats.safe(job.message_id)) for _, job in rows] + [8])
+    lines = [f" {'ID':<{width}} {'OWNER':<14} {'SUBMITTED':>11} {'RUN_TIME':>12} ST {'SIZE':>6} CMD"]
+    counts = {1: 0, 2: 0, 5: 0}
+    for _, job in rows:
+        if job.status in counts:
+            counts[job.status] += 1
+        run_s = now - job.started if job.status == 2 and job.started > 0 else 0.0
         lines.append(
-            f"{job.message_id[:36]:<36} {(job.owner or '-')[:12]:<12} {node[:20]:<20} "
-            f"{_duration(now - job.started):>9} {job.cpus:>5g} {job.memory_mib:>8g}  {job.cmd}"
+            f" {formats.safe(job.message_id):<{width}} {formats.safe(job.owner or '-')[:14]:<14} "
+            f"{_qdate(job.submitted):>11} {_run_time(run_s):>12} {STATUS_LETTERS.get(job.status, '?'):<2} "
+            f"{_size(job.memory_mib):>6} {formats.safe(job.cmd)}"
         )
+    idle = queued + counts[1]
     lines.append("")
-    lines.append(f"{count} job(s) running")
+    lines.append(f"{idle + counts[2] + counts[5]} jobs; {idle} idle, {counts[2]} running, {counts[5]} held")
     return "\n".join(lines) + "\n"
 
 
-def _duration(seconds: float) -> str:
-    s = int(max(0.0, seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+def _qdate(when: float) -> str:
+    """condor_q's SUBMITTED: ``M/D HH:MM`` in local time."""
+    if not 0 < when < 2**40:
+        return "-"
+    t = time.localtime(when)
+    return f"{t.tm_mon}/{t.tm_mday} {t.tm_hour:02d}:{t.tm_min:02d}"
+
+
+def _run_time(seconds: float) -> str:
+    """condor_q's RUN_TIME: ``D+HH:MM:SS``."""
+    s = int(min(max(0.0, seconds), 2**40)) if math.isfinite(seconds) else 0
+    return f"{s // 86400}+{s % 86400 // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _size(mib: float) -> str:
+    return f"{mib:.1f}" if math.isfinite(mib) and 0 <= mib < 1e9 else "?"
 
 
 def _of(free: float, total: float) -> str:

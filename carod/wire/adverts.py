@@ -138,30 +138,46 @@ def query_ad(node: str, info: JobInfo) -> classad2.ClassAd:
     """The ClassAd ``carod q -af/-format/-constraint`` (and a node's ``-constraint``) see for one job.
 
     Fixed attributes from the advert's fields, then each of ``info.attrs`` parsed as an
-    expression; one that does not parse (a forged advert) is left out. The fixed ones
-    cannot be overridden by ``attrs``.
+    expression. One that does not parse, or whose evaluation is not bounded by reading it
+    (:func:`carod.wire.adcost.problem`'s limits, references inlined: an advert is not
+    authenticated), is left out, so evaluating any attribute of this ad is cheap. The
+    fixed ones cannot be overridden by ``attrs``.
     """
+    fixed: dict[str, str | int | float] = {
+        "MessageId": info.message_id,
+        "GlobalJobId": info.message_id,
+        "Owner": info.owner,
+        "Cmd": info.cmd,
+        "JobStatus": info.status,
+        "QDate": _integer(info.submitted),
+        "JobStartDate": _integer(info.started),
+        "RemoteHost": node,
+        "RequestCpus": _number(info.cpus),
+        "RequestMemory": _number(info.memory_mib),
+    }
+    taken = {name.lower() for name in fixed}
+    texts = {name: text for name, text in info.attrs.items() if name.lower() not in taken}
     ad = classad2.ClassAd()
-    for name, text in info.attrs.items():
+    for name in _bounded(texts, fixed):
         try:
-            ad[name] = classad2.ExprTree(text)
+            ad[name] = classad2.ExprTree(texts[name])
         except (classad2.ClassAdException, ValueError):
             continue
-    ad.update(
-        {
-            "MessageId": info.message_id,
-            "GlobalJobId": info.message_id,
-            "Owner": info.owner,
-            "Cmd": info.cmd,
-            "JobStatus": info.status,
-            "QDate": int(info.submitted),
-            "JobStartDate": int(info.started),
-            "RemoteHost": node,
-            "RequestCpus": _number(info.cpus),
-            "RequestMemory": _number(info.memory_mib),
-        }
-    )
+    ad.update(fixed)
     return ad
+
+
+def _bounded(texts: Mapping[str, str], fixed: Mapping[str, object]) -> list[str]:
+    """The names in ``texts`` whose evaluation (references inlined, ``fixed`` as literals) stays bounded."""
+    everything = {**dict.fromkeys(fixed, "0"), **texts}
+    keep = []
+    for name, cost in adcost.costs(everything).items():
+        if name not in texts or cost.unbounded is not None:
+            continue
+        if cost.steps > adcost.MAX_STEPS or cost.bytes > adcost.MAX_BYTES or cost.steps * cost.bytes > adcost.MAX_WORK:
+            continue
+        keep.append(name)
+    return keep
 
 
 def checked_ad(advert: Advert) -> classad2.ClassAd:
@@ -268,7 +284,12 @@ def _jobs(items: object) -> tuple[JobInfo, ...]:
     return tuple(jobs)
 
 
+def _integer(value: float) -> int:
+    return int(value) if math.isfinite(value) and abs(value) < 2**62 else 0
+
+
 def _number(value: float) -> int | float:
+    value = float(value)
     return int(value) if math.isfinite(value) and value.is_integer() else value
 
 
