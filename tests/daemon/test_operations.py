@@ -153,9 +153,9 @@ async def test_submit_follow_q_and_rm_from_the_command_line(base: Path, queue: s
             pass
         code, out, err = await carod("q", "--queue", queue)
         assert code == 0, err
-        line = next(line for line in out.splitlines() if line.startswith(mid))
-        assert "/bin/sleep" in line and "0:00:0" in line
-        assert "1 job(s) running" in out
+        line = next(line for line in out.splitlines() if line.startswith(f" {mid} "))
+        assert line.endswith(" R   128.0 /bin/sleep") and " 0+00:00:0" in line
+        assert out.splitlines()[-1] == "1 jobs; 0 idle, 1 running, 0 held"
         code, out, err = await carod("q", "--queue", queue, "--json")
         assert [json.loads(x)["message_id"] for x in out.splitlines()] == [mid]
 
