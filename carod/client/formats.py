@@ -37,7 +37,6 @@ from typing import Any
 import classad2
 
 from carod.errors import CarodError
-from carod.wire.classads import ATTRIBUTE_NAME
 
 #: Widest field or precision a -format conversion may ask for.
 MAX_FORMAT_WIDTH = 1024
@@ -88,7 +87,7 @@ class Column:
     """One thing to print for each job: an attribute or expression, and (``-format``) its printf format."""
 
     text: str
-    expr: classad2.ExprTree | None  # None: ``text`` is a plain attribute name
+    expr: classad2.ExprTree
     fmt: str | None = None
 
 
@@ -116,7 +115,7 @@ def selection(
 ) -> Selection:
     """Parse the command line's arguments once. Raises FormatError naming the bad one."""
     parsed = tuple(_expression(text, "-constraint") for text in constraints)
-    af = tuple(Column(text, _parse(text, "-af")) for text in autoformat)
+    af = tuple(Column(text, _expression(text, "-af")) for text in autoformat)
     fm = []
     for pair in formats:
         fmt, text = pair
@@ -127,13 +126,8 @@ def selection(
             for part in ("width", "precision"):
                 if match.group(part) and int(match.group(part)) > MAX_FORMAT_WIDTH:
                     raise FormatError(f"-format {fmt!r}: a {part} over {MAX_FORMAT_WIDTH}")
-        fm.append(Column(text, _parse(text, "-format"), template))
+        fm.append(Column(text, _expression(text, "-format"), template))
     return Selection(parsed, af, tuple(fm))
-
-
-def _parse(text: str, option: str) -> classad2.ExprTree | None:
-    """None for a plain attribute name (looked up), else the parsed expression."""
-    return None if ATTRIBUTE_NAME.match(text) else _expression(text, option)
 
 
 def _expression(text: str, option: str) -> classad2.ExprTree:
@@ -146,9 +140,7 @@ def _expression(text: str, option: str) -> classad2.ExprTree:
 
 
 def evaluate(column: Column, ad: classad2.ClassAd) -> Any:
-    """The column's value for this job; UNDEFINED/ERROR as markers."""
-    if column.expr is None:
-        return _python(_eval_attr(ad, column.text)) if column.text in ad else UNDEFINED
+    """The column's value for this job (an attribute name is an expression too); UNDEFINED/ERROR as markers."""
     return _evaluate(column.expr, ad)
 
 
