@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+import classad2
+
 from carod.client import formats, tables
 from carod.client.library import Client, ClientError, JobReply, PoolStatus, pool_status, remove, waiting
 from carod.errors import EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
@@ -191,14 +193,15 @@ def cmd_q(args: argparse.Namespace) -> int:
     status = _pool_status(args)
     if isinstance(status, int):
         return status
+    custom = bool(chosen.autoformat or chosen.formats)
+    needs_ad = custom or args.json or bool(chosen.constraints)  # the plain table reads the advert's fields only
     jobs = []
     for advert in status.adverts.values():
         for job in advert.jobs:
-            ad = adverts.query_ad(advert.node, job)
+            ad = adverts.query_ad(advert.node, job) if needs_ad else classad2.ClassAd()
             if chosen.wants(ad):
                 jobs.append((advert.node, job, ad))
     jobs.sort(key=lambda item: (item[1].submitted, item[1].message_id))
-    custom = bool(chosen.autoformat or chosen.formats)
     if args.json or custom:
         for node, job, ad in jobs:
             if args.json:
