@@ -212,7 +212,8 @@ def cmd_q(args: argparse.Namespace) -> int:
         return EXIT_OK
     queued = 0
     if not chosen.constraints:  # a constraint cannot be asked of the jobs still in the queue
-        queues = {advert.queue for advert in status.adverts.values()} if args.all_queues else {args.queue}
+        named = {advert.queue for advert in status.adverts.values()} if args.all_queues else {args.queue}
+        queues = named | {f"{name}.unmatched" for name in named}  # declined jobs wait there to be offered again
         try:
             queued = sum(asyncio.run(waiting(args.url, queues)).values())
         except ClientError as exc:

@@ -35,7 +35,7 @@ async def node(base: Path, queue: str, exchange: str) -> AsyncIterator[tuple[Dae
 
 
 async def submit(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
-    """`carod submit --json ... /bin/sleep 300`, running until its job is answered; returns it and the job's id."""
+    """`carod submit ARGS --json /bin/sleep 300`, running until its job is answered; returns it and the job's id."""
     proc = await asyncio.create_subprocess_exec(
         *CAROD, "submit", *args, "--json", "/bin/sleep", "300",
         stdout=asyncio.subprocess.PIPE, env={**CLEAN_ENV, **(env or {})},
@@ -145,3 +145,20 @@ def test_a_bad_q_argument_is_refused_before_asking_the_pool(base: Path) -> None:
     assert result.returncode == 2 and "-constraint 'JobStatus =='" in result.stderr
     result = carod("q", "-af", "Owner", "-format", "%s", "Owner", env=unreachable)
     assert result.returncode == 2 and "not allowed with" in result.stderr
+
+
+async def test_idle_counts_the_jobs_parked_in_the_delay_queue(base: Path, queue: str, exchange: str) -> None:
+    config = write_config(base, queue, broker={"unmatched_delay_s": 60}, pool={"exchange": exchange})
+    daemon = await start_daemon(config)
+    proc = None
+    try:
+        proc, _ = await submit("--config", str(config), "-a", "Requirements=FALSE")
+        await daemon.wait_for_line("state=declined")  # parked in <queue>.unmatched for 60 s
+        q = await asyncio.to_thread(carod, "q", "--config", str(config))
+        assert q.returncode == 0, q.stderr
+        assert q.stdout.splitlines()[-1] == "1 jobs; 1 idle, 0 running, 0 held"
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        assert await daemon.stop() == 0
