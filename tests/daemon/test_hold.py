@@ -188,7 +188,7 @@ async def test_hold_release_and_rm_with_a_constraint_and_all(
     pooled: RunningNode, submitter: Submitter, queue: str, exchange: str
 ) -> None:
     ids = []
-    for i in range(2):
+    for _ in range(2):
         mid = await submitter.send(TRAPPED, user_id="guest")
         assert mid is not None
         ids.append(mid)
