@@ -87,7 +87,7 @@ class Request:
     def why(self, requester: str | None = None) -> str:
         """The reason the job's reply carries: what was done, by whom, and the requester's reason."""
         who = self.by or requester or ""
-        if requester and self.by and requester not in self.by:
+        if requester and self.by and requester != self.by:
             who = f"{self.by} (broker user {requester})"
         by = f" by {who}" if who else ""
         text = f"{_PAST[self.action]}{by} via carod {self.action}"
