@@ -219,6 +219,11 @@ def cmd_control(args: argparse.Namespace, action: str) -> int:
         return fail(f"carod {action}: give job ids, or -a, or -constraint, not both", 2)
     if constraint is None and not args.ids:
         return fail(f"carod {action}: give job ids, -a or -constraint EXPR", 2)
+    if constraint is not None:
+        try:
+            control.check_constraint(constraint)
+        except control.ControlError as exc:
+            return fail(f"carod {action} -constraint: {exc}", 2)
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # a uid with no passwd entry (containers)

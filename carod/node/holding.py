@@ -29,12 +29,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import classad2
 
 from carod.config import Config, url_user
+from carod.edges.amqp import ReplyUndeliverable
 from carod.edges.broker import Broker, held_queue_name
 from carod.edges.journal import Journal
 from carod.errors import BrokerError
@@ -43,11 +45,18 @@ from carod.node.job import Job
 from carod.wire import adverts, classads, replies
 from carod.wire.adverts import JobInfo
 from carod.wire.classads import Scalar
-from carod.wire.message import DELIVERY_COUNT_HEADER, OWNER_HEADER, RUNS_HEADER, SEQUENCE_HEADER, parse_reply_to
+from carod.wire.message import (
+    DELIVERY_COUNT_HEADER,
+    OWNER_HEADER,
+    RUNS_HEADER,
+    SEQUENCE_HEADER,
+    ReplyAddressError,
+    parse_reply_to,
+)
 
 log = logging.getLogger("carod.job")
 
-HELD, RELEASING = "held", "releasing"
+HELD, RELEASING, REMOVING = "held", "releasing", "removing"
 #: Longest HoldReason kept in the advert (the reply has the whole reason).
 _ADVERT_REASON = 1000
 #: Headers a copy leaves out: the broker's and carod's own transport headers (set again where they apply).
@@ -169,8 +178,8 @@ class Holding:
     async def release(self, held: HeldJob, why: str) -> str:
         """Idle to the submitter, the job back to the job queue, its held queue deleted. Raises BrokerError."""
         releasing = replace(held, state=RELEASING, sequence=held.sequence + 1)
+        self.held[held.message_id] = releasing  # at once: a second request finds it releasing
         await self._save(releasing, forget_job=True)
-        self.held[held.message_id] = releasing
         idle = replies.idle(
             sequence=releasing.sequence, node=self.config.node_name, now=time.time(), reason=why, run_count=held.runs
         )
@@ -197,6 +206,7 @@ class Holding:
 
     async def remove(self, held: HeldJob, why: str) -> str:
         """Removed to the submitter, its held queue (and message) deleted. Raises BrokerError."""
+        self.held[held.message_id] = replace(held, state=REMOVING)  # at once: a second request finds it removing
         removed = replies.removed(
             sequence=held.sequence + 1,
             node=self.config.node_name,
@@ -205,17 +215,30 @@ class Holding:
             info=None,
             run_count=held.runs,
         )
-        await self._reply(held, removed.headers)
-        await self.broker.delete_held(held.queue)
+        try:
+            await self._reply(held, removed.headers)
+            await self.broker.delete_held(held.queue)
+        except BrokerError:
+            self.held[held.message_id] = held
+            raise
         await self._drop(held.message_id)
         log.info("job=%s held job removed: %s", held.message_id, why)
         return "held"
 
-    async def _reply(self, held: HeldJob, headers: dict[str, Any]) -> None:
-        address = parse_reply_to(held.reply_to)
+    async def _reply(self, held: HeldJob, headers: Mapping[str, Scalar]) -> None:
+        """A reply to the held job's submitter, confirmed. Raises BrokerError (try again later); a reply
+        address that refuses it for good (the submitter's queue is gone) is logged, not raised: the job's
+        release or removal must not depend on a submitter that left."""
+        try:
+            address = parse_reply_to(held.reply_to)
+        except ReplyAddressError:
+            address = None
         if address is None:
             return
-        await self.broker.publish_reply(address, correlation_id=held.message_id, headers=headers, body=b"")
+        try:
+            await self.broker.publish_reply(address, correlation_id=held.message_id, headers=headers, body=b"")
+        except ReplyUndeliverable as exc:
+            log.warning("job=%s its submitter cannot be told (%s); going on", held.message_id, exc)
 
     # ------------------------------------------------------------ journal
 

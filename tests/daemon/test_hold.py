@@ -8,6 +8,7 @@ Ownership and admins: tests/daemon/test_ownership.py.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from carod.client.library import control_jobs, pool_status
 from carod.edges.broker import held_queue_name
 from carod.wire import control
 from carod.wire.adverts import JobInfo
-from tests.helpers import BROKER_URL, Reply, RunningNode, Submitter, q, queue_depth, start_node
+from tests.helpers import BROKER_URL, CAROD, Reply, RunningNode, Submitter, q, queue_depth, start_node
 
 #: A job that leaves a mark when its KillSig (SIGTERM) reaches it, and counts its runs in its output.
 TRAPPED = {
@@ -212,3 +213,63 @@ async def test_hold_release_and_rm_with_a_constraint_and_all(
 async def test_bad_constraints_are_refused_by_the_client(exchange: str) -> None:
     with pytest.raises(Exception, match="does not parse"):
         await act(exchange, control.HOLD, constraint="Owner ==")
+
+
+async def test_hold_of_a_job_waiting_for_a_slot_holds_it_without_running_it(
+    queue: str, base: Path, exchange: str, submitter: Submitter
+) -> None:
+    running = await start_node(queue, base, node={"slots": 1}, pool={"exchange": exchange})
+    try:
+        first = await submitter.send(TRAPPED, user_id="guest")
+        await submitter.wait_running(first)
+        second = await submitter.send({"Cmd": q("/bin/echo"), "Arguments": q("hi")}, user_id="guest")
+        assert first is not None and second is not None
+        # The second waits on the node or in the queue (prefetch follows free slots): either way it is held.
+        await act(exchange, control.HOLD, second, reason="later")
+        await act(exchange, control.RM, first)
+        assert (await submitter.wait_final(first))[-1].status == 3
+        got = await submitter.wait_final(second)
+        assert [r.status for r in got] == [5], "held, never Running"
+        assert await queue_depth(held_queue_name(queue, second)) == 1
+        assert (await act(exchange, control.RM, second))[second][0].ok
+        await submitter.wait_reply(second, 3)
+        assert not await held_queue_exists(queue, second)
+    finally:
+        await running.stop()
+    assert await queue_depth(queue) == 0
+
+
+async def carod(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *CAROD, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "CAROD_BROKER_URL": BROKER_URL},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_hold_release_and_rm_all_from_the_command_line(
+    pooled: RunningNode, submitter: Submitter, queue: str, exchange: str
+) -> None:
+    mid = await submitter.send(TRAPPED, user_id="guest")
+    assert mid is not None
+    await submitter.wait_running(mid)
+    pool = ("--pool-exchange", exchange, "--wait", "5")
+    code, out, err = await carod("hold", *pool, "--reason", "from the shell", mid)
+    assert (code, out) == (0, f"{mid}: held on {pooled.name} (running)\n"), err
+    held = (await submitter.wait_final(mid))[-1]
+    assert "from the shell" in held.headers["HoldReason"]
+    code, out, err = await carod("hold", *pool, mid)
+    assert code == 1 and f"{mid}: refused by {pooled.name}: it is already held" in err
+    count = len(submitter.replies[mid])
+    code, out, err = await carod("release", *pool, mid)
+    assert (code, out) == (0, f"{mid}: released on {pooled.name} (released)\n"), err
+    await submitter.wait_reply(mid, 2, after=count)
+    code, out, err = await carod("rm", *pool, "-a", "--wait", "2")
+    assert code == 0 and f"{mid}: removed on {pooled.name} (running)" in out, err
+    await submitter.wait_reply(mid, 3, after=count)
+    code, out, err = await carod("rm", *pool, "-a", mid)
+    assert code == 2 and "not both" in err
+    code, out, err = await carod("release", *pool, "-constraint", "Owner ==")
+    assert code == 2 and "does not parse" in err
