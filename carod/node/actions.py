@@ -15,7 +15,7 @@ import classad2
 
 from carod.errors import BrokerError
 from carod.node.arrival import Node
-from carod.node.holding import HELD, HeldJob
+from carod.node.holding import HeldJob
 from carod.node.job import Ending, Job
 from carod.wire import adverts, classads, control
 from carod.wire.adverts import JobInfo
@@ -82,8 +82,9 @@ async def _apply(node: Node, request: Request, requester: str | None, target: _T
         node.removals.discard(target.message_id)  # a hold remembered here must not hold it again when it comes back
     held = node.holding.get(target.message_id) if target.held is not None else None  # as it is now
     if target.held is not None:
-        if held is None or request.action == control.HOLD or held.state != HELD:
-            ok, reason = False, f"it is already {held.state if held else 'gone'} on {node.name}"
+        if held is None or request.action == control.HOLD or held.message_id in node.holding.busy:
+            done = "held" if held is not None and request.action == control.HOLD else "being released or removed"
+            ok, reason = False, f"it is already {done} on {node.name}"
         else:
             try:
                 if request.action == control.RELEASE:
@@ -136,7 +137,7 @@ def _matching(node: Node, constraint: str) -> list[_Target]:
     expr = control.check_constraint(constraint)  # checked when the request was read
     found = []
     for held in list(node.holding.held.values()):
-        if held.state == HELD and _true(expr, adverts.query_ad(node.name, held.info)):
+        if held.message_id not in node.holding.busy and _true(expr, adverts.query_ad(node.name, held.info)):
             found.append(_Target(held.message_id, held.owner, held=held))
     for mid, job in list(node.running.items()):
         if mid in node.holding.held or job.ending is not None:

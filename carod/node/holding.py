@@ -56,7 +56,7 @@ from carod.wire.message import (
 
 log = logging.getLogger("carod.job")
 
-HELD, RELEASING, REMOVING = "held", "releasing", "removing"
+HELD, RELEASING = "held", "releasing"
 #: Longest HoldReason kept in the advert (the reply has the whole reason).
 _ADVERT_REASON = 1000
 #: Headers a copy leaves out: the broker's and carod's own transport headers (set again where they apply).
@@ -117,6 +117,8 @@ class Holding:
         self.journal = journal
         self.node_user = url_user(config.broker.url)
         self.held: dict[str, HeldJob] = {}
+        #: held jobs being released or removed now (a second request for one is refused, not queued)
+        self.busy: set[str] = set()
 
     async def load(self) -> None:
         """The held jobs the journal knows (at start, before any job is taken)."""
@@ -178,27 +180,30 @@ class Holding:
     async def release(self, held: HeldJob, why: str) -> str:
         """Idle to the submitter, the job back to the job queue, its held queue deleted. Raises BrokerError."""
         releasing = replace(held, state=RELEASING, sequence=held.sequence + 1)
-        self.held[held.message_id] = releasing  # at once: a second request finds it releasing
-        await self._save(releasing, forget_job=True)
-        idle = replies.idle(
-            sequence=releasing.sequence, node=self.config.node_name, now=time.time(), reason=why, run_count=held.runs
-        )
+        self.busy.add(held.message_id)
         try:
-            await self._reply(held, idle.headers)
-            headers: dict[str, Scalar] = {
-                RUNS_HEADER: held.runs,
-                SEQUENCE_HEADER: releasing.sequence,
-                OWNER_HEADER: held.owner or "",
-            }
-            if not await self.broker.release_held(held.queue, headers, user_id=self.node_user):
-                log.warning("job=%s its held queue %s had no message: released before", held.message_id, held.queue)
-        except BrokerError:
-            self.held[held.message_id] = replace(releasing, state=HELD)
-            await self._save(self.held[held.message_id])
-            raise
-        await self.finish_release(held.message_id)
+            await self._save(releasing, forget_job=True)
+            self.held[held.message_id] = releasing
+            await self._release(releasing, why)
+        finally:
+            self.busy.discard(held.message_id)
         log.info("job=%s released: back in %s (%s)", held.message_id, self.config.broker.queue, why)
         return "released"
+
+    async def _release(self, held: HeldJob, why: str) -> None:
+        """Raises BrokerError: the row stays (``releasing``), and a release or rm later does it again."""
+        idle = replies.idle(
+            sequence=held.sequence, node=self.config.node_name, now=time.time(), reason=why, run_count=held.runs
+        )
+        await self._reply(held, idle.headers)
+        headers: dict[str, Scalar] = {
+            RUNS_HEADER: held.runs,
+            SEQUENCE_HEADER: held.sequence,
+            OWNER_HEADER: held.owner or "",
+        }
+        if not await self.broker.release_held(held.queue, headers, user_id=self.node_user):
+            log.warning("job=%s its held queue %s had no message: released before", held.message_id, held.queue)
+        await self.finish_release(held.message_id)
 
     async def finish_release(self, message_id: str) -> None:
         """The released job's row dropped (also when its message reached this node before that)."""
@@ -206,7 +211,15 @@ class Holding:
 
     async def remove(self, held: HeldJob, why: str) -> str:
         """Removed to the submitter, its held queue (and message) deleted. Raises BrokerError."""
-        self.held[held.message_id] = replace(held, state=REMOVING)  # at once: a second request finds it removing
+        self.busy.add(held.message_id)
+        try:
+            await self._remove(held, why)
+        finally:
+            self.busy.discard(held.message_id)
+        log.info("job=%s held job removed: %s", held.message_id, why)
+        return "held"
+
+    async def _remove(self, held: HeldJob, why: str) -> None:
         removed = replies.removed(
             sequence=held.sequence + 1,
             node=self.config.node_name,
@@ -215,15 +228,9 @@ class Holding:
             info=None,
             run_count=held.runs,
         )
-        try:
-            await self._reply(held, removed.headers)
-            await self.broker.delete_held(held.queue)
-        except BrokerError:
-            self.held[held.message_id] = held
-            raise
+        await self._reply(held, removed.headers)
+        await self.broker.delete_held(held.queue)
         await self._drop(held.message_id)
-        log.info("job=%s held job removed: %s", held.message_id, why)
-        return "held"
 
     async def _reply(self, held: HeldJob, headers: Mapping[str, Scalar]) -> None:
         """A reply to the held job's submitter, confirmed. Raises BrokerError (try again later); a reply
