@@ -101,6 +101,8 @@ async def _apply(node: Node, request: Request, requester: str | None, target: _T
         state = node.remove(target.message_id, why, how=how) or state
         if state == "finished":
             ok, reason = False, "it has finished; its final reply is on its way"
+        else:  # also remembered: a job handed on before it ran (declined, parked) is acted on when it is back
+            node.removals.add(target.message_id, why, time.monotonic(), action=request.action, requester=requester)
     log.info(
         "job=%s carod %s by %s (%s): %s%s",
         target.message_id,
