@@ -7,7 +7,12 @@
     carod status [-l NODE] [--json]     the pool: nodes, free resources, jobs
     carod q [-af ATTR...] [-format FMT ATTR]... [-constraint EXPR] [--json]
                                         the jobs in the pool (condor_q)
-    carod rm ID [ID...] [--reason TEXT] remove jobs: running ones are killed (condor_rm)
+    carod rm ID... | -a | -constraint EXPR [--reason TEXT]
+                                        remove jobs: running ones are killed (condor_rm)
+    carod hold ID... | -a | -constraint EXPR [--reason TEXT]
+                                        hold jobs: kept by the broker until released (condor_hold)
+    carod release ID... | -a | -constraint EXPR
+                                        release held jobs: they run again (condor_release)
 
 The client commands (submit, status, q, rm, ...) take the broker URL, the job queue
 and the pool exchange from the node's config (--config FILE, $CAROD_CONFIG or
@@ -234,11 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=commands.cmd_q)
 
-    p = sub.add_parser("rm", help="remove jobs by message_id: running ones are killed and answered Removed")
-    _pool_options(p)
-    p.add_argument("--reason", default="", help="why (goes into the Removed reply's RemoveReason)")
-    p.add_argument("ids", nargs="+", metavar="ID", help="the jobs' message_ids")
-    p.set_defaults(func=commands.cmd_rm)
+    for name, func, what, reason in (
+        ("rm", commands.cmd_rm, "remove jobs: running ones are killed and answered Removed", "RemoveReason"),
+        ("hold", commands.cmd_hold, "hold jobs: stopped, answered Held, kept by the broker", "HoldReason"),
+        ("release", commands.cmd_release, "release held jobs: back to the job queue, to run again", "the Idle reply"),
+    ):
+        p = sub.add_parser(name, help=f"{what} (condor_{name})")
+        _pool_options(p)
+        p.add_argument("--reason", default="", help=f"why (goes into {reason})")
+        p.add_argument("-a", "--all", action="store_true", help="every job you may act on (yours; all for an admin)")
+        p.add_argument("-constraint", "--constraint", metavar="EXPR", help="the jobs this ClassAd expression selects")
+        p.add_argument("ids", nargs="*", metavar="ID", help="the jobs' message_ids")
+        p.set_defaults(func=func)
     return parser
 
 

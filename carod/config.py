@@ -14,6 +14,7 @@ import functools
 import os
 import socket
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,9 @@ class NodeConfig:
     stream_rate_kib_s: int = 256
     #: The daemon's event loop: asyncio's own, or uvloop's (docs/operations.md, docs/performance.md issue 16).
     event_loop: str = "asyncio"
+    #: Broker users who may rm, hold and release any job on this node (besides each job's owner),
+    #: comma-separated (docs/operations.md, "Who may act on a job").
+    admins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,8 @@ _RENAMED = {
     "reserves and is limited to)",
 }
 _STRINGS = tuple[str, ...]
+#: Lists whose items are names (no spaces in them): separated by commas or spaces.
+_NAME_LISTS = frozenset({("node", "admins")})
 
 
 def _convert(section: str, key: str, raw: str, kind: Any) -> Any:
@@ -244,6 +250,8 @@ def _convert(section: str, key: str, raw: str, kind: Any) -> Any:
             if not raw:
                 raise ValueError(raw)
             return Path(raw)
+        if kind == _STRINGS and (section, key) in _NAME_LISTS:
+            return tuple(raw.replace(",", " ").split())
         if kind == _STRINGS:
             return tuple(item.strip() for item in raw.split(",") if item.strip())
         if kind is bool:
@@ -458,6 +466,15 @@ def effective(config: Config) -> str:
     lines.append("[machine]")
     lines.extend(f"{name} = {text}" for name, text in config.machine)
     return "\n".join(lines) + "\n"
+
+
+def url_user(url: str) -> str:
+    """The broker user an ``amqp://`` URL logs in as (aio-pika's default, ``guest``, when it names none)."""
+    _scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return "guest"
+    creds = rest.rpartition("@")[0]
+    return urllib.parse.unquote(creds.split(":", 1)[0]) or "guest"
 
 
 def redact_url(url: str) -> str:

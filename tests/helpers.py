@@ -150,11 +150,18 @@ class Submitter:
         reply_to: str | None = "auto",
         routing_key: str | None = None,
         exchange: str = "",
+        user_id: str | None = None,
     ) -> str | None:
+        """``user_id``: the message's user_id property (the broker refuses any but the connection's user, guest)."""
         mid = str(uuid.uuid4()) if message_id == "auto" else message_id
         rt = self.reply_queue.name if reply_to == "auto" else reply_to
         message = aio_pika.Message(
-            body, headers=headers, message_id=mid, reply_to=rt, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            body,
+            headers=headers,
+            message_id=mid,
+            reply_to=rt,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=user_id,
         )
         ex = self.channel.default_exchange if not exchange else await self.channel.get_exchange(exchange)
         await ex.publish(message, routing_key or self.job_queue)
@@ -172,6 +179,21 @@ class Submitter:
                 await self.arrived.wait()
 
         return await asyncio.wait_for(final(), timeout_s)
+
+    async def wait_reply(
+        self, message_id: str | None, status: int, *, after: int = 0, timeout_s: float = 20.0
+    ) -> Reply:
+        """The first reply of the job with this JobStatus among its replies from index ``after`` on."""
+
+        async def reply() -> Reply:
+            while True:
+                for got in self.replies.get(message_id, [])[after:]:
+                    if got.status == status:
+                        return got
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        return await asyncio.wait_for(reply(), timeout_s)
 
     async def wait_running(self, message_id: str | None, timeout_s: float = 20.0) -> None:
         """Until the job's Running (JobStatus 2) reply has arrived."""

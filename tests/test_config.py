@@ -386,3 +386,12 @@ def test_bad_sandbox_settings_name_the_key(text: str, key: str) -> None:
 def test_bad_disk_settings_name_their_key(line: str, key: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(key)):
         configuration.parse(f"[broker]\nurl = amqp://x/\n[sandbox]\n{line}\n")
+
+
+def test_admins_are_broker_user_names_separated_by_commas_or_spaces() -> None:
+    config = configuration.parse("[node]\nadmins = ops, alice  bob,\n", source="test", environ={})
+    assert config.node.admins == ("ops", "alice", "bob")
+    assert configuration.parse("", source="test", environ={}).node.admins == ()
+    assert configuration.url_user("amqp://ops:secret@broker:5672/") == "ops"
+    assert configuration.url_user("amqp://al%40ice:pw@broker/") == "al@ice"
+    assert configuration.url_user("amqp://broker/") == "guest"  # as aio-pika logs in without one

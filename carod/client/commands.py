@@ -1,4 +1,4 @@
-"""The submitter's commands: ``carod submit``, ``carod status``, ``carod q``, ``carod rm``.
+"""The submitter's commands: ``carod submit``, ``carod status``, ``carod q``, ``carod rm``, ``hold``, ``release``.
 
 Built on :mod:`carod.client.library`; the parser that dispatches here is
 :mod:`carod.cli`. Exit codes are listed in docs/operations.md.
@@ -21,9 +21,9 @@ from typing import TextIO
 import classad2
 
 from carod.client import formats, tables
-from carod.client.library import Client, ClientError, JobReply, PoolStatus, pool_status, remove, waiting
+from carod.client.library import Client, ClientError, JobReply, PoolStatus, control_jobs, pool_status, waiting
 from carod.errors import EXIT_OK, EXIT_SOFTWARE, EXIT_UNAVAILABLE
-from carod.wire import adverts
+from carod.wire import adverts, control
 from carod.wire.classads import to_classad_text
 
 #: carod submit's exit codes besides the shared ones: the job was Held or Removed; --timeout passed.
@@ -228,7 +228,34 @@ def _silent(status: PoolStatus, stream: TextIO) -> None:
         print(f"({len(status.silent)} node(s) did not answer: {', '.join(sorted(status.silent))})", file=stream)
 
 
+#: What each control command did, as its output says it.
+_DONE = {control.RM: "removed", control.HOLD: "held", control.RELEASE: "released"}
+
+
 def cmd_rm(args: argparse.Namespace) -> int:
+    return cmd_control(args, control.RM)
+
+
+def cmd_hold(args: argparse.Namespace) -> int:
+    return cmd_control(args, control.HOLD)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    return cmd_control(args, control.RELEASE)
+
+
+def cmd_control(args: argparse.Namespace, action: str) -> int:
+    """carod rm / hold / release: by ids, -a or -constraint. 0 when every job named was acted on."""
+    constraint = control.ALL if args.all else args.constraint
+    if constraint is not None and args.ids:
+        return fail(f"carod {action}: give job ids, or -a, or -constraint, not both", 2)
+    if constraint is None and not args.ids:
+        return fail(f"carod {action}: give job ids, -a or -constraint EXPR", 2)
+    if constraint is not None:
+        try:
+            control.check_constraint(constraint)
+        except control.ControlError as exc:
+            return fail(f"carod {action} -constraint: {exc}", 2)
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # a uid with no passwd entry (containers)
@@ -236,22 +263,40 @@ def cmd_rm(args: argparse.Namespace) -> int:
     by = f"{user}@{socket.gethostname()}"
     try:
         found = asyncio.run(
-            remove(args.url, args.ids, reason=args.reason, by=by, exchange=args.pool_exchange, wait_s=args.wait)
+            control_jobs(
+                args.url,
+                action,
+                args.ids,
+                constraint=constraint,
+                reason=args.reason,
+                by=by,
+                exchange=args.pool_exchange,
+                wait_s=args.wait,
+            )
         )
     except ClientError as exc:
         return fail(str(exc), EXIT_UNAVAILABLE)
-    missing = 0
+    failed = 0
     for mid, answers in found.items():
-        if answers:
-            where = ", ".join(f"{a.node} ({a.state})" for a in answers)
-            print(f"{mid}: removed on {where}")
-        else:
-            missing += 1
-            print(
-                f"{mid}: no node has it now; the nodes that heard this will answer it Removed if it reaches them",
-                file=sys.stderr,
+        done = [a for a in answers if a.ok]
+        refused = [a for a in answers if not a.ok]
+        if done:
+            where = ", ".join(f"{a.node} ({a.state})" for a in done)
+            print(f"{mid}: {_DONE[action]} on {where}")
+        for answer in refused:
+            failed += 1
+            print(f"{mid}: refused by {answer.node}: {answer.reason}", file=sys.stderr)
+        if not answers:
+            failed += 1
+            later = (
+                "; the nodes that heard this will act on it if it reaches them"
+                if action != control.RELEASE
+                else " held (it may not be held, or its node is away)"
             )
-    return EXIT_OK if not missing else 1
+            print(f"{mid}: no node has it now{later}", file=sys.stderr)
+    if constraint is not None and not found:
+        print(f"no job matched {constraint!r} among the jobs you may act on", file=sys.stderr)
+    return EXIT_OK if not failed else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:

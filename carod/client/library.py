@@ -33,6 +33,7 @@ import aiormq
 import classad2
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
+from carod.config import url_user
 from carod.errors import CarodError, JobHeld
 from carod.units import MIB
 from carod.unzip import Owner, unpack_input
@@ -199,6 +200,8 @@ class Client:
         max_result_mib: int = DEFAULT_MAX_RESULT_MIB,
     ) -> None:
         self.url = url
+        #: the broker user the URL logs in as: every message this client publishes carries it as its user_id
+        self.user = url_user(url)
         self.max_result_bytes = max_result_mib * MIB
         self.exchange_name = exchange
         self.routing_key = routing_key if routing_key is not None else queue
@@ -277,6 +280,7 @@ class Client:
             message_id=job.message_id,
             reply_to=self._reply_queue.name,
             delivery_mode=DeliveryMode.PERSISTENT,
+            user_id=self.user,  # the job's Owner (the broker refuses any other than the connection's user)
         )
         try:
             exchange = (
@@ -322,7 +326,7 @@ async def pool_status(
     async with _pool_inbox(url, exchange, on_message, listen=f"{adverts.ADVERT_KEY_PREFIX}#") as (pool_exchange, inbox):
         try:
             await pool_exchange.publish(
-                aio_pika.Message(b"", reply_to=inbox.name, expiration=wait_s), adverts.QUERY_KEY
+                aio_pika.Message(b"", reply_to=inbox.name, expiration=wait_s, user_id=url_user(url)), adverts.QUERY_KEY
             )
         except _BROKER_ERRORS as exc:
             raise ClientError(f"cannot query the pool on exchange {exchange!r}: {exc}") from exc
@@ -374,6 +378,64 @@ async def waiting(url: str, queues: Iterable[str]) -> dict[str, int]:
     return counts
 
 
+async def control_jobs(
+    url: str,
+    action: str,
+    message_ids: Iterable[str] = (),
+    *,
+    constraint: str | None = None,
+    reason: str = "",
+    by: str = "",
+    exchange: str = "carod.nodes",
+    wait_s: float = 2.0,
+) -> dict[str, list[control.Answer]]:
+    """``carod rm/hold/release``: ask every node to act on these jobs, or on every job ``constraint`` selects.
+
+    The requests carry the URL's user as their user_id (the broker checks it; nodes act only for a
+    job's owner or an admin, carod.wire.control). Returns the nodes' answers by message_id: for ids,
+    once every id has one or after ``wait_s``; for a constraint, what came within ``wait_s``.
+    """
+    ids = list(message_ids)
+    if constraint is not None:
+        try:
+            control.check_constraint(constraint)
+        except control.ControlError as exc:
+            raise ClientError(str(exc)) from exc
+    found: dict[str, list[control.Answer]] = {mid: [] for mid in ids}
+    done = asyncio.Event()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        try:
+            answer = control.decode_answer(message.body)
+        except control.ControlError:
+            return
+        if constraint is not None or answer.message_id in found:
+            found.setdefault(answer.message_id, []).append(answer)
+            if constraint is None and all(found.values()):
+                done.set()
+
+    requests = (
+        [control.Request(action, "", reason, by, constraint)]
+        if constraint is not None
+        else [control.Request(action, mid, reason, by) for mid in ids]
+    )
+    async with _pool_inbox(url, exchange, on_message) as (pool_exchange, inbox):
+        try:
+            for request in requests:
+                message = aio_pika.Message(
+                    control.encode_request(request),
+                    content_type="application/json",
+                    reply_to=inbox.name,
+                    user_id=url_user(url),
+                )
+                await pool_exchange.publish(message, control.CONTROL_KEY)
+        except _BROKER_ERRORS as exc:
+            raise ClientError(f"cannot send carod {action} on exchange {exchange!r}: {exc}") from exc
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), wait_s)
+    return found
+
+
 async def remove(
     url: str,
     message_ids: Iterable[str],
@@ -384,31 +446,7 @@ async def remove(
     wait_s: float = 2.0,
 ) -> dict[str, list[control.Answer]]:
     """``carod rm``: ask every node to remove these jobs; which nodes had them (waits ``wait_s`` for answers)."""
-    ids = list(message_ids)
-    found: dict[str, list[control.Answer]] = {mid: [] for mid in ids}
-    done = asyncio.Event()
-
-    async def on_message(message: AbstractIncomingMessage) -> None:
-        try:
-            answer = control.decode_answer(message.body)
-        except control.ControlError:
-            return
-        if answer.message_id in found:
-            found[answer.message_id].append(answer)
-            if all(found.values()):
-                done.set()
-
-    async with _pool_inbox(url, exchange, on_message) as (pool_exchange, inbox):
-        try:
-            for mid in ids:
-                body = control.encode_request(control.Request("rm", mid, reason, by))
-                message = aio_pika.Message(body, content_type="application/json", reply_to=inbox.name)
-                await pool_exchange.publish(message, control.CONTROL_KEY)
-        except _BROKER_ERRORS as exc:
-            raise ClientError(f"cannot send the removal on exchange {exchange!r}: {exc}") from exc
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), wait_s)
-    return found
+    return await control_jobs(url, control.RM, message_ids, reason=reason, by=by, exchange=exchange, wait_s=wait_s)
 
 
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError)

@@ -18,16 +18,20 @@ Topology (docs/protocol.md):
   the original, in one transaction); it expires after ``unmatched_delay_s``
   and dead-letters back to ``<queue>``, where any node may take it again;
 * ``[pool] exchange`` (topic): node adverts, status queries and control
-  requests (``carod rm``, carod.wire.control).
+  requests (``carod rm``, ``hold``, ``release``: carod.wire.control);
+* ``<queue>.held.<hash>``: one durable queue per held job (:func:`held_queue_name`), holding a copy of
+  its message until it is released (back to ``<queue>``) or removed (the queue deleted)
+  (carod.node.holding).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import aio_pika
@@ -207,7 +211,7 @@ class Broker:
         connection = self._require(self._connection)
 
         async def heard(message: AbstractIncomingMessage) -> None:
-            await on_message(PoolMessage(message.routing_key or "", message.reply_to, message.body))
+            await on_message(PoolMessage(message.routing_key or "", message.reply_to, message.body, message.user_id))
 
         try:
             self._pool_channel = await connection.channel(publisher_confirms=False)
@@ -316,6 +320,78 @@ class Broker:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(channel.close(), self.config.confirm_timeout_s)
 
+    # ------------------------------------------------------------ held jobs (carod hold)
+
+    @contextlib.asynccontextmanager
+    async def _side_channel(self) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """A confirming channel of its own (a refusal closes only it), closed after the block."""
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            raise BrokerError("not connected to the broker")
+        channel = await transport.connection.channel(publisher_confirms=True)
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), self.config.confirm_timeout_s)
+
+    async def keep_held(self, queue_name: str, body: bytes, properties: aiormq.spec.Basic.Properties) -> None:
+        """Declare the held job's durable queue and put the copy of its message in it, confirmed.
+
+        Raises BrokerError (nothing is known to be kept). A second copy (the same job held again
+        after a crash) is harmless: a release takes one and deletes the queue.
+        """
+        try:
+            async with asyncio.timeout(self.config.confirm_timeout_s), self._side_channel() as channel:
+                await channel.queue_declare(
+                    queue_name, durable=True, arguments={"x-queue-type": self.config.queue_type}
+                )
+                confirm = await channel.basic_publish(
+                    body, exchange="", routing_key=queue_name, properties=properties, mandatory=True
+                )
+        except TRANSIENT as exc:
+            raise BrokerError(f"the held job's message was not kept in {queue_name!r}: {exc!r}") from exc
+        if isinstance(confirm, aiormq.abc.DeliveredMessage):
+            raise BrokerError(f"the held job's message was returned by the broker ({queue_name!r} is gone)")
+
+    async def release_held(self, queue_name: str, headers: Mapping[str, Scalar], *, user_id: str | None) -> bool:
+        """Move the held job's message back to the job queue (with ``headers`` added), confirmed; delete its queue.
+
+        False when its queue has no message (it was released before). Raises BrokerError.
+        """
+        try:
+            async with asyncio.timeout(self.config.confirm_timeout_s), self._side_channel() as channel:
+                try:
+                    await channel.queue_declare(queue_name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    return False
+                got = await channel.basic_get(queue_name, no_ack=False)
+                if not isinstance(got.delivery, aiormq.spec.Basic.GetOk) or got.delivery.delivery_tag is None:
+                    await channel.queue_delete(queue_name)
+                    return False
+                properties = got.header.properties
+                properties.headers = {**(properties.headers or {}), **headers}
+                properties.user_id = user_id
+                confirm = await channel.basic_publish(
+                    got.body, exchange="", routing_key=self.config.queue, properties=properties, mandatory=True
+                )
+                if isinstance(confirm, aiormq.abc.DeliveredMessage):
+                    raise BrokerError(f"the released job was returned by the broker ({self.config.queue!r} is gone)")
+                await channel.basic_ack(got.delivery.delivery_tag)
+                await channel.queue_delete(queue_name)
+        except TRANSIENT as exc:
+            raise BrokerError(f"the held job in {queue_name!r} was not released: {exc!r}") from exc
+        return True
+
+    async def delete_held(self, queue_name: str) -> None:
+        """Delete a held job's queue and the message in it. Raises BrokerError."""
+        try:
+            async with asyncio.timeout(self.config.confirm_timeout_s), self._side_channel() as channel:
+                await channel.queue_delete(queue_name)
+        except TRANSIENT as exc:
+            raise BrokerError(f"the held job's queue {queue_name!r} was not deleted: {exc!r}") from exc
+
     async def _publish(
         self, exchange_name: str, routing_key: str, body: bytes, properties: aiormq.spec.Basic.Properties
     ) -> None:
@@ -364,6 +440,11 @@ class Broker:
             timeout=self.config.confirm_timeout_s,
             wait=False,  # type: ignore[call-arg]  # for the write: the confirm (waited for) comes after it
         )
+
+
+def held_queue_name(queue: str, message_id: str) -> str:
+    """The durable queue a held job's message waits in: named after the job queue and the job's message_id."""
+    return f"{queue}.held.{hashlib.sha256(message_id.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
 
 
 def job_queue_arguments(cfg: BrokerConfig) -> dict[str, object]:

@@ -88,6 +88,8 @@ class PoolMessage:
     routing_key: str
     reply_to: str | None
     body: bytes
+    #: the user_id property, validated by the broker against the publisher's connection (None: not set)
+    user_id: str | None = None
 
 
 class Delivery:
@@ -115,6 +117,11 @@ class Delivery:
     @property
     def headers(self) -> Mapping[str, object]:
         return self._message.headers or {}
+
+    @property
+    def user_id(self) -> str | None:
+        """The user_id property: RabbitMQ refuses a publish whose user_id is not the connection's user."""
+        return self._message.user_id
 
     @property
     def body(self) -> bytes:
@@ -272,18 +279,7 @@ class Delivery:
         headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith("x-")}
         headers[OFFERS_HEADER] = parking.offers
         headers[FIRST_OFFER_HEADER] = parking.first_offer
-        copy = aio_pika.Message(
-            message.body,
-            headers=headers,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            priority=message.priority,
-            timestamp=message.timestamp,
-            delivery_mode=DeliveryMode.PERSISTENT,
-        )
+        copy = message_copy(message, headers)
         try:
             async with asyncio.timeout(parking.timeout_s), _transaction(message) as channel:
                 await channel.basic_publish(
@@ -301,6 +297,33 @@ class Delivery:
         if message is self._message:
             self.acked = True
         return True
+
+    def copy(self, headers: Mapping[str, object], *, user_id: str | None) -> tuple[bytes, aiormq.spec.Basic.Properties]:
+        """The current message's body and properties for a persistent copy with these headers and user_id."""
+        copy = message_copy(self._message, headers, user_id=user_id)
+        return self._message.body, copy.properties
+
+
+def message_copy(
+    message: AbstractIncomingMessage | aio_pika.abc.AbstractMessage,
+    headers: Mapping[str, object],
+    *,
+    user_id: str | None = None,
+) -> aio_pika.Message:
+    """A persistent copy of a job message with other headers (and user_id: it must be the publisher's own user)."""
+    return aio_pika.Message(
+        message.body,
+        headers=dict(headers),  # type: ignore[arg-type]
+        message_id=message.message_id,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        priority=message.priority,
+        timestamp=message.timestamp,
+        user_id=user_id,
+        delivery_mode=DeliveryMode.PERSISTENT,
+    )
 
 
 class _NothingSent(Exception):

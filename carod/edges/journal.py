@@ -87,6 +87,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (confirmed, id);
 CREATE INDEX IF NOT EXISTS outbox_job ON outbox (message_id, id);
+CREATE TABLE IF NOT EXISTS held (
+    message_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    record TEXT NOT NULL,
+    created REAL NOT NULL
+);
 """
 #: Columns added since the first schema: (table, column, definition).
 _ADDED_COLUMNS = (("jobs", "reply_to", "TEXT"),)
@@ -324,6 +330,22 @@ class Journal:
             self._run("RELEASE call")
             raise
         self._run("RELEASE call")
+
+    async def call(self, fn: Callable[[], _T], *, writes: bool = True) -> _T:
+        """Run ``fn`` in the journal thread, in a transaction (a savepoint) of its own; its result after the commit.
+
+        For the journal's other users (carod.node.holding): ``fn`` reads and writes with :meth:`execute`.
+        """
+
+        def run() -> _T:
+            with self._transaction():
+                return fn()
+
+        return await self._call(run, writes=writes)
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement, from a function given to :meth:`call` (in the journal thread); its rows."""
+        return self._run(sql, args).fetchall()
 
     # ------------------------------------------------------------ jobs
 

@@ -20,6 +20,7 @@ from carod.config import Config
 from carod.edges.broker import Broker
 from carod.edges.delivery import PoolMessage
 from carod.errors import BrokerError
+from carod.node import actions
 from carod.node.arrival import Node
 from carod.node.pool import PoolView
 from carod.wire import adverts, control
@@ -116,25 +117,22 @@ class Advertiser:
             await asyncio.sleep(_MIN_GAP_S)
 
     async def _control(self, message: PoolMessage) -> None:
-        """``carod rm``: the node that has the job stops it and says so; the others remember it."""
+        """``carod rm/hold/release``: the node that has the job acts (for its owner or an admin) and says so."""
         try:
             request = control.decode_request(message.body)
         except control.ControlError as exc:
             self.dropped.drop("a control request", self.config.pool.exchange, exc, time.monotonic())
             self.node.metrics.pool_dropped.labels(kind="control").inc()
             return
-        state = self.node.remove(request.message_id, request.remove_reason())
-        if state is None:
-            return
-        log.info("job=%s remove requested by %s: it was %s here", request.message_id, request.by or "?", state)
-        if message.reply_to:
-            answer = control.Answer(self.config.node_name, request.message_id, state)
+        for answer in await actions.act(self.node, request, message.user_id):
+            if not message.reply_to:
+                continue
             try:
                 await self.broker.publish_advert(
                     "", control.encode_answer(answer), ttl_s=60, reply_to=message.reply_to, message_type="carod.control"
                 )
             except BrokerError as exc:
-                log.warning("job=%s could not tell carod rm that it is removed: %s", request.message_id, exc)
+                log.warning("job=%s could not answer carod %s: %s", answer.message_id, request.action, exc)
 
     async def _publish(self, reply_to: str | None = None) -> None:
         body = adverts.encode(self.advert())

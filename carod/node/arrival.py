@@ -29,21 +29,22 @@ from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Parking, Settle
 from carod.edges.journal import Journal, JournalError
 from carod.edges.metrics import Metrics
-from carod.errors import JobHeld
+from carod.errors import BrokerError, JobHeld
 from carod.holdcodes import HoldCode
 from carod.node import machine, pool
 from carod.node.admission import Admission
 from carod.node.answer import Answerer
 from carod.node.attempt import Attempt
 from carod.node.evaluator import Evaluator
+from carod.node.holding import RELEASING, HeldJob, Holding
 from carod.node.job import Ending, Job, log_state, set_requests
 from carod.node.outcome import Held, Removed
 from carod.node.pool import HandBacks, PoolView
 from carod.node.recovery import Recovery
-from carod.node.removals import Removals
+from carod.node.removals import Pending, Removals
 from carod.sandbox.execute import Executor
 from carod.states import JobState
-from carod.wire import amqp10, classads, jobad
+from carod.wire import amqp10, classads, control, jobad
 from carod.wire.adverts import JobInfo
 from carod.wire.jobad import Request
 from carod.wire.message import Envelope, parse_envelope
@@ -90,6 +91,8 @@ class Node:
         self._handed_back = HandBacks()
         #: carod rm of jobs that may reach this node later
         self.removals = Removals(config.node.max_removals, config.node.journal_retention_s)
+        #: jobs held here (carod hold): kept by the broker, advertised, released or removed here
+        self.holding = Holding(config, broker, journal)
         self.evaluator = Evaluator.for_node(config, metrics)
         self.attempt = Attempt(config, executor, journal, self.answer, metrics)
         self.recovery = Recovery(config, executor, journal, self.answer, self.removals, self.evaluator, metrics)
@@ -116,7 +119,14 @@ class Node:
                 )
             except amqp10.Amqp10Error as exc:
                 unreadable = f"the job message came from an AMQP 1.0 client, and {exc}"
-        envelope = parse_envelope(message_id, reply_to, headers, queue=self.config.broker.queue)
+        envelope = parse_envelope(
+            message_id,
+            reply_to,
+            headers,
+            queue=self.config.broker.queue,
+            user_id=delivery.user_id,
+            node_user=self.holding.node_user,
+        )
         if from_amqp10:
             envelope = dataclasses.replace(envelope, amqp10=True)
         mid = envelope.message_id
@@ -146,7 +156,14 @@ class Node:
             )
             return
         job = Job(
-            envelope, delivery, self.admission.arrive(delivery), headers=headers, body=body, unreadable=unreadable
+            envelope,
+            delivery,
+            self.admission.arrive(delivery),
+            headers=headers,
+            body=body,
+            unreadable=unreadable,
+            sequence=envelope.sequence,
+            run_count=envelope.runs,
         )
         key = id(job)
         self.jobs[key] = job
@@ -200,13 +217,23 @@ class Node:
             held = JobHeld("the job message has no message_id; carod needs one to identify the job")
             await self.answer.commit_final(job, self.answer.reply(job, Held(held)).headers, b"")
             return
+        kept = self.holding.get(env.message_id)
+        if kept is not None and kept.state == RELEASING:
+            await self.holding.finish_release(env.message_id)  # released: its message came back before the row went
+        elif kept is not None:
+            await self._held_again(job, kept)
+            return
         # Not a commit the job waits for: the row is committed with the job's start (or its answer).
         record, new = await self.journal.receive(env.message_id, str(env.reply_to))
         if not new and (await self.answer.reused_id(job, record) or await self.recovery.known(job, record)):
             return
-        removal = self.removals.get(env.message_id, time.monotonic())
-        if removal is not None:
-            await self.answer.conclude(job, Removed(removal))
+        pending = self._pending(job)
+        if pending is not None and pending.action == control.RM:
+            await self.answer.conclude(job, Removed(pending.reason))
+            return
+        if pending is not None and pending.action == control.HOLD:
+            job.end_with(Ending.HELD, pending.reason)
+            await self._hold_now(job)
             return
         if env.delivery_limited:
             held = JobHeld(
@@ -217,8 +244,10 @@ class Node:
             await self.answer.conclude(job, Held(held))
             return
         try:
+            raw = classads.ad_from_headers(job.headers)
+            jobad.set_owner(raw, env.owner)
             # Evaluated on this loop only when bounded; else reduced by the bounded evaluator first.
-            ad = await self.evaluator.job_ad(classads.ad_from_headers(job.headers), self.live_ad)
+            ad = await self.evaluator.job_ad(raw, self.live_ad)
             jobad.apply_defaults(ad)
             spec = jobad.job_spec(ad)
         except JobHeld as held:
@@ -238,8 +267,14 @@ class Node:
         if job.removed is not None:  # carod rm while it was matched and admitted
             await self.answer.conclude(job, Removed(job.removed))
             return
+        if job.held is not None:  # carod hold while it was matched and admitted
+            await self._hold_now(job)
+            return
         async with self.attempt.run(job, spec, request) as outcome:
-            await self.answer.conclude(job, outcome)
+            if isinstance(outcome, Held) and outcome.held.code is HoldCode.USER_REQUEST:  # carod hold while it ran
+                await self._hold_now(job, outcome)
+            else:
+                await self.answer.conclude(job, outcome)
 
     # ------------------------------------------------------------ matching and room
 
@@ -290,6 +325,9 @@ class Node:
         if job.removed is not None:
             await self.answer.conclude(job, Removed(job.removed))
             return False
+        if job.held is not None:
+            await self._hold_now(job)
+            return False
         self._handed_back.mark(job.message_id, time.monotonic())
         self._state(job, JobState.HANDED_BACK, to=",".join(others) or "the queue (node stopping)")
         await self.journal.forget(job.message_id)
@@ -304,7 +342,9 @@ class Node:
                 waiting.give_up()
 
     def job_infos(self) -> list[JobInfo]:
-        return [job.info for job in self.jobs.values() if job.info is not None and job.process is not None]
+        """Running jobs, and the jobs held here (JobStatus 5)."""
+        running = [job.info for job in self.jobs.values() if job.info is not None and job.process is not None]
+        return running + self.holding.infos()
 
     async def _pass_on(self, job: Job, error: JournalError) -> None:
         """Give a job this node cannot record to another node; Held after max_offers."""
@@ -357,19 +397,15 @@ class Node:
 
     # ------------------------------------------------------------ removing (carod rm)
 
-    def remove(self, message_id: str, reason: str) -> str | None:
-        """Stop the job and answer it Removed. Returns what it was doing here; None when it is not here.
-
-        Remembered (``journal_retention_s``, at most ``max_removals``) either
-        way: a job still in the queue is answered Removed when it reaches this node.
-        """
-        self.removals.add(message_id, reason, time.monotonic())  # forgotten by expire()
+    def remove(self, message_id: str, reason: str, *, how: Ending = Ending.REMOVED) -> str | None:
+        """Stop the job and answer it Removed (or Held, kept: ``how``). Returns what it was doing here;
+        None when it is not here. (carod.node.actions checks who asked, and remembers it for a job not here.)"""
         job = self.running.get(message_id)
         if job is None:
             return None
         if job.state is JobState.EXITED:
             return "finished"  # its final reply is on its way
-        job.end_with(Ending.REMOVED, reason)
+        job.end_with(how, reason)
         if job.process is not None:
             self.attempt.stop(job)
             return "running"
@@ -378,6 +414,50 @@ class Node:
                 waiting.give_up()
                 return "waiting"
         return "received"
+
+    # ------------------------------------------------------------ holding (carod hold)
+
+    def _pending(self, job: Job) -> Pending | None:
+        """A carod rm or hold that came before the job, when its requester may act on the job."""
+        pending = self.removals.pending(job.message_id, time.monotonic())
+        if pending is None:
+            return None
+        refused = None  # the node's own (a hold it could not finish): not checked
+        if pending.requester is not None:
+            refused = control.refusal(pending.requester, job.envelope.owner, self.config.node.admins)
+        if refused is not None:
+            log.warning("job=%s carod %s before it came here refused: %s", job.envelope.label, pending.action, refused)
+            return None
+        return pending
+
+    async def _hold_now(self, job: Job, outcome: Held | None = None) -> None:
+        """carod hold: the job's message kept by the broker, then the Held reply and the ack (carod.node.holding)."""
+        reason = job.held or "held"
+        try:
+            await self.holding.keep(job, reason)
+        except BrokerError as exc:
+            # Not held, not lost: back to the queue; the hold is remembered for when it comes back here.
+            log.error("job=%s could not be held (%s); its message goes back to the queue", job.envelope.label, exc)
+            self.removals.add(job.message_id, reason, time.monotonic(), action=control.HOLD, requester=None)
+            await job.delivery.settle(Settle.REQUEUE, label=job.envelope.label)
+            return
+        self.admission.changed.set()  # advertised soon: carod q shows it held
+        await self.answer.conclude(job, outcome or Held(JobHeld(reason, HoldCode.USER_REQUEST)))
+
+    async def _held_again(self, job: Job, held: HeldJob) -> None:
+        """A message of a job held here: never run; its copy kept again, answered as the journal says."""
+        if held.reply_to != str(job.envelope.reply_to):
+            await self.answer.refuse_reused(job, None)
+            return
+        try:
+            await self.holding.keep_copy(job, held)
+        except BrokerError as exc:
+            log.error("job=%s is held, and its copy could not be kept again (%s); requeued", job.envelope.label, exc)
+            await job.delivery.settle(Settle.REQUEUE, label=job.envelope.label)
+            return
+        record, _new = await self.journal.receive(job.message_id, held.reply_to)
+        if not await self.recovery.known(job, record):
+            await self.answer.conclude(job, Held(JobHeld(held.reason, HoldCode.USER_REQUEST)))
 
     # ------------------------------------------------------------ draining
 

@@ -20,6 +20,7 @@ from carod.config import Config
 from carod.edges.journal import Journal
 from carod.edges.metrics import Metrics
 from carod.errors import JobHeld
+from carod.holdcodes import HoldCode
 from carod.node.answer import Answerer
 from carod.node.job import Ending, Job, job_info, log_state
 from carod.node.outcome import Evicted, Exited, Held, Outcome, Removed
@@ -75,7 +76,8 @@ class Attempt:
             return Held(held)
         # The job's one journal commit before it runs: its row (made here if new), the run counted, and
         # the Sequence of its Running reply, which is published before its own row is committed.
-        job.run_count = await self.journal.start_attempt(
+        # A released job (carod release) goes on counting from its runs before the hold.
+        job.run_count = job.envelope.runs + await self.journal.start_attempt(
             job.message_id, str(box), reply_to=str(job.envelope.reply_to), sequence=job.sequence + 1
         )
         try:
@@ -83,6 +85,7 @@ class Attempt:
         except JobHeld as held:
             return Held(held)
         job.info = job_info(job, spec, request, process.start_time)
+        job.started = process.start_time
         job.process = process
         job.state = JobState.RUNNING
         await self.journal.set_pid(job.message_id, process.pid, process_start_time(process.pid))  # not waited for
@@ -106,7 +109,7 @@ class Attempt:
         update = self.answer.send_soon(job, running)  # the job goes on; its final reply waits for this one
         if update is not None:
             update.add_done_callback(lambda _: self._stop_unanswerable(job))
-        if job.removed is not None or job.unanswerable is not None:  # carod rm, or nobody to answer
+        if job.removed is not None or job.held is not None or job.unanswerable is not None:  # rm, hold, nobody
             self.stop(job)
         progress = Progress.for_job(self.config, job, process, run.streams, self.answer)
         try:
@@ -117,6 +120,8 @@ class Attempt:
             progress.cancel()
         if job.ending is not None:
             how, reason = job.ending
+            if how is Ending.HELD:
+                return Held(JobHeld(reason, HoldCode.USER_REQUEST), info)
             return Removed(reason, info) if how is Ending.REMOVED else Evicted(reason, info)
         if exceeded is not None:
             return Held(exceeded, info)

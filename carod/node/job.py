@@ -30,6 +30,8 @@ class Ending(enum.Enum):
 
     #: carod rm: answered Removed
     REMOVED = "removed"
+    #: carod hold: answered Held, its message kept by the broker (carod.node.holding)
+    HELD = "held"
     #: the node is stopping: handed back to the queue
     EVICTED = "evicted"
 
@@ -51,6 +53,9 @@ class Job:
     sequence: int = 0
     run_count: int = 0
     process: JobProcess | None = None
+    #: when its process started (Unix time; 0: it has not run here), and its QDate (0: unknown)
+    started: float = 0.0
+    submitted: float = 0.0
     kill_sig: int = signal.SIGTERM
     ad: classad2.ClassAd | None = None
     info: JobInfo | None = None
@@ -72,9 +77,15 @@ class Job:
         """The reason of a carod rm, if one came."""
         return self.ending[1] if self.ending is not None and self.ending[0] is Ending.REMOVED else None
 
+    @property
+    def held(self) -> str | None:
+        """The reason of a carod hold, if one came (and no removal after it)."""
+        return self.ending[1] if self.ending is not None and self.ending[0] is Ending.HELD else None
+
     def end_with(self, how: Ending, reason: str) -> None:
-        """Ask the job to end: the first request wins, except that a removal always does (it is answered)."""
-        if self.ending is None or how is Ending.REMOVED:
+        """Ask the job to end: the first request wins, except that a removal always does (it is answered),
+        and a hold wins over an eviction (it is answered, and kept)."""
+        if self.ending is None or how is Ending.REMOVED or (how is Ending.HELD and self.ending[0] is Ending.EVICTED):
             self.ending = (how, reason)
 
     def next_sequence(self) -> int:
@@ -101,6 +112,7 @@ def job_info(job: Job, spec: jobad.JobSpec, request: Request, started: float) ->
         started=started,
         cpus=request.cpus,
         memory_mib=request.memory_mib,
+        attrs={"OwnerVerified": "true" if job.envelope.owner is not None else "false"},
     )
 
 

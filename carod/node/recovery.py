@@ -101,8 +101,8 @@ class Recovery:
     async def known(self, job: Job, record: JobRecord) -> bool:
         """A redelivery of a job the journal knows. True when it is fully handled."""
         env = job.envelope
-        job.sequence = record.sequence
-        job.run_count = record.attempts
+        job.sequence = max(record.sequence, env.sequence)
+        job.run_count = record.attempts + env.runs
         if record.state == JobState.REPLIED:
             if not job.delivery.redelivered:  # a new message with the id: answered, never silence
                 await self.answer.answer_again(job, record)

@@ -280,6 +280,7 @@ class Server:
             self.metrics,
         )
         await self.node.recovery.recover()
+        await self.node.holding.load()
         ahead = await executor.start_ahead(slots)  # after the clean-up of what an earlier run left
         if config.sandbox.prestart:
             log.info("sandbox: %d sandbox(es) started ahead of their jobs", ahead)

@@ -263,25 +263,25 @@ def decode(body: bytes, *, max_bytes: int = 256 * 1024) -> Advert:
 def _jobs(items: object) -> tuple[JobInfo, ...]:
     if not isinstance(items, list):
         raise AdvertError("jobs must be a list")
-    jobs = []
-    for item in items:
-        try:
-            jobs.append(
-                JobInfo(
-                    message_id=str(item["message_id"]),
-                    owner=str(item["owner"]),
-                    cmd=str(item["cmd"]),
-                    started=float(item["started"]),
-                    cpus=float(item["cpus"]),
-                    memory_mib=float(item["memory_mib"]),
-                    status=int(item.get("status", RUNNING_STATUS)),
-                    submitted=float(item.get("submitted", 0.0)),
-                    attrs=_attrs(item.get("attrs", {})),
-                )
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise AdvertError(f"a job entry is incomplete: {exc!r}") from exc
-    return tuple(jobs)
+    return tuple(decode_job(item) for item in items)
+
+
+def decode_job(item: Any) -> JobInfo:
+    """One job entry of an advert (:meth:`JobInfo.to_json`). Raises AdvertError."""
+    try:
+        return JobInfo(
+            message_id=str(item["message_id"]),
+            owner=str(item["owner"]),
+            cmd=str(item["cmd"]),
+            started=float(item["started"]),
+            cpus=float(item["cpus"]),
+            memory_mib=float(item["memory_mib"]),
+            status=int(item.get("status", RUNNING_STATUS)),
+            submitted=float(item.get("submitted", 0.0)),
+            attrs=_attrs(item.get("attrs", {})),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise AdvertError(f"a job entry is incomplete: {exc!r}") from exc
 
 
 def _integer(value: float) -> int:

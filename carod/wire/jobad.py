@@ -65,6 +65,15 @@ def apply_defaults(ad: classad2.ClassAd) -> None:
             ad[name] = value
 
 
+def set_owner(ad: classad2.ClassAd, owner: str | None) -> None:
+    """The ownership rule (docs/protocol.md, "Who may act on a job"): ``owner`` is the verified one
+    (the message's validated user_id), written over what the headers say; without one, ``Owner`` stays
+    the headers' (default ``nobody``) and ``OwnerVerified`` is false."""
+    if owner is not None:
+        ad["Owner"] = owner
+    ad["OwnerVerified"] = owner is not None
+
+
 def job_spec(ad: classad2.ClassAd) -> JobSpec:
     """Read and check the attributes carod honours. Raises JobHeld."""
     universe = evaluate(ad, "JobUniverse")

@@ -15,6 +15,15 @@ from carod.errors import CarodError
 #: delay queue: how many times nodes have declined the job, and when first (Unix time).
 OFFERS_HEADER = "x-carod-offers"
 FIRST_OFFER_HEADER = "x-carod-first-offer"
+#: On a job a node republishes (a released held job, carod.node.holding): its owner (the first
+#: message's validated user_id; "" for none), honoured only when the message's validated user_id is
+#: the node's own broker user; and the runs and last reply Sequence so far, so that JobRunCount and
+#: Sequence go on where they were.
+OWNER_HEADER = "x-carod-owner"
+RUNS_HEADER = "x-carod-runs"
+SEQUENCE_HEADER = "x-carod-sequence"
+#: Largest run count or Sequence taken from a header (counters a message chose: only reported).
+_MAX_COUNTER = 2**31 - 1
 #: Quorum queues: deliveries of this message since it was last enqueued.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 #: RabbitMQ's dead-letter history: one entry per (queue, reason) with a count.
@@ -167,6 +176,13 @@ class Envelope:
     amqp10: bool = False
     #: a refused reply_to: the address (bounded) and why, for the log
     reply_to_problem: str | None = None
+    #: the message's user_id property (RabbitMQ validates it against the publishing connection's user)
+    user_id: str | None = None
+    #: the job's verified owner (:func:`verified_owner`); None: owned by nobody in particular
+    owner: str | None = None
+    #: runs and the last reply Sequence before this message (a released job: x-carod-runs, x-carod-sequence)
+    runs: int = 0
+    sequence: int = 0
 
     @property
     def label(self) -> str:
@@ -174,10 +190,37 @@ class Envelope:
         return self.message_id or "<no message_id>"
 
 
+def verified_owner(user_id: str | None, headers: Mapping[str, object], node_user: str | None) -> str | None:
+    """The job's owner as the broker vouches for it: the validated ``user_id``; None when there is none.
+
+    A message whose user_id is the nodes' own broker user (``node_user``) and that carries
+    :data:`OWNER_HEADER` was republished by a node (a released job): the header is its owner ("" for none).
+    """
+    user = (user_id or "").strip() or None
+    if user is not None and user == node_user and OWNER_HEADER in headers:
+        owner = headers[OWNER_HEADER]
+        if isinstance(owner, bytes):
+            owner = owner.decode("utf-8", "replace")
+        return owner if isinstance(owner, str) and owner and len(owner) <= SHORTSTR_BYTES else None
+    return user
+
+
 def parse_envelope(
-    message_id: str | None, reply_to: str | None, headers: Mapping[str, object], *, queue: str | None = None
+    message_id: str | None,
+    reply_to: str | None,
+    headers: Mapping[str, object],
+    *,
+    queue: str | None = None,
+    user_id: str | None = None,
+    node_user: str | None = None,
 ) -> Envelope:
-    """``queue``: the job queue; only its dead-letterings count (None: any queue's)."""
+    """``queue``: the job queue; only its dead-letterings count (None: any queue's).
+
+    ``user_id``: the message's (validated) user_id; ``node_user``: the nodes' own broker user (carod's
+    own headers of a republished job are read only from a message that user published).
+    """
+    user = (user_id or "").strip() or None
+    republished = user is not None and user == node_user
     limited = _delivery_limited(headers.get(DEATH_HEADER), queue)
     first = _count(headers.get(FIRST_OFFER_HEADER))
     address: ReplyAddress | None = None
@@ -194,6 +237,10 @@ def parse_envelope(
         first_offer=float(first) if first else None,
         delivery_limited=limited,
         deliveries=_count(headers.get(DELIVERY_COUNT_HEADER)),
+        user_id=user,
+        owner=verified_owner(user, headers, node_user),
+        runs=min(_count(headers.get(RUNS_HEADER)), _MAX_COUNTER) if republished else 0,
+        sequence=min(_count(headers.get(SEQUENCE_HEADER)), _MAX_COUNTER) if republished else 0,
     )
 
 

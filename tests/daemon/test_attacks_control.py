@@ -41,7 +41,8 @@ async def publish_control(exchange: str, *bodies: bytes) -> None:
         channel = await connection.channel(publisher_confirms=True)
         ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
         for body in bodies:
-            await ex.publish(aio_pika.Message(body), routing_key=control.CONTROL_KEY)
+            # As carod's client sends them: with the (validated) user_id of whoever asks.
+            await ex.publish(aio_pika.Message(body, user_id="guest"), routing_key=control.CONTROL_KEY)
 
 
 async def until(condition: Any, timeout_s: float = 30) -> None:
@@ -76,8 +77,8 @@ async def test_remembered_removals_are_capped_oldest_first(
     assert len(node.removals) == 5
     assert node.removals.dropped == 3
     # The oldest removal was forgotten: that job runs. A remembered one is answered Removed on arrival.
-    first = await submitter.send(SEED, message_id=ids[0])
-    last = await submitter.send(SEED, message_id=ids[-1])
+    first = await submitter.send(SEED, message_id=ids[0], user_id="guest")
+    last = await submitter.send(SEED, message_id=ids[-1], user_id="guest")
     assert (await submitter.wait_final(first))[-1].status == 4
     removed = (await submitter.wait_final(last))[-1]
     assert removed.status == 3, removed.headers

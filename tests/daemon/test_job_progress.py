@@ -116,7 +116,8 @@ def _alive(pid: int) -> bool:
 async def test_rm_kills_a_running_job_answers_removed_and_acks(
     node: RunningNode, submitter: Submitter, queue: str
 ) -> None:
-    mid = await submitter.send({"Cmd": q("/bin/sleep"), "Arguments": q("300")})
+    # Published as the broker user the removal comes from (guest): its owner (docs/protocol.md).
+    mid = await submitter.send({"Cmd": q("/bin/sleep"), "Arguments": q("300")}, user_id="guest")
     assert mid is not None
     await submitter.wait_running(mid)
     pid = int(submitter.replies[mid][0].headers["JobPid"])
@@ -125,7 +126,7 @@ async def test_rm_kills_a_running_job_answers_removed_and_acks(
     got = await submitter.wait_final(mid, timeout_s=15)
     final = got[-1]
     assert final.status == 3 and final.headers["JobState"] == '"Removed"'
-    assert final.headers["RemoveReason"] == '"removed by alice@host via carod rm: wrong input"'
+    assert final.headers["RemoveReason"] == '"removed by alice@host (broker user guest) via carod rm: wrong input"'
     assert final.headers["ExitBySignal"] == "TRUE" and final.headers["ExitSignal"] == 15
     assert not _alive(pid)
     assert await queue_depth(queue) == 0  # acknowledged: it never runs again
@@ -139,7 +140,7 @@ async def test_rm_before_the_job_arrives_answers_it_removed_on_arrival(
     mid = "rm-early-" + os.urandom(4).hex()
     found = await remove(BROKER_URL, [mid], reason="changed my mind", wait_s=0.5)
     assert found == {mid: []}  # nobody has it yet
-    await submitter.send({"Cmd": q("/bin/echo"), "Arguments": q("never")}, message_id=mid)
+    await submitter.send({"Cmd": q("/bin/echo"), "Arguments": q("never")}, message_id=mid, user_id="guest")
     got = await submitter.wait_final(mid)
     assert [r.status for r in got] == [3]
     assert "changed my mind" in got[-1].headers["RemoveReason"]
@@ -149,9 +150,9 @@ async def test_rm_before_the_job_arrives_answers_it_removed_on_arrival(
 async def test_rm_of_a_job_waiting_for_resources(queue: str, base: Path, submitter: Submitter) -> None:
     running = await start_node(queue, base, node={"slots": 1})
     try:
-        first = await submitter.send({"Cmd": q("/bin/sleep"), "Arguments": q("300")})
+        first = await submitter.send({"Cmd": q("/bin/sleep"), "Arguments": q("300")}, user_id="guest")
         await submitter.wait_running(first)
-        second = await submitter.send({"Cmd": q("/bin/echo"), "Arguments": q("hi")})
+        second = await submitter.send({"Cmd": q("/bin/echo"), "Arguments": q("hi")}, user_id="guest")
         assert first is not None and second is not None
         # The second waits in the queue (prefetch follows free slots) or on the node: either way it is removed.
         found = await remove(BROKER_URL, [second, first], wait_s=3)

@@ -17,3 +17,16 @@ def test_removals_cap_and_expiry() -> None:
     memo.add("m3", "again", now=14)  # re-added: the newest
     memo.expire(now=14.5)
     assert memo.get("m3", now=14.5) == "again"
+
+
+def test_holds_are_remembered_with_their_requester_and_a_release_forgets_them() -> None:
+    memo = removals.Removals(max_count=3, keep_s=10)
+    memo.add("m1", "held by alice", now=0, action="hold", requester="alice")
+    pending = memo.pending("m1", now=1)
+    assert pending is not None
+    assert (pending.action, pending.requester, pending.reason) == ("hold", "alice", "held by alice")
+    memo.add("m1", "removed by ops", now=2, action="rm", requester="ops")  # the later request wins
+    pending = memo.pending("m1", now=3)
+    assert pending is not None and pending.action == "rm" and len(memo) == 1
+    memo.discard("m1")
+    assert memo.pending("m1", now=3) is None and memo.get("m1", now=3) is None

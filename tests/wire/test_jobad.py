@@ -381,3 +381,12 @@ def spec(**attrs: str) -> jobad.JobSpec:
 def test_bad_requests_are_held_naming_the_attribute(attr: str, value: str) -> None:
     with pytest.raises(JobHeld, match=attr):
         spec(**{attr: value})
+
+
+def test_the_verified_owner_is_written_over_the_headers_owner() -> None:
+    ad = classad2.ClassAd({"Owner": "mallory"})
+    jobad.set_owner(ad, "alice")
+    assert ad["Owner"] == "alice" and ad["OwnerVerified"] is True
+    ad = classad2.ClassAd({"Owner": "mallory"})
+    jobad.set_owner(ad, None)  # no user_id: what the headers say, not verified
+    assert ad["Owner"] == "mallory" and ad["OwnerVerified"] is False

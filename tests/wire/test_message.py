@@ -10,10 +10,14 @@ from carod.errors import CarodError
 from carod.wire.message import (
     FIRST_OFFER_HEADER,
     OFFERS_HEADER,
+    OWNER_HEADER,
+    RUNS_HEADER,
+    SEQUENCE_HEADER,
     ReplyAddress,
     ReplyAddressError,
     parse_envelope,
     parse_reply_to,
+    verified_owner,
 )
 
 # ---------------------------------------------------------------- reply_to
@@ -189,3 +193,26 @@ def test_delivery_limit_deaths_of_the_job_queue_are_counted() -> None:
     env = parse_envelope("m", "q", {"x-death": death, "x-delivery-count": 2}, queue="grid")
     assert (env.delivery_limited, env.deliveries) == (1, 2)
     assert parse_envelope("m", "q", {"x-death": "junk"}).delivery_limited == 0
+
+
+# ---------------------------------------------------------------- owners (issue 17)
+
+
+def test_the_owner_is_the_validated_user_id_and_a_nodes_republished_owner_is_honoured_from_the_node_only() -> None:
+    assert verified_owner("alice", {}, "carod") == "alice"
+    assert verified_owner(None, {OWNER_HEADER: "alice"}, "carod") is None, "a header alone proves nothing"
+    assert verified_owner("", {}, "carod") is None
+    # The same header from another user is not believed: that user is the owner.
+    assert verified_owner("eve", {OWNER_HEADER: "alice"}, "carod") == "eve"
+    # From the nodes' own user (a released job): its owner, or nobody.
+    assert verified_owner("carod", {OWNER_HEADER: "alice"}, "carod") == "alice"
+    assert verified_owner("carod", {OWNER_HEADER: b"alice"}, "carod") == "alice"
+    assert verified_owner("carod", {OWNER_HEADER: ""}, "carod") is None
+    assert verified_owner("carod", {}, "carod") == "carod"
+    counters = {RUNS_HEADER: 2, SEQUENCE_HEADER: 7}
+    env = parse_envelope("m", "q", counters, user_id="carod", node_user="carod")
+    assert (env.user_id, env.owner, env.runs, env.sequence) == ("carod", "carod", 2, 7)
+    env = parse_envelope("m", "q", counters, user_id="eve", node_user="carod")
+    assert (env.owner, env.runs, env.sequence) == ("eve", 0, 0), "counters only from a node's republished copy"
+    env = parse_envelope("m", "q", {RUNS_HEADER: 2**40}, user_id="carod", node_user="carod")
+    assert env.runs == 2**31 - 1
