@@ -54,7 +54,7 @@ async def until_running(proc: asyncio.subprocess.Process) -> None:
 async def test_q_status_rm_and_submit_take_the_node_config(node: tuple[Daemon, Path], base: Path) -> None:
     _, config = node
     cfg = ("--config", str(config))
-    running, mid = await submit(*cfg, "-a", 'Owner="alice"')
+    running, mid = await submit(*cfg, "-a", 'Owner="alice"')  # a claim: the broker user (guest) owns it
     await until_running(running)
     waiting, queued = await submit(env={"CAROD_CONFIG": str(config)})  # one slot: this one waits in the queue
 
@@ -67,7 +67,7 @@ async def test_q_status_rm_and_submit_take_the_node_config(node: tuple[Daemon, P
     lines = q.stdout.splitlines()
     assert lines[0].split() == ["ID", "OWNER", "SUBMITTED", "RUN_TIME", "ST", "SIZE", "CMD"]
     row = next(line for line in lines if line.startswith(f" {mid}"))
-    assert row.split()[1] == "alice" and row.split()[-3:] == ["R", "128.0", "/bin/sleep"]
+    assert row.split()[1] == "guest" and row.split()[-3:] == ["R", "128.0", "/bin/sleep"]
     assert row.split()[-4].startswith("0+00:00:")
     assert lines[-1] == "2 jobs; 1 idle, 1 running, 0 held"  # the waiting one counted from the queue
 
@@ -75,20 +75,20 @@ async def test_q_status_rm_and_submit_take_the_node_config(node: tuple[Daemon, P
     assert q.stdout.splitlines()[-1] == "2 jobs; 1 idle, 1 running, 0 held", q.stderr
 
     af = await asyncio.to_thread(carod, "q", *cfg, "-af", "Owner", "Cmd", "JobStatus", "MessageId", "Missing")
-    assert (af.returncode, af.stdout) == (0, f"alice /bin/sleep 2 {mid} undefined\n"), af.stderr
+    assert (af.returncode, af.stdout) == (0, f"guest /bin/sleep 2 {mid} undefined\n"), af.stderr
     fmt = await asyncio.to_thread(
         carod, "q", *cfg, "-format", "%s runs ", "Cmd", "-format", "as %s\\n", "Owner", "-format", "%d\\n", "Missing"
     )
-    assert (fmt.returncode, fmt.stdout) == (0, "/bin/sleep runs as alice\n"), fmt.stderr
+    assert (fmt.returncode, fmt.stdout) == (0, "/bin/sleep runs as guest\n"), fmt.stderr
     none = await asyncio.to_thread(carod, "q", *cfg, "-af", "Owner", "-constraint", 'Owner == "bob"')
     assert (none.returncode, none.stdout) == (0, ""), none.stderr
     some = await asyncio.to_thread(
         carod, "q", *cfg, "-af", "Owner", "-constraint", "JobStatus == 2 && RequestCpus >= 1"
     )
-    assert some.stdout == "alice\n", some.stderr
+    assert some.stdout == "guest\n", some.stderr
     as_json = await asyncio.to_thread(carod, "q", *cfg, "--json")
     [job] = [json.loads(line) for line in as_json.stdout.splitlines()]
-    assert job["message_id"] == mid and job["ad"]["Owner"] == "alice" and job["ad"]["JobStatus"] == 2
+    assert job["message_id"] == mid and job["ad"]["Owner"] == "guest" and job["ad"]["JobStatus"] == 2
 
     removed = await asyncio.to_thread(carod, "rm", *cfg, mid)
     assert removed.returncode == 0, removed.stderr
