@@ -144,7 +144,7 @@ def _chirped(text: str | None) -> dict[str, str] | None:
         return None
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         return None
-    return value
+    return value or None
 
 
 @dataclass(frozen=True)

@@ -235,8 +235,8 @@ def check_get(name: str) -> None:
 def check_set(chirped: Mapping[str, str], name: str, value: str) -> tuple[str, str]:
     """``(name, text)`` to keep for ``set_job_attr name value`` given what the job chirped so far.
 
-    ``text`` is the value as ClassAd expression text in its normal form
-    (one line). A name already set (in any case) is replaced. Raises ChirpRefused.
+    ``text`` is the value as ClassAd expression text on one line: as given
+    (stripped) when it is, else the parser's form of it. A name already set (in any case) is replaced. Raises ChirpRefused.
     """
     check_name(name)
     if "\0" in value:
@@ -244,10 +244,13 @@ def check_set(chirped: Mapping[str, str], name: str, value: str) -> tuple[str, s
     if len(value.encode("utf-8", "surrogateescape")) > MAX_VALUE_BYTES:
         raise ChirpRefused(EFBIG, f"{name}: the value is longer than {MAX_VALUE_BYTES} bytes")
     try:
-        text = str(classad2.ExprTree(value))
+        normal = str(classad2.ExprTree(value))
     except (classad2.ClassAdException, ValueError):
         hint = "" if value.lstrip().startswith('"') else f"; a string needs double quotes, e.g. {classad2.quote(value)}"
         raise ChirpRefused(EINVAL, f"{name}: {value[:200]!r} is not a ClassAd expression{hint}") from None
+    stripped = value.strip()
+    # As the job wrote it when it is one line; else the parser's form of it (one line).
+    text = stripped if stripped.isprintable() else normal
     if not text or len(text.encode("utf-8", "surrogateescape")) > MAX_VALUE_BYTES:
         raise ChirpRefused(EFBIG, f"{name}: the value is longer than {MAX_VALUE_BYTES} bytes as ClassAd text")
     after = replaced(chirped, name, text)

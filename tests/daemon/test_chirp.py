@@ -99,7 +99,8 @@ async def test_the_walkthrough_script_chirps_its_endpoint_to_the_submitter_the_j
     assert endpoint.startswith('"') and endpoint.endswith('"') and host and port.isdigit(), endpoint
     assert update.headers["JobStatus"] == 2 and update.headers["Sequence"] > 1
     # in the journal (it survives a restart: the next run of the job starts with it)
-    record = await node.server.node.journal.get(mid)
+    assert node.server.journal is not None
+    record = await node.server.journal.get(mid)
     assert record is not None and record.chirped == {"ServiceEndpoint": endpoint}
     # in the advert, as published on the pool exchange
     assert node.server.advertiser is not None
@@ -159,10 +160,10 @@ async def test_bad_calls_are_refused_with_htcondor_exit_codes_and_the_node_runs_
     assert "Unknown command fetch" in err
     assert "Good2 + 1" not in final.headers.get("Good2", "") and "refers to itself" in err
     assert "\tError: 13 (Permission denied)" in err and "\tError: 22 (Invalid argument)" in err
-    assert final.headers["Good"] == '"ok"' and final.headers["Good2"] == "strcat(Good,Good)"
+    assert final.headers["Good"] == '"ok"' and final.headers["Good2"] == "strcat(Good, Good)"
     assert final.headers["JobStatus"] == 4 and final.headers["RemoteHost"] == q(chirp_node.name)
     updates = [r for r in replies if r.status == 2 and "Good" in r.headers]
-    assert [r.headers.get("Good2") for r in updates] == [None, "strcat(Good,Good)"]
+    assert [r.headers.get("Good2") for r in updates] == [None, "strcat(Good, Good)"]
     await seed_runs(submitter)
 
 
@@ -172,7 +173,10 @@ async def test_counts_sizes_and_rates_are_bounded(
     need_chirp(chirp_node)
     # the rate first: a burst of SET_BURST, then refused (EAGAIN) within the same second
     burst = wire_chirp.SET_BURST
-    script = f"for i in $(seq 1 {burst + 5}); do condor_chirp set_job_attr A$i $i 2>>err.txt; echo rc=$?; done; cat err.txt >&2"
+    script = (
+        f"for i in $(seq 1 {burst + 5}); do condor_chirp set_job_attr A$i $i 2>>err.txt; echo rc=$?; done; "
+        "cat err.txt >&2"
+    )
     final = (await submitter.run(sh(script, WantIOProxy="TRUE")))[-1]
     rcs = final.zip_read("out").decode().split()
     assert rcs[:burst] == ["rc=0"] * burst and "rc=255" in rcs[burst:], rcs
