@@ -236,7 +236,8 @@ def check_set(chirped: Mapping[str, str], name: str, value: str) -> tuple[str, s
     """``(name, text)`` to keep for ``set_job_attr name value`` given what the job chirped so far.
 
     ``text`` is the value as ClassAd expression text on one line: as given
-    (stripped) when it is, else the parser's form of it. A name already set (in any case) is replaced. Raises ChirpRefused.
+    (stripped) when it is, else the parser's form of it. A name already set
+    (in any case) is replaced. Raises ChirpRefused.
     """
     check_name(name)
     if "\0" in value:
