@@ -89,7 +89,7 @@ class Attempt:
             except JobHeld as held:
                 return Held(held)
         try:
-            return await self._run(job, spec, request, run)
+            return await self._run(job, spec, request, run, server)
         finally:
             if server is not None:
                 await server.close()
@@ -115,7 +115,9 @@ class Attempt:
             ) from exc
         return server
 
-    async def _run(self, job: Job, spec: jobad.JobSpec, request: Request, run: Run) -> Outcome:
+    async def _run(
+        self, job: Job, spec: jobad.JobSpec, request: Request, run: Run, server: ChirpServer | None
+    ) -> Outcome:
         """Start the job in its sandbox, watch it, collect its results."""
         try:
             process = await self.executor.start(run, spec, job.body, request)
@@ -143,6 +145,8 @@ class Attempt:
             run_count=job.run_count,
         )
         update = self.answer.send_soon(job, running)  # the job goes on; its final reply waits for this one
+        if server is not None:  # its chirps now: their updates come after Running
+            server.ready.set()
         if update is not None:
             update.add_done_callback(lambda _: self._stop_unanswerable(job))
         if job.removed is not None or job.unanswerable is not None:  # carod rm, or nobody to answer

@@ -69,6 +69,8 @@ class ChirpServer:
         self.gets = chirp.Bucket.full(chirp.GET_BURST, chirp.GET_RATE_S, now)
         self._server: asyncio.Server | None = None
         self._active: set[asyncio.Task[None]] = set()
+        #: set once the job's process is known (the socket is bound before it starts): requests wait for it
+        self.ready = asyncio.Event()
         #: requests answered / refused (for the log line at the end)
         self.accepted = self.refused = 0
 
@@ -123,6 +125,10 @@ class ChirpServer:
             except TimeoutError:
                 raise ChirpRefused(chirp.EINVAL, f"no request within {READ_TIMEOUT_S:g} s") from None
             request = chirp.decode_request(line)
+            try:
+                await asyncio.wait_for(self.ready.wait(), READ_TIMEOUT_S)
+            except TimeoutError:
+                raise ChirpRefused(chirp.EAGAIN, f"{request.name}: the job is not running yet") from None
             if request.op == chirp.SET:
                 if not self.sets.take(time.monotonic()):
                     raise ChirpRefused(
