@@ -144,6 +144,7 @@ class Attempt:
             pid=process.pid,
             run_count=job.run_count,
         )
+        running = replies.with_attrs(running, job.chirped)  # what an earlier run chirped (carod.node.recovery)
         update = self.answer.send_soon(job, running)  # the job goes on; its final reply waits for this one
         if server is not None:  # its chirps now: their updates come after Running
             server.ready.set()

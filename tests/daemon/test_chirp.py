@@ -268,3 +268,31 @@ async def test_a_node_without_bubblewrap_holds_a_job_that_wants_chirp(
         await seed_runs(submitter)
     finally:
         await node.stop()
+
+
+async def test_chirped_attributes_survive_a_node_restart(queue: str, base: Path, submitter: Submitter) -> None:
+    script = (
+        'if [ "$(condor_chirp get_job_attr Phase)" = UNDEFINED ]; then '
+        'condor_chirp set_job_attr Phase \\"first\\"; sleep 600; '
+        'else echo "again: $(condor_chirp get_job_attr Phase)"; fi'
+    )
+    node = await start_node(queue, base, node={"drain_timeout_s": 1, "kill_grace_s": 1})
+    need_chirp(node)
+    mid = await submitter.send(sh(script, WantIOProxy="TRUE"))
+    try:
+        await wait_for(lambda: any("Phase" in r.headers for r in submitter.replies.get(mid, [])))
+    finally:
+        await node.stop()  # the job is evicted: Idle, and back to the queue
+    idle = submitter.replies[mid][-1]
+    assert idle.status == 1 and idle.headers["Phase"] == '"first"', idle.headers
+    node = await start_node(queue, base)
+    try:
+        replies = await submitter.wait_final(mid, timeout_s=30)
+    finally:
+        await node.stop()
+    final = replies[-1]
+    assert final.status == 4 and final.headers["ExitCode"] == 0 and final.headers["JobRunCount"] == 2
+    assert final.zip_read("out") == b'again: "first"\n'
+    assert final.headers["Phase"] == '"first"'
+    second_running = next(r for r in replies if r.status == 2 and r.headers["JobRunCount"] == 2)
+    assert second_running.headers["Phase"] == '"first"'
