@@ -296,3 +296,53 @@ async def test_chirped_attributes_survive_a_node_restart(queue: str, base: Path,
     assert final.headers["Phase"] == '"first"'
     second_running = next(r for r in replies if r.status == 2 and r.headers["JobRunCount"] == 2)
     assert second_running.headers["Phase"] == '"first"'
+
+
+async def test_an_advert_too_large_with_the_chirped_attributes_goes_out_without_them(
+    queue: str, base: Path, submitter: Submitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    probe = await start_node(queue, base)
+    try:
+        need_chirp(probe)
+        assert probe.server.advertiser is not None
+        bare_bytes = len(adverts.encode(probe.server.advertiser.advert()))
+    finally:
+        await probe.stop()
+    limit_kib = bare_bytes // 1024 + 2  # room for a job and a short attribute, not for 3 KB of them
+    node = await start_node(queue, base, pool={"max_advert_kib": limit_kib})
+    sent: list[adverts.Advert] = []
+    broker = node.server.broker
+    assert broker is not None
+    original = broker.publish_advert
+
+    async def publish_advert(key: str, body: bytes, **kwargs: Any) -> None:
+        sent.append(adverts.decode(body, max_bytes=limit_kib * 1024))  # as another node reads it
+        await original(key, body, **kwargs)
+
+    monkeypatch.setattr(broker, "publish_advert", publish_advert)
+    value = '\\"' + "x" * 1000 + '\\"'
+    script = (
+        "condor_chirp set_job_attr Small 1; while [ ! -e small ]; do sleep 0.05; done; "
+        f"for n in A B C; do condor_chirp set_job_attr $n {value}; done; while [ ! -e go ]; do sleep 0.05; done"
+    )
+    try:
+        mid = await submitter.send(sh(script, WantIOProxy="TRUE"))
+        assert mid is not None
+
+        def entry() -> adverts.JobInfo | None:
+            found = [j for a in sent for j in a.jobs if j.message_id == mid]
+            return found[-1] if found else None
+
+        await wait_for(lambda: (e := entry()) is not None and e.attrs == {"Small": "1"})
+        box = await sandbox_of(base, mid)
+        (box / "small").touch()
+        await wait_for(lambda: any("C" in r.headers for r in submitter.replies.get(mid, [])))
+        count = len(sent)
+        await wait_for(lambda: len(sent) > count)
+        last = entry()
+        assert last is not None and last.attrs == {}  # sent, without them: not dropped by the other nodes
+        (box / "go").touch()
+        final = (await submitter.wait_final(mid))[-1]
+        assert final.headers["C"] == '"' + "x" * 1000 + '"' and final.headers["Small"] == "1"
+    finally:
+        await node.stop()
