@@ -204,6 +204,7 @@ class Server:
         if self.node is not None:
             self.node.config = self.config
             new_ad = machine.detect(self.config)
+            new_ad["HasIOProxy"] = self.layers is not None and self.layers.chirp_root is not None
             try:
                 resized = machine.totals(new_ad, self.config) != self.node.resources.totals
             except ConfigError as exc:
@@ -233,6 +234,7 @@ class Server:
         self.layers = layers = await asyncio.to_thread(isolation.detect, config)
         for note in layers.notes:
             log.warning("sandbox: %s", note)
+        machine_ad["HasIOProxy"] = layers.chirp_root is not None  # HTCondor's: WantIOProxy jobs get condor_chirp
         self.executor = executor = Executor(config, layers, users)
         totals, disk_text = await self._setup_disk(executor, machine_ad, totals)
         for user in users.users:

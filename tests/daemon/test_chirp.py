@@ -83,6 +83,7 @@ async def test_the_walkthrough_script_chirps_its_endpoint_to_the_submitter_the_j
 ) -> None:
     node = chirp_node
     need_chirp(node)
+    assert node.server.node is not None and node.server.node.machine_ad.eval("HasIOProxy") is True
     job = {
         "Cmd": q("qpidd.sh"),
         "Out": q("out"),
@@ -261,6 +262,7 @@ async def test_a_node_without_bubblewrap_holds_a_job_that_wants_chirp(
     try:
         final = (await submitter.run(sh("echo hi", WantIOProxy="TRUE")))[-1]
         assert final.status == 5, final.headers
+        assert node.server.node is not None and node.server.node.machine_ad.eval("HasIOProxy") is False
         assert (
             "wants chirp (WantIOProxy), which this node does not offer (isolation = none)"
             in final.headers["HoldReason"]
