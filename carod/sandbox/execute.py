@@ -158,6 +158,7 @@ class Executor:
                 chirpdir.make(self.layers.chirp_root, box)
             except OSError as exc:
                 self._remove_box(box, run.quota_group)
+                run.box = None  # removed: not again at the end
                 raise JobHeld(
                     f"carod could not create the job's sandbox: {exc.strerror}", HoldCode.IWD_ERROR, exc.errno or 0
                 ) from exc
@@ -183,7 +184,10 @@ class Executor:
         if run.box is None:
             raise RuntimeError("chirp() before create_box()")
         if self.layers.chirp_root is None:
-            why = "isolation = none" if self.layers.bwrap is None else "see carod's log at start-up"
+            if self.layers.bwrap is None:
+                why = "isolation = none" if self.config.sandbox.isolation == "none" else "no bubblewrap"
+            else:
+                why = "see carod's log at start-up"
             raise JobHeld(
                 f"the job wants chirp (WantIOProxy), which this node does not offer ({why})",
                 HoldCode.FAILED_TO_CREATE_PROCESS,
