@@ -10,6 +10,8 @@ WantIOProxy has no chirp, and one job cannot reach another's.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,18 @@ import pytest
 from carod.sandbox import chirpdir
 from carod.wire import adverts
 from carod.wire import chirp as wire_chirp
-from tests.helpers import Reply, RunningNode, Submitter, q, raw_zip, sandbox_of, seed_runs, start_node
+from tests.helpers import (
+    BROKER_URL,
+    CAROD,
+    Reply,
+    RunningNode,
+    Submitter,
+    q,
+    raw_zip,
+    sandbox_of,
+    seed_runs,
+    start_node,
+)
 
 #: The walkthrough's qpidd.sh with the broker swapped for a tiny TCP service that prints its port.
 SERVICE_SH = b"""#!/bin/bash
@@ -109,6 +122,19 @@ async def test_the_walkthrough_script_chirps_its_endpoint_to_the_submitter_the_j
     [info] = [j for j in advert.jobs if j.message_id == mid]
     assert info.attrs == {"ServiceEndpoint": endpoint}
     assert adverts.query_ad(node.name, info).eval("ServiceEndpoint") == endpoint.strip('"')
+    # and as carod q --json prints it
+    proc = await asyncio.create_subprocess_exec(
+        *CAROD,
+        "q",
+        "--queue",
+        node.server.config.broker.queue,
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "CAROD_BROKER_URL": BROKER_URL},
+    )
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    [listed] = [json.loads(line) for line in stdout.decode().splitlines() if mid in line]
+    assert listed["attrs"] == {"ServiceEndpoint": endpoint}
     (await sandbox_of(base, mid) / "go").touch()
     final = (await submitter.wait_final(mid))[-1]
     assert final.status == 4 and final.headers["ExitCode"] == 0, final.headers
