@@ -2,13 +2,15 @@
 
 Pure: no I/O. A job with ``WantIOProxy = TRUE`` talks to carod through a
 unix socket of its own (carod.node.chirp); each connection carries one
-request line and one answer line, both JSON objects of at most
+request line (a JSON object) and one answer line (text), each of at most
 :data:`MAX_LINE_BYTES`::
 
     {"op": "set_job_attr", "name": "ServiceEndpoint", "value": "\\"host:1234\\""}
     {"op": "get_job_attr", "name": "ServiceEndpoint"}
-    {"ok": true, "value": "\\"host:1234\\""}
-    {"ok": false, "errno": 13, "error": "ServiceEndpoint: ..."}
+    ok "host:1234"
+    error 13 JobStatus is the node's attribute: a job may not set it
+
+(The answer is plain text so that the client, started for each call, needs no JSON decoder.)
 
 An accepted attribute (:func:`check_set`) is a ClassAd name that is not one
 of the node's (:data:`RESERVED`), with a ClassAd expression of at most
@@ -191,22 +193,29 @@ def encode_request(request: Request) -> bytes:
 
 
 def answer_ok(value: str | None = None) -> bytes:
-    data: dict[str, object] = {"ok": True}
-    if value is not None:
-        data["value"] = value
-    return _bounded(data)
+    """``ok`` and the value asked for (one line: chirped and unparsed ClassAd text has no newline)."""
+    if value is None:
+        return b"ok\n"
+    line = f"ok {value}".replace("\n", " ").encode("utf-8", "surrogateescape") + b"\n"
+    if len(line) > MAX_LINE_BYTES:
+        return answer_refused(ChirpRefused(EFBIG, "the answer is too long"))
+    return line
 
 
 def answer_refused(refused: ChirpRefused) -> bytes:
-    return _bounded({"ok": False, "errno": refused.code, "error": refused.message})
+    """``error ERRNO MESSAGE`` on one line, cut to the line's bound."""
+    text = f"error {refused.code} {refused.message}".replace("\n", " ").replace("\r", " ")
+    return text.encode("utf-8", "surrogateescape")[: MAX_LINE_BYTES - 1].decode("utf-8", "ignore").encode() + b"\n"
 
 
-def _bounded(data: dict[str, object]) -> bytes:
-    line = json.dumps(data).encode() + b"\n"
-    if len(line) > MAX_LINE_BYTES:  # only an error text can be too long (values are bounded before)
-        data = {"ok": False, "errno": EFBIG, "error": "the answer is too long"}
-        line = json.dumps(data).encode() + b"\n"
-    return line
+def decode_answer(line: bytes) -> tuple[int, str]:
+    """``(0, value)`` or ``(errno, message)`` of an answer line (the client's reading, for tests)."""
+    text = line.decode("utf-8", "replace").rstrip("\n")
+    if text == "ok" or text.startswith("ok "):
+        return 0, text[3:]
+    _, _, rest = text.partition(" ")
+    code, _, message = rest.partition(" ")
+    return (int(code) if code.isdigit() else EIO), message
 
 
 def check_name(name: str) -> None:

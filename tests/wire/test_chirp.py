@@ -73,7 +73,7 @@ def test_replacing_keeps_order_and_takes_the_new_spelling() -> None:
     assert chirp.lookup({"Foo": "1"}, "FOO") == "1" and chirp.lookup({}, "X") is None
 
 
-def test_requests_are_bounded_json_lines() -> None:
+def test_requests_are_bounded_json_lines_and_answers_text_lines() -> None:
     line = chirp.encode_request(Request(chirp.SET, "A", '"x"'))
     assert chirp.decode_request(line) == Request(chirp.SET, "A", '"x"')
     assert chirp.decode_request(chirp.encode_request(Request(chirp.GET, "A"))) == Request(chirp.GET, "A")
@@ -82,9 +82,28 @@ def test_requests_are_bounded_json_lines() -> None:
             chirp.decode_request(bad)
     with pytest.raises(ChirpRefused):
         chirp.decode_request(b'{"op":"set_job_attr","name":"a","value":1}\n')
-    answer = json.loads(chirp.answer_refused(ChirpRefused(13, "no")))
-    assert answer == {"ok": False, "errno": 13, "error": "no"}
-    assert len(chirp.answer_refused(ChirpRefused(13, "x" * 10_000))) <= chirp.MAX_LINE_BYTES
+    assert chirp.decode_answer(chirp.answer_refused(ChirpRefused(13, "no\nmore"))) == (13, "no more")
+    assert chirp.decode_answer(chirp.answer_ok('"a b"')) == (0, '"a b"')
+    assert chirp.answer_ok() == b"ok\n"
+    for line in (chirp.answer_refused(ChirpRefused(13, "é" * 10_000)), chirp.answer_ok("x" * 10_000)):
+        assert len(line) <= chirp.MAX_LINE_BYTES and line.endswith(b"\n") and line.count(b"\n") == 1
+        line.decode()  # never a character cut in two
+
+
+@pytest.mark.parametrize("text", ['"host:1"', "a\\b", "tab\tnew\nline", "é ✓ \x7f", "\udcff", ""])
+def test_the_client_s_json_is_json(text: str) -> None:
+    encoded = chirptool.json_text(text)
+    assert json.loads(encoded) == text
+    request = (
+        "{"
+        + f"{chirptool.json_text('op')}: {chirptool.json_text('set_job_attr')}, "
+        + (
+            f"{chirptool.json_text('name')}: {chirptool.json_text('A')}, {chirptool.json_text('value')}: {encoded}"
+            + "}\n"
+        )
+    )
+    if "\udcff" not in text:
+        assert chirp.decode_request(request.encode()) == Request(chirp.SET, "A", text)
 
 
 def test_bucket_gives_a_burst_then_its_rate() -> None:
