@@ -374,3 +374,32 @@ async def test_an_advert_too_large_with_the_chirped_attributes_goes_out_without_
         assert final.headers["C"] == '"' + "x" * 1000 + '"' and final.headers["Small"] == "1"
     finally:
         await node.stop()
+
+
+async def test_connections_are_bounded_in_number_and_time(chirp_node: RunningNode, submitter: Submitter) -> None:
+    need_chirp(chirp_node)
+    hog = b"""import socket, time
+held = []
+for _ in range(4):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect("/usr/libexec/condor/carod-chirp.sock")
+    held.append(s)
+time.sleep(0.5)
+print("holding", flush=True)
+open("holding", "w").close()
+print("idle:", held[0].recv(200).decode().strip(), flush=True)
+"""
+    script = (
+        "/usr/bin/python3 -I hog.py & "
+        "while [ ! -e holding ]; do sleep 0.05; done; "
+        "condor_chirp get_job_attr Cmd 2>err.txt; echo busy=$?; "
+        "wait; condor_chirp get_job_attr Cmd; echo after=$?; cat err.txt >&2"
+    )
+    final = (await submitter.run(sh(script, WantIOProxy="TRUE"), body=raw_zip(("hog.py", hog, 0o100644))))[-1]
+    out = final.zip_read("out").decode()
+    err = final.zip_read("err").decode()
+    assert "busy=255\n" in out and "\tError: 16 (Device or resource busy)" in err, (out, err)
+    assert "too many chirp requests at once" in err
+    assert "idle: error 22 no request within 5 s\n" in out, out
+    assert '"/bin/bash"\nafter=0\n' in out, out
+    await seed_runs(submitter)
