@@ -9,7 +9,8 @@ wait for the process), sends ``--jobs`` seed jobs one at a time (or a burst
 of ``--burst`` at once) and prints each step's p50, plus the CPU time per
 job of this process, its children (the job chains) and RabbitMQ, and the
 journal's commits per job: those a job waited for (its critical path) and
-all of them. ``--prestart no``: every job's sandbox started cold. Not part
+all of them. ``--prestart no``: every job's sandbox started cold. ``--want-io-proxy``:
+the jobs ask for chirp (its steps are timed too). Not part
 of the tests.
 
 ``--process``: carod's own CPU per job instead, without the submitter's:
@@ -36,10 +37,10 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.harness import URL, Submitter, delete_queues
+from bench.harness import SEED, URL, Submitter, delete_queues
 from carod import config as configuration
 from carod.edges import journal
-from carod.node import answer
+from carod.node import answer, chirp
 from carod.node import arrival as node
 from carod.node.server import Server
 from carod.sandbox import execute, runner
@@ -62,8 +63,10 @@ def _wrap(cls: type, name: str) -> None:
 
 
 def _instrument() -> None:
-    for name in ("create_box", "start", "watch", "collect", "end"):
+    for name in ("create_box", "chirp", "start", "watch", "collect", "end"):
         _wrap(execute.Executor, name)
+    for name in ("start", "close"):
+        _wrap(chirp.ChirpServer, name)
     for name in ("get", "receive", "start_attempt", "set_pid", "add_reply", "confirmed"):
         _wrap(journal.Journal, name)
     for name in ("send", "final", "commit_final"):
@@ -169,6 +172,7 @@ async def main() -> None:
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--burst", type=int, default=0)
     ap.add_argument("--prestart", choices=("yes", "no"), default="yes", help="[sandbox] prestart")
+    ap.add_argument("--want-io-proxy", action="store_true", help="sequential jobs with WantIOProxy = TRUE (chirp)")
     ap.add_argument("--process", action="store_true", help="carod's own CPU per job, as a real process")
     ap.add_argument("--uvloop", action="store_true", help="with --process: carod on uvloop")
     args = ap.parse_args()
@@ -206,7 +210,8 @@ async def main() -> None:
         print(f"burst of {n}: {await sub.burst(n):.0f} jobs/s")
     else:
         n = args.jobs
-        latencies = [(await sub.one())[1] for _ in range(n)]
+        headers = {**SEED, "WantIOProxy": "TRUE"} if args.want_io_proxy else SEED
+        latencies = [(await sub.one(headers))[1] for _ in range(n)]
         print(f"{n} sequential jobs: end-to-end p50 {statistics.median(latencies) * 1e3:.2f} ms")
     wall = time.perf_counter() - t0
     self1, kids1, rabbit1 = (

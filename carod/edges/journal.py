@@ -95,8 +95,8 @@ CREATE TABLE IF NOT EXISTS held (
 );
 """
 #: Columns added since the first schema: (table, column, definition).
-_ADDED_COLUMNS = (("jobs", "reply_to", "TEXT"),)
-_JOB_COLUMNS = "message_id, state, attempts, sequence, sandbox, pid, pid_start, reply_to, created, updated"
+_ADDED_COLUMNS = (("jobs", "reply_to", "TEXT"), ("jobs", "chirped", "TEXT"))
+_JOB_COLUMNS = "message_id, state, attempts, sequence, sandbox, pid, pid_start, reply_to, created, updated, chirped"
 _OUTBOX_COLUMNS = "id, message_id, exchange, routing_key, headers, body_path, final"
 
 
@@ -119,11 +119,38 @@ class JobRecord:
     created: float | None = None
     #: when the row last changed (for ``replied``: when the final reply was confirmed)
     updated: float | None = None
+    #: the attributes the job chirped (name -> ClassAd text), kept across its runs (carod.node.chirp)
+    chirped: dict[str, str] | None = None
 
 
 def _record(row: tuple[Any, ...]) -> JobRecord:
-    message_id, state, *rest = row
-    return JobRecord(message_id, JobState(state), *rest)
+    message_id, state, attempts, sequence, sandbox, pid, pid_start, reply_to, created, updated, chirped = row
+    return JobRecord(
+        message_id,
+        JobState(state),
+        attempts,
+        sequence,
+        sandbox,
+        pid,
+        pid_start,
+        reply_to,
+        created,
+        updated,
+        _chirped(chirped),
+    )
+
+
+def _chirped(text: str | None) -> dict[str, str] | None:
+    """The stored chirped attributes; None when there are none or they are not a map of text (never fails)."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return None
+    return value or None
 
 
 @dataclass(frozen=True)
@@ -456,6 +483,18 @@ class Journal:
         leftovers at start; the pid is what it has besides.
         """
         self._later(lambda: self._set(message_id, pid=pid, pid_start=pid_start))
+
+    async def set_chirped(self, message_id: str, chirped: dict[str, str], *, sequence: int) -> None:
+        """The job's chirped attributes, and the Sequence of the update that carries them (waited for)."""
+        text = json.dumps(chirped)
+
+        def store() -> None:
+            self._run(
+                "UPDATE jobs SET chirped = ?, sequence = max(sequence, ?), updated = ? WHERE message_id = ?",
+                (text, sequence, time.time(), message_id),
+            )
+
+        await self._call(store)
 
     async def set_state(self, message_id: str, state: JobState) -> None:
         if state not in JOURNALED:

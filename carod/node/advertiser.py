@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -135,7 +136,13 @@ class Advertiser:
                 log.warning("job=%s could not answer carod %s: %s", answer.message_id, request.action, exc)
 
     async def _publish(self, reply_to: str | None = None) -> None:
-        body = adverts.encode(self.advert())
+        advert = self.advert()
+        body = adverts.encode(advert)
+        if len(body) > self.config.pool.max_advert_kib * 1024 and any(job.attrs for job in advert.jobs):
+            # Other nodes would drop it whole: the jobs' own attributes (chirped) go first.
+            log.warning("the advert is over [pool] max_advert_kib: sent without the jobs' chirped attributes")
+            bare = tuple(dataclasses.replace(job, attrs={}) for job in advert.jobs)
+            body = adverts.encode(dataclasses.replace(advert, jobs=bare))
         try:
             await self.broker.publish_advert(self._key, body, ttl_s=self.config.pool.node_timeout_s, reply_to=reply_to)
         except BrokerError as exc:

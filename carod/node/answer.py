@@ -113,9 +113,10 @@ class Answerer:
                 log_state(job, JobState.REMOVED, self.metrics, reason=reason, info=info)
             case Evicted(reason, info):
                 log_state(job, JobState.EVICTED, self.metrics, reason=reason, info=info)
-        return reply_for(
+        reply = reply_for(
             outcome, sequence=job.next_sequence(), node=self.config.node_name, now=time.time(), run_count=job.run_count
         )
+        return replies.with_attrs(reply, job.chirped)
 
     async def conclude(self, job: Job, outcome: Outcome) -> None:
         """Answer how the job ended here: its final reply and ack; for an eviction, Idle and back to the queue."""

@@ -95,6 +95,7 @@ class Node:
         self.holding = Holding(config, broker, journal)
         self.evaluator = Evaluator.for_node(config, metrics)
         self.attempt = Attempt(config, executor, journal, self.answer, metrics)
+        self.attempt.advertise = admission.changed.set  # a chirped attribute: in the advert at once
         self.recovery = Recovery(config, executor, journal, self.answer, self.removals, self.evaluator, metrics)
         self._disk_fixed = machine.disk_is_fixed(config)
         admission.disk_available = self.disk_available

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from carod.config import Config
 from carod.edges.journal import Journal
@@ -22,7 +22,8 @@ from carod.edges.metrics import Metrics
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
 from carod.node.answer import Answerer
-from carod.node.job import Ending, Job, job_info, log_state
+from carod.node.chirp import ChirpServer, JobChirp
+from carod.node.job import Ending, Job, job_info, log_state, wants_chirp
 from carod.node.outcome import Evicted, Exited, Held, Outcome, Removed
 from carod.node.progress import Progress
 from carod.sandbox.execute import Executor, Run
@@ -44,6 +45,8 @@ class Attempt:
         self.answer = answer
         self.metrics = metrics
         self._stops: set[asyncio.Task[replies.ExitInfo]] = set()
+        #: called when what the node advertises about a job changed (a chirped attribute)
+        self.advertise: Callable[[], None] = lambda: None
 
     @contextlib.asynccontextmanager
     async def run(self, job: Job, spec: jobad.JobSpec, request: Request) -> AsyncIterator[Outcome]:
@@ -80,6 +83,43 @@ class Attempt:
         job.run_count = job.envelope.runs + await self.journal.start_attempt(
             job.message_id, str(box), reply_to=str(job.envelope.reply_to), sequence=job.sequence + 1
         )
+        server: ChirpServer | None = None
+        if wants_chirp(job):
+            try:
+                server = await self._chirp(job, run)
+            except JobHeld as held:
+                return Held(held)
+        try:
+            return await self._run(job, spec, request, run, server)
+        finally:
+            if server is not None:
+                await server.close()
+
+    async def _chirp(self, job: Job, run: Run) -> ChirpServer:
+        """The job's chirp tools and socket (carod.node.chirp), before it starts. Raises JobHeld."""
+        path = await self.executor.chirp(run)
+        chirps = JobChirp(job, self.journal, self.answer, self.config.node_name, lambda: self.advertise())
+        server = ChirpServer(
+            path,
+            run.user.uid if run.user.switch else None,
+            on_set=chirps.set,
+            on_get=chirps.get,
+            label=job.envelope.label,
+        )
+        try:
+            await server.start()
+        except OSError as exc:
+            raise JobHeld(
+                f"carod could not open the job's chirp socket: {exc.strerror}",
+                HoldCode.FAILED_TO_CREATE_PROCESS,
+                exc.errno or 0,
+            ) from exc
+        return server
+
+    async def _run(
+        self, job: Job, spec: jobad.JobSpec, request: Request, run: Run, server: ChirpServer | None
+    ) -> Outcome:
+        """Start the job in its sandbox, watch it, collect its results."""
         try:
             process = await self.executor.start(run, spec, job.body, request)
         except JobHeld as held:
@@ -106,7 +146,10 @@ class Attempt:
             pid=process.pid,
             run_count=job.run_count,
         )
+        running = replies.with_attrs(running, job.chirped)  # what an earlier run chirped (carod.node.recovery)
         update = self.answer.send_soon(job, running)  # the job goes on; its final reply waits for this one
+        if server is not None:  # its chirps now: their updates come after Running
+            server.ready.set()
         if update is not None:
             update.add_done_callback(lambda _: self._stop_unanswerable(job))
         if job.removed is not None or job.held is not None or job.unanswerable is not None:  # rm, hold, nobody

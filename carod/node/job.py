@@ -64,6 +64,8 @@ class Job:
     body: bytes = b""
     #: why the message cannot be read (an AMQP 1.0 section that does not decode): answered Held
     unreadable: str | None = None
+    #: attributes the job chirped (condor_chirp set_job_attr): name -> ClassAd text, in the order first set
+    chirped: dict[str, str] = field(default_factory=dict)
     #: why nobody can ever be answered: the broker refused its reply address for good
     #: (carod.node.answer); the job is stopped, and settled without a reply
     unanswerable: str | None = None
@@ -96,6 +98,11 @@ class Job:
         return time.monotonic() - self.received
 
 
+def wants_chirp(job: Job) -> bool:
+    """``WantIOProxy = TRUE`` in the job's ad (HTCondor's want_io_proxy): it gets condor_chirp."""
+    return job.ad is not None and classads.is_true(classads.evaluate(job.ad, "WantIOProxy"))
+
+
 def set_requests(ad: classad2.ClassAd, request: Request) -> None:
     """What the job reserves, in its ad, so Requirements and Start can use it (as condor_submit sets them)."""
     ad["RequestCpus"] = int(request.cpus) if request.cpus.is_integer() else request.cpus
@@ -112,7 +119,7 @@ def job_info(job: Job, spec: jobad.JobSpec, request: Request, started: float) ->
         started=started,
         cpus=request.cpus,
         memory_mib=request.memory_mib,
-        attrs={"OwnerVerified": "true" if job.envelope.owner is not None else "false"},
+        attrs={**job.chirped, "OwnerVerified": "true" if job.envelope.owner is not None else "false"},
     )
 
 

@@ -150,7 +150,7 @@ class Progress:
         """Started: the updates and live output of ``job``, sent through ``answer``."""
 
         def update(usage: replies.Usage) -> replies.Reply:
-            return replies.update(
+            reply = replies.update(
                 sequence=job.next_sequence(),
                 node=config.node_name,
                 start_date=process.start_time,
@@ -158,6 +158,7 @@ class Progress:
                 usage=usage,
                 run_count=job.run_count,
             )
+            return replies.with_attrs(reply, job.chirped)
 
         async def send(reply: replies.Reply) -> bool:
             return await answer.progress(job, reply)

@@ -32,6 +32,7 @@ from carod.node.removals import Removals
 from carod.sandbox import workdir
 from carod.sandbox.execute import Executor
 from carod.states import JobState
+from carod.wire import chirp
 
 log = logging.getLogger("carod.job")
 
@@ -103,6 +104,8 @@ class Recovery:
         env = job.envelope
         job.sequence = max(record.sequence, env.sequence)
         job.run_count = record.attempts + env.runs
+        if record.chirped and len(record.chirped) <= chirp.MAX_ATTRS:  # the job's ad keeps them across its runs
+            job.chirped = dict(record.chirped)
         if record.state == JobState.REPLIED:
             if not job.delivery.redelivered:  # a new message with the id: answered, never silence
                 await self.answer.answer_again(job, record)

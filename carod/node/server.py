@@ -55,7 +55,7 @@ from carod.node.advertiser import Advertiser
 from carod.node.arrival import Node
 from carod.node.pool import PoolView
 from carod.node.resources import Resources, Totals
-from carod.sandbox import diskquota, isolation, runner
+from carod.sandbox import chirpdir, diskquota, isolation, runner
 from carod.sandbox import workdir as sandbox
 from carod.sandbox.cgroup import CgroupError
 from carod.sandbox.execute import Executor
@@ -204,6 +204,7 @@ class Server:
         if self.node is not None:
             self.node.config = self.config
             new_ad = machine.detect(self.config)
+            new_ad["HasIOProxy"] = self.layers is not None and self.layers.chirp_root is not None
             try:
                 resized = machine.totals(new_ad, self.config) != self.node.resources.totals
             except ConfigError as exc:
@@ -233,6 +234,7 @@ class Server:
         self.layers = layers = await asyncio.to_thread(isolation.detect, config)
         for note in layers.notes:
             log.warning("sandbox: %s", note)
+        machine_ad["HasIOProxy"] = layers.chirp_root is not None  # HTCondor's: WantIOProxy jobs get condor_chirp
         self.executor = executor = Executor(config, layers, users)
         totals, disk_text = await self._setup_disk(executor, machine_ad, totals)
         for user in users.users:
@@ -433,6 +435,8 @@ async def _probe(config: Config, layers: Layers, user: JobUser) -> None:
     group = None
     try:
         box = await asyncio.to_thread(sandbox.create, config.node.sandbox_root, "probe", user.owner)
+        if layers.chirp_root is not None:  # bound into every sandbox: the probe's too
+            await asyncio.to_thread(chirpdir.make, layers.chirp_root, box)
         if layers.cgroups is not None:
             group = await asyncio.to_thread(layers.cgroups.create, f"job-probe-{user.uid}", runner.probe_limits())
         output = await runner.probe(layers, user, box, group)
@@ -443,6 +447,8 @@ async def _probe(config: Config, layers: Layers, user: JobUser) -> None:
             await asyncio.to_thread(group.remove)
         if box is not None:
             await asyncio.to_thread(sandbox.remove, box)
+            if layers.chirp_root is not None:
+                await asyncio.to_thread(chirpdir.remove, layers.chirp_root, box)
     problems = isolation.probe_problems(output, user, layers)
     if problems:
         raise StartupError(

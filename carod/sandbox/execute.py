@@ -23,7 +23,7 @@ from carod import units, unzip
 from carod.config import Config
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
-from carod.sandbox import cgroup, limits
+from carod.sandbox import cgroup, chirpdir, limits
 from carod.sandbox import workdir as sandbox
 from carod.sandbox.cgroup import CgroupError, JobCgroup
 from carod.sandbox.diskquota import DiskQuota, kernel_limit_bytes, limit_slack_bytes
@@ -58,6 +58,8 @@ class Run:
     streams: dict[str, int] = field(default_factory=dict)
     #: the sandbox started ahead this attempt runs in (carod.sandbox.warm), None for a cold start
     warm: Warm | None = None
+    #: the job's chirp socket path on the host when it wants chirp (carod.sandbox.chirpdir)
+    chirp: Path | None = None
 
 
 class Executor:
@@ -149,7 +151,21 @@ class Executor:
         return run.box
 
     def _create_box(self, run: Run, message_id: str) -> Path:
-        """The sandbox: a directory, or a subvolume in a quota group of its own (blocking)."""
+        """The sandbox (blocking), with its chirp directory when the node has chirp."""
+        box = self._create_dir(run, message_id)
+        if self.layers.chirp_root is not None:
+            try:
+                chirpdir.make(self.layers.chirp_root, box)
+            except OSError as exc:
+                self._remove_box(box, run.quota_group)
+                run.box = None  # removed: not again at the end
+                raise JobHeld(
+                    f"carod could not create the job's sandbox: {exc.strerror}", HoldCode.IWD_ERROR, exc.errno or 0
+                ) from exc
+        return box
+
+    def _create_dir(self, run: Run, message_id: str) -> Path:
+        """The sandbox's directory, or a subvolume in a quota group of its own (blocking)."""
         root = self.config.node.sandbox_root
         if self.quota is None:
             return sandbox.create(root, message_id, run.user.owner)
@@ -162,6 +178,35 @@ class Executor:
                 f"carod could not set up the job's disk limit: {exc.strerror}", HoldCode.IWD_ERROR, exc.errno or 0
             ) from exc
         return box
+
+    async def chirp(self, run: Run) -> Path:
+        """The job wants chirp: put the tools in its sandbox. Returns its socket's path. Raises JobHeld."""
+        if run.box is None:
+            raise RuntimeError("chirp() before create_box()")
+        if self.layers.chirp_root is None:
+            if self.layers.bwrap is None:
+                why = "isolation = none" if self.config.sandbox.isolation == "none" else "no bubblewrap"
+            else:
+                why = "see carod's log at start-up"
+            raise JobHeld(
+                f"the job wants chirp (WantIOProxy), which this node does not offer ({why})",
+                HoldCode.FAILED_TO_CREATE_PROCESS,
+            )
+        try:
+            run.chirp = await asyncio.to_thread(chirpdir.install, self.layers.chirp_root, run.box)
+        except OSError as exc:
+            raise JobHeld(
+                f"carod could not set up chirp for the job: {exc.strerror}",
+                HoldCode.FAILED_TO_CREATE_PROCESS,
+                exc.errno or 0,
+            ) from exc
+        return run.chirp
+
+    def _environment(self, run: Run, spec: JobSpec, box: Path) -> dict[str, str]:
+        env = job_environment(spec, box, run.user)
+        if run.chirp is not None:  # the chirp tools first, whatever PATH the job set
+            env["PATH"] = f"{chirpdir.MOUNT}:{env['PATH']}" if env.get("PATH") else chirpdir.MOUNT
+        return env
 
     async def start(self, run: Run, spec: JobSpec, body: bytes, request: Request) -> JobProcess:
         """Unpack, check, limit and start the job. Raises JobHeld."""
@@ -186,7 +231,7 @@ class Executor:
             run.process = await JobProcess.start(
                 [executable, *spec.arguments],
                 box=run.box,
-                env=job_environment(spec, run.box, run.user),
+                env=self._environment(run, spec, run.box),
                 stdio=stdio,
                 user=run.user,
                 layers=self.layers,
@@ -219,7 +264,7 @@ class Executor:
                 warm_fields(
                     *sandbox.stdio_paths(spec, box),
                     limits=rlimits(job_limits, run.cgroup, cgroups.controllers if cgroups else frozenset()),
-                    argv=job_exec(self.layers, box, argv, job_environment(spec, box, run.user)),
+                    argv=job_exec(self.layers, box, argv, self._environment(run, spec, box)),
                 )
             )
         except ValueError as exc:
@@ -355,6 +400,8 @@ class Executor:
 
     def _remove_box(self, box: Path, group: int | None) -> None:
         """A subvolume goes at once, whatever it holds; otherwise (or when refused) file by file."""
+        if self.layers.chirp_root is not None:
+            chirpdir.remove(self.layers.chirp_root, box)
         if self.quota is not None and self.quota.destroy(box, group):
             return
         sandbox.remove(box)

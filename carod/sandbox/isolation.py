@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 
 from carod.config import Config
 from carod.errors import EXIT_CONFIG, EXIT_NOPERM, StartupError
-from carod.sandbox import cmdpath, seccomp
+from carod.sandbox import chirpdir, cmdpath, seccomp
 from carod.sandbox.cgroup import CgroupError, Cgroups
 from carod.sandbox.cgroup import detect as detect_cgroups
 from carod.sandbox.users import JobUser
@@ -97,6 +97,8 @@ class Layers:
     user_namespaces: bool = False
     #: bash (>= 4.4, for ``mapfile -d``): the job user's waiting shell of sandboxes started ahead; None = none.
     bash: str | None = None
+    #: ``state_dir/chirp`` (carod.sandbox.chirpdir): each sandbox's chirp directory is bound from here; None = no chirp
+    chirp_root: Path | None = None
     notes: tuple[str, ...] = ()
 
     def job_view(self, box: Path) -> cmdpath.View:
@@ -169,6 +171,11 @@ def detect(config: Config) -> Layers:
             notes.append(
                 f"no seccomp filter for {platform.machine()}: jobs can create user namespaces and use keyrings"
             )
+    chirp_root: Path | None = None
+    if bwrap:
+        chirp_root, why = chirpdir.setup(config.node.state_dir)
+        if chirp_root is None:
+            notes.append(f"no chirp (WantIOProxy jobs are held): {why}")
     bash: str | None = None
     if sandbox.prestart:
         bash = _find_bash()
@@ -186,6 +193,7 @@ def detect(config: Config) -> Layers:
         user_namespaces=config.sandbox.user_namespaces,
         hidden_files=tuple(p for p in [config.path] if p is not None and p.is_file()),
         bash=bash,
+        chirp_root=chirp_root,
         notes=tuple(notes),
     )
 
@@ -280,6 +288,8 @@ def head(layers: Layers, user: JobUser, box: Path, *, seccomp_fd: int | None = N
         for path in layers.hidden_files:
             chain += ["--ro-bind", "/dev/null", str(path)]
         chain += ["--bind", str(box), str(box)]
+        if layers.chirp_root is not None:  # empty unless the job wants chirp (carod.sandbox.chirpdir)
+            chain += ["--ro-bind", str(layers.chirp_root / box.name), chirpdir.MOUNT]
         chain += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]
         if not layers.network:
             chain.append("--unshare-net")

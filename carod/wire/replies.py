@@ -126,6 +126,22 @@ def update(*, sequence: int, node: str, start_date: float, pid: int, usage: Usag
     return Reply(JobStatus.RUNNING, wire_headers(attrs))
 
 
+def chirped(*, sequence: int, node: str, start_date: float, pid: int, run_count: int) -> Reply:
+    """A JobStatus 2 update sent when the job chirped an attribute (:func:`with_attrs` adds them)."""
+    attrs = _common(JobStatus.RUNNING, sequence, node, start_date, run_count)
+    attrs.update({"JobStartDate": int(start_date), "JobPid": pid})
+    return Reply(JobStatus.RUNNING, wire_headers(attrs))
+
+
+def with_attrs(reply: Reply, attrs: Mapping[str, str]) -> Reply:
+    """``reply`` with the job's own attributes (ClassAd text, e.g. chirped ones) added; carod's own win."""
+    if not attrs:
+        return reply
+    headers: dict[str, Scalar] = {name: Quoted(text) for name, text in attrs.items()}
+    headers.update(reply.headers)
+    return Reply(reply.status, bound_headers(headers), reply.body_path)
+
+
 #: Headers of a live-output message (not a reply: no JobStatus).
 STREAM_HEADER = "x-carod-stream"
 OFFSET_HEADER = "x-carod-offset"

@@ -164,3 +164,20 @@ async def test_a_job_answered_before_it_ran_gets_its_row_with_its_final_reply(tm
     assert record is not None and (record.state, record.reply_to, record.attempts) == (JobState.FINISHED, "q", 0)
     assert await journal.count_failure("failed", reply_to="q") == 1, "a failure before the start is counted"
     await journal.close()
+
+
+async def test_chirped_attributes_and_their_sequence_survive_a_reopen(tmp_path: Path) -> None:
+    journal = await opened(tmp_path)
+    await journal.start_attempt("m1", "/box", reply_to="q", sequence=1)
+    record = await journal.get("m1")
+    assert record is not None and record.chirped is None
+    await journal.set_chirped("m1", {"ServiceEndpoint": '"h:1"', "B": "2"}, sequence=7)
+    await journal.close()
+    journal = await opened(tmp_path)
+    record = await journal.get("m1")
+    assert record is not None and record.sequence == 7
+    assert record.chirped is not None and list(record.chirped.items()) == [("ServiceEndpoint", '"h:1"'), ("B", "2")]
+    await journal.set_chirped("m1", {}, sequence=3)  # a Sequence never goes back
+    record = await journal.get("m1")
+    assert record is not None and record.sequence == 7 and record.chirped is None
+    await journal.close()
