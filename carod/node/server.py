@@ -204,6 +204,8 @@ class Server:
         if self.node is not None:
             self.node.config = self.config
             new_ad = machine.detect(self.config)
+            if self.layers is not None:
+                machine.set_network_policy(new_ad, self.config, self.layers.network_policy)
             try:
                 resized = machine.totals(new_ad, self.config) != self.node.resources.totals
             except ConfigError as exc:
@@ -233,6 +235,7 @@ class Server:
         self.layers = layers = await asyncio.to_thread(isolation.detect, config)
         for note in layers.notes:
             log.warning("sandbox: %s", note)
+        machine.set_network_policy(machine_ad, config, layers.network_policy)
         self.executor = executor = Executor(config, layers, users)
         totals, disk_text = await self._setup_disk(executor, machine_ad, totals)
         for user in users.users:
