@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from carod.sandbox import network
 
@@ -96,7 +97,7 @@ def latency() -> None:
         chain = namespace()
         attached = network.attach(SLIRP, chain.pid, None)
         try:
-            child = open(f"/proc/{chain.pid}/task/{chain.pid}/children").read().split()[0]
+            child = Path(f"/proc/{chain.pid}/task/{chain.pid}/children").read_text().split()[0]
             inside = subprocess.run(
                 ["nsenter", f"--net=/proc/{child}/ns/net", sys.executable, "-c", CLIENT],
                 capture_output=True,
