@@ -287,3 +287,22 @@ async def test_services_without_slirp4netns_refuse_to_start(
         await start_node(queue, base, sandbox={"network": "services"})
     assert caught.value.exit_code == 78
     assert "[sandbox] network = services: slirp4netns is not installed" in str(caught.value)
+
+
+async def test_without_prestart_each_job_still_gets_its_network(
+    queue: str, base: Path, submitter: Submitter, other_host: OtherHost
+) -> None:
+    """prestart = no: the sandbox (and its slirp4netns) is made when the job comes, and ended with it."""
+    node = await policy_node(queue, base, "services", prestart="no")
+    try:
+        seen = await reachability(submitter, other_host)
+        assert seen["broker"].startswith("failed") and seen["other"].startswith("ok other-host"), seen
+        no_slirp_left()  # nothing waits ahead: the job's own ended with it
+        headers = {"Cmd": q("service.sh"), "Out": q("out")}
+        mid = await submitter.send(headers, body=raw_zip(("service.sh", SERVICE, 0o100755)))
+        host, port = await endpoint_of(base, mid)
+        assert await asyncio.to_thread(connect, host, port, b"stop") == "ok bye"
+        assert (await submitter.wait_final(mid, 30))[-1].status == 4
+    finally:
+        await node.stop()
+    no_slirp_left()
