@@ -36,10 +36,11 @@ FROM ${PYTHON_IMAGE}
 # util-linux: setpriv, which drops each job to its user (already in the base);
 # btrfs-progs: mkfs.btrfs for the sandboxes' size-capped image (used when the
 #   container may set up loop devices, e.g. --privileged; docs/operations.md);
-# tini: PID 1, passes docker's SIGTERM to carod and reaps orphaned job processes.
+# tini: PID 1, passes docker's SIGTERM to carod and reaps orphaned job processes;
+# slirp4netns: jobs' network with [sandbox] network = outbound | services.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap btrfs-progs tini util-linux \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bubblewrap btrfs-progs slirp4netns tini util-linux \
  && rm -rf /var/lib/apt/lists/* \
  && bwrap --version && setpriv --version && tini --version
 

@@ -32,6 +32,19 @@ ISOLATIONS = ("auto", "bwrap", "none")
 CGROUP_MODES = ("auto", "v2", "v1", "none")
 DISK_QUOTA_MODES = ("auto", "required", "none")
 EVENT_LOOPS = ("asyncio", "uvloop")
+#: [sandbox] network: what a job may reach and who may reach it (docs/security.md "Network policies").
+NETWORK_POLICIES = ("none", "outbound", "services", "host")
+#: The values of [sandbox] network before it named a policy (yes/no): yes shared the host's namespace.
+_NETWORK_BOOLS = {
+    "yes": "host",
+    "true": "host",
+    "on": "host",
+    "1": "host",
+    "no": "none",
+    "false": "none",
+    "off": "none",
+    "0": "none",
+}
 #: The default wall-clock limit of a job (s): one day, so a forgotten job frees its slot by itself.
 DEFAULT_MAX_JOB_DURATION_S = 86400.0
 
@@ -132,8 +145,15 @@ class SandboxConfig:
     isolation: str = "auto"
     #: auto = cgroup v2 with memory+pids controllers, else v1, else v2 without limits, else none.
     cgroups: str = "auto"
-    #: Let jobs use the network (otherwise, with bubblewrap, they get only loopback).
-    network: bool = False
+    #: What a job's network is (docs/security.md "Network policies"): none = loopback only;
+    #: outbound = connections out (slirp4netns), not to the node's loopback services; services = that,
+    #: and a listener on an ephemeral port is reached at $HOSTNAME:$PORT; host = the node's own
+    #: namespace (loopback services included). The old yes/no mean host/none.
+    network: str = "none"
+    #: services: the node's ports forwarded to jobs (first-last), outside the host's ip_local_port_range.
+    service_ports: str = "61000-65535"
+    #: services: each sandbox's own block of service_ports: its ephemeral ports, the only ones forwarded to it.
+    service_ports_per_job: int = 64
     #: Let jobs create user namespaces (e.g. for rootless containers); with bubblewrap they cannot by default.
     user_namespaces: bool = False
     #: Directories hidden from jobs (an empty tmpfs over each), e.g. where local services keep unix sockets
@@ -281,6 +301,9 @@ def _section_values(cls: type, section: str, items: Mapping[str, str], environ: 
         env_name = f"CAROD_{section.upper()}_{key.upper()}"
         if env_name in environ:
             values[key] = _convert(section, key, environ[env_name], hints[key])
+    if section == "sandbox" and "network" in values:
+        # The old yes/no keep working: yes shared the host's namespace, no was loopback only.
+        values["network"] = _NETWORK_BOOLS.get(values["network"].lower(), values["network"])
     return values
 
 
@@ -370,6 +393,17 @@ def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
     for key in ("tmp_mib", "max_job_pids", "check_interval_s"):
         if getattr(s, key) <= 0:
             raise ConfigError(f"[sandbox] {key}: must be greater than 0")
+    if s.network not in NETWORK_POLICIES:
+        raise ConfigError(
+            f"[sandbox] network: must be one of {', '.join(NETWORK_POLICIES)} (or the old yes = host, no = none), "
+            f"got {s.network!r}"
+        )
+    first, last = service_port_range(s.service_ports)
+    if s.service_ports_per_job < 1 or s.service_ports_per_job > last - first + 1:
+        raise ConfigError(
+            f"[sandbox] service_ports_per_job: must be between 1 and the {last - first + 1} ports of service_ports, "
+            f"got {s.service_ports_per_job}"
+        )
     if s.disk_quota not in DISK_QUOTA_MODES:
         raise ConfigError(f"[sandbox] disk_quota: must be one of {', '.join(DISK_QUOTA_MODES)}, got {s.disk_quota!r}")
     if s.disk_image_mib and s.disk_image_mib < 256:
@@ -390,6 +424,18 @@ def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
             f"[sandbox] slot_users: {len(s.slot_users)} users for [node] slots = {n.slots}; "
             "each slot needs a user of its own"
         )
+
+
+def service_port_range(text: str) -> tuple[int, int]:
+    """[sandbox] service_ports "FIRST-LAST" as (first, last), unprivileged TCP ports. Raises ConfigError."""
+    first_text, sep, last_text = text.partition("-")
+    try:
+        first, last = int(first_text), int(last_text)
+    except ValueError:
+        first = last = 0
+    if not sep or not 1024 <= first <= last <= 65535:
+        raise ConfigError(f"[sandbox] service_ports: expected FIRST-LAST, ports from 1024 to 65535, got {text!r}")
+    return first, last
 
 
 def _check_pool(p: PoolConfig) -> None:

@@ -346,13 +346,40 @@ def test_load_errors_name_the_file_and_key(scratch: Path) -> None:
 # ---------------------------------------------------------------- [sandbox]
 
 
+@pytest.mark.parametrize(
+    ("text", "policy"),
+    [
+        ("", "none"),
+        ("network = none\n", "none"),
+        ("network = outbound\n", "outbound"),
+        ("network = services\n", "services"),
+        ("network = host\n", "host"),
+        # Old files keep working: the boolean of before meant the host's namespace or loopback only.
+        ("network = yes\n", "host"),
+        ("network = True\n", "host"),
+        ("network = no\n", "none"),
+        ("network = off\n", "none"),
+    ],
+)
+def test_network_policy(text: str, policy: str) -> None:
+    cfg = configuration.parse(f"[sandbox]\n{text}", environ={})
+    assert cfg.sandbox.network == policy
+    assert f"network = {policy}" in configuration.effective(cfg)
+
+
+def test_network_policy_from_the_environment() -> None:
+    cfg = configuration.parse("", environ={"CAROD_SANDBOX_NETWORK": "outbound"})
+    assert cfg.sandbox.network == "outbound"
+    assert configuration.service_port_range(cfg.sandbox.service_ports) == (61000, 65535)
+
+
 def test_sandbox_section_parses() -> None:
     cfg = configuration.parse(
-        "[node]\nslots = 2\n[sandbox]\nisolation = none\ncgroups = v1\nnetwork = yes\n"
+        "[node]\nslots = 2\n[sandbox]\nisolation = none\ncgroups = v1\nnetwork = services\n"
         "slot_users = carod1, carod2\nmax_job_duration_s = 3600\n",
         environ={},
     )
-    assert cfg.sandbox.isolation == "none" and cfg.sandbox.cgroups == "v1" and cfg.sandbox.network is True
+    assert cfg.sandbox.isolation == "none" and cfg.sandbox.cgroups == "v1" and cfg.sandbox.network == "services"
     assert cfg.sandbox.slot_users == ("carod1", "carod2")
     assert "slot_users = carod1, carod2" in configuration.effective(cfg)
 
@@ -363,6 +390,13 @@ def test_sandbox_section_parses() -> None:
         ("[sandbox]\nisolation = docker\n", "[sandbox] isolation"),
         ("[sandbox]\ncgroups = v3\n", "[sandbox] cgroups"),
         ("[sandbox]\nnetwork = maybe\n", "[sandbox] network"),
+        ("[sandbox]\nnetwork = 2\n", "[sandbox] network"),
+        ("[sandbox]\nservice_ports = 61000\n", "[sandbox] service_ports"),
+        ("[sandbox]\nservice_ports = 1000-2000\n", "[sandbox] service_ports"),
+        ("[sandbox]\nservice_ports = 62000-61000\n", "[sandbox] service_ports"),
+        ("[sandbox]\nservice_ports = 61000-70000\n", "[sandbox] service_ports"),
+        ("[sandbox]\nservice_ports_per_job = 0\n", "[sandbox] service_ports_per_job"),
+        ("[sandbox]\nservice_ports = 61000-61009\nservice_ports_per_job = 11\n", "[sandbox] service_ports_per_job"),
         ("[sandbox]\ntmp_mib = 0\n", "[sandbox] tmp_mib"),
         ("[sandbox]\nmax_job_duration_s = -1\n", "[sandbox] max_job_duration_s"),
         ("[sandbox]\nslot_users = a, root\n", "[sandbox] slot_users"),

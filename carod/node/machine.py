@@ -113,8 +113,17 @@ def detect(config: Config) -> classad2.ClassAd:
     ad["SlotType"] = "Partitionable"
     ad["DaemonStartTime"] = int(time.time())
     ad["Start"] = classad2.ExprTree(config.node.start)
+    #: What a job's network is here (docs/operations.md "Network policy"); set_network_policy
+    #: corrects it once the sandbox is known (no bubblewrap: jobs share the host's network).
+    ad["NetworkPolicy"] = config.sandbox.network
     ad.update(ad_from_expressions(config.machine, section="machine"))
     return ad
+
+
+def set_network_policy(ad: classad2.ClassAd, config: Config, policy: str) -> None:
+    """``NetworkPolicy`` = what jobs really get (isolation.Layers.network_policy), unless [machine] sets it."""
+    if not any(name.lower() == "networkpolicy" for name, _ in config.machine):
+        ad["NetworkPolicy"] = policy
 
 
 def totals(ad: classad2.ClassAd, config: Config) -> Totals:

@@ -205,6 +205,8 @@ class Server:
             self.node.config = self.config
             new_ad = machine.detect(self.config)
             new_ad["HasIOProxy"] = self.layers is not None and self.layers.chirp_root is not None
+            if self.layers is not None:
+                machine.set_network_policy(new_ad, self.config, self.layers.network_policy)
             try:
                 resized = machine.totals(new_ad, self.config) != self.node.resources.totals
             except ConfigError as exc:
@@ -235,6 +237,7 @@ class Server:
         for note in layers.notes:
             log.warning("sandbox: %s", note)
         machine_ad["HasIOProxy"] = layers.chirp_root is not None  # HTCondor's: WantIOProxy jobs get condor_chirp
+        machine.set_network_policy(machine_ad, config, layers.network_policy)
         self.executor = executor = Executor(config, layers, users)
         totals, disk_text = await self._setup_disk(executor, machine_ad, totals)
         for user in users.users:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import struct
@@ -23,7 +24,7 @@ from carod import units, unzip
 from carod.config import Config
 from carod.errors import JobHeld
 from carod.holdcodes import HoldCode
-from carod.sandbox import cgroup, chirpdir, limits
+from carod.sandbox import cgroup, chirpdir, limits, network
 from carod.sandbox import workdir as sandbox
 from carod.sandbox.cgroup import CgroupError, JobCgroup
 from carod.sandbox.diskquota import DiskQuota, kernel_limit_bytes, limit_slack_bytes
@@ -73,19 +74,31 @@ class Executor:
         self.default_disk_kib = 0.0
         #: sandboxes started ahead of their jobs (start_ahead), None = every job starts cold
         self.warm: WarmPool | None = None
+        #: network = services: each sandbox's block of service ports (start_ahead)
+        self.ports: network.PortBlocks | None = None
 
     async def start_ahead(self, slots: int) -> int:
-        """Start each slot's sandbox ahead of its job ([sandbox] prestart). Returns how many are ready."""
-        if not self.config.sandbox.prestart or self.layers.bash is None:
+        """Start each slot's sandbox ahead of its job ([sandbox] prestart). Returns how many are ready.
+
+        With network = outbound/services every job runs in such a sandbox (its
+        network is attached to the waiting chain): without prestart, each is made
+        when its job comes. Raises StartupError when service_ports cannot serve ``slots``.
+        """
+        net = self.layers.net
+        if net is not None and net.services:
+            self.ports = network.PortBlocks.for_node(self.config, slots)
+        ahead = self.config.sandbox.prestart and self.layers.bash is not None
+        if not ahead and net is None:
             return 0
         dedicated = self.users.dedicated
         self.warm = WarmPool(
             self.layers,
             self.users.users,
-            1 if dedicated else slots,
+            (1 if dedicated else slots) if ahead else 0,
             make_box=self._make_warm_box,
             remove_box=self._remove_box,
-            refill_on_take=not dedicated,
+            refill_on_take=not dedicated or not ahead,
+            attach_net=None if net is None else functools.partial(network.attach, net, blocks=self.ports),
         )
         self.warm.start()
         return await self.warm.ready()
@@ -144,6 +157,16 @@ class Executor:
     async def create_box(self, run: Run, message_id: str) -> Path:
         """The attempt's sandbox: one started ahead for its user when there is one, else a new directory."""
         if self.warm is not None and (warm := await self.warm.take(run.user)) is not None:
+            run.warm = warm
+            run.box, run.quota_group, run.cgroup = warm.box, warm.quota_group, warm.cgroup
+            return warm.box
+        if self.layers.net is not None:  # its network is attached to a waiting chain only
+            warm = await self.warm.prepare_now(run.user) if self.warm is not None else None
+            if warm is None:
+                raise JobHeld(
+                    f"carod could not set up the job's network ([sandbox] network = {self.layers.network})",
+                    HoldCode.FAILED_TO_CREATE_PROCESS,
+                )
             run.warm = warm
             run.box, run.quota_group, run.cgroup = warm.box, warm.quota_group, warm.cgroup
             return warm.box
@@ -320,14 +343,19 @@ class Executor:
         """Until the job ends; a limit it broke comes back as JobHeld (the job is stopped)."""
         if run.process is None or run.limits is None or run.box is None:
             raise RuntimeError("watch() before start()")
-        return await limits.enforce(
-            run.process,
-            run.limits,
-            self._disk_meter(run, run.box),
-            interval_s=self.config.sandbox.check_interval_s,
-            kill_sig=kill_sig,
-            grace_s=self.config.node.kill_grace_s,
-        )
+        try:
+            return await limits.enforce(
+                run.process,
+                run.limits,
+                self._disk_meter(run, run.box),
+                interval_s=self.config.sandbox.check_interval_s,
+                kill_sig=kill_sig,
+                grace_s=self.config.node.kill_grace_s,
+            )
+        finally:
+            # Its service ports close with the job, before anyone is told it ended.
+            if run.warm is not None and run.warm.net is not None:
+                await asyncio.to_thread(run.warm.stop_network)
 
     def _disk_meter(self, run: Run, box: Path) -> limits.DiskMeter:
         quota, group = self.quota, run.quota_group
@@ -385,6 +413,8 @@ class Executor:
                 await run.process.wait()
             elif run.warm is not None:  # the job never got it
                 await asyncio.to_thread(run.warm.stop)
+            if run.warm is not None and run.warm.net is not None:
+                await asyncio.to_thread(run.warm.stop_network)
             if self._sweep_at_end:
                 killed = await asyncio.to_thread(cgroup.sweep_user, run.user.uid)
                 if killed:

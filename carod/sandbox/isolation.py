@@ -18,7 +18,8 @@ as root in the gate and bwrap.)
 * **bubblewrap** (``isolation = auto|bwrap``) gives a read-only system, a
   private /tmp and /dev/shm with a size cap, only the sandbox writable,
   carod's state and the other sandboxes hidden, a PID, IPC and (unless
-  ``network = yes``) network namespace;
+  ``network = host``) network namespace (with ``outbound`` and ``services``,
+  carod.sandbox.network attaches slirp4netns to it);
 * **setpriv** switches uid and gid, clears the supplementary groups, sets
   ``no_new_privs`` and empties the capability bounding set.
 
@@ -37,9 +38,10 @@ from pathlib import Path, PurePosixPath
 
 from carod.config import Config
 from carod.errors import EXIT_CONFIG, EXIT_NOPERM, StartupError
-from carod.sandbox import chirpdir, cmdpath, seccomp
+from carod.sandbox import chirpdir, cmdpath, network, seccomp
 from carod.sandbox.cgroup import CgroupError, Cgroups
 from carod.sandbox.cgroup import detect as detect_cgroups
+from carod.sandbox.network import Tools as NetworkTools
 from carod.sandbox.users import JobUser
 from carod.units import MIB
 
@@ -84,7 +86,8 @@ class Layers:
 
     bwrap: str | None
     cgroups: Cgroups | None
-    network: bool
+    #: [sandbox] network: none, outbound, services or host (carod.sandbox.network)
+    network: str
     tmp_bytes: int
     hidden: tuple[Path, ...]
     setpriv: str
@@ -100,20 +103,36 @@ class Layers:
     #: ``state_dir/chirp`` (carod.sandbox.chirpdir): each sandbox's chirp directory is bound from here; None = no chirp
     chirp_root: Path | None = None
     notes: tuple[str, ...] = ()
+    #: slirp4netns and its helpers, for network = outbound and services (None otherwise)
+    net: NetworkTools | None = None
+
+    @property
+    def host_network(self) -> bool:
+        """Do jobs share the node's network namespace (network = host, or no bubblewrap)?"""
+        return self.network == "host" or not self.bwrap
+
+    @property
+    def network_policy(self) -> str:
+        """What jobs really get, for the machine ad's NetworkPolicy: host when they share the node's namespace."""
+        return "host" if self.host_network else self.network
 
     def job_view(self, box: Path) -> cmdpath.View:
         """What a job in ``box`` sees of the host (for checking its Cmd as it would)."""
         if not self.bwrap:
             return cmdpath.View(PurePosixPath(box))
         hidden = [PurePosixPath("/tmp"), PurePosixPath("/dev/shm"), *(PurePosixPath(p) for p in self.hidden)]
-        if not self.network:
+        if not self.host_network:
             hidden.append(PurePosixPath("/run"))
         return cmdpath.View(PurePosixPath(box), tuple(hidden))
 
     def describe(self) -> str:
         parts = []
         if self.bwrap:
-            net = "network allowed" if self.network else "no network"
+            net = {
+                "none": "no network",
+                "outbound": "outbound network by slirp4netns",
+                "services": "outbound network and service ports by slirp4netns",
+            }.get(self.network, "the host's network")
             userns = "no user namespaces" if self.seccomp and not self.user_namespaces else "user namespaces allowed"
             parts.append(f"bubblewrap (read-only /, private /tmp, PID+IPC namespaces, {net}, {userns})")
         else:
@@ -177,10 +196,16 @@ def detect(config: Config) -> Layers:
         if chirp_root is None:
             notes.append(f"no chirp (WantIOProxy jobs are held): {why}")
     bash: str | None = None
-    if sandbox.prestart:
+    if sandbox.prestart or sandbox.network in network.HELPED:
         bash = _find_bash()
         if bash is None:
             notes.append("sandboxes are not started ahead of jobs: no bash 4.4 or newer in /usr/bin or /bin")
+    net = network.detect(config, bwrap=bwrap, bash=bash)
+    if sandbox.network == "host" and bwrap:
+        notes.append(
+            "[sandbox] network = host: jobs share the node's network namespace and reach its loopback "
+            "services (the broker, databases); see docs/security.md"
+        )
     return Layers(
         bwrap=bwrap,
         cgroups=cgroups,
@@ -195,6 +220,7 @@ def detect(config: Config) -> Layers:
         bash=bash,
         chirp_root=chirp_root,
         notes=tuple(notes),
+        net=net,
     )
 
 
@@ -280,7 +306,7 @@ def head(layers: Layers, user: JobUser, box: Path, *, seccomp_fd: int | None = N
         size = str(layers.tmp_bytes)
         chain += ["--perms", "1777", "--size", size, "--tmpfs", "/tmp"]
         chain += ["--perms", "1777", "--size", size, "--tmpfs", "/dev/shm"]
-        if not layers.network:
+        if not layers.host_network:
             # Unix sockets of local services (databases, brokers, D-Bus) live under /run.
             chain += ["--tmpfs", "/run"]
         for path in layers.hidden:
@@ -291,7 +317,7 @@ def head(layers: Layers, user: JobUser, box: Path, *, seccomp_fd: int | None = N
         if layers.chirp_root is not None:  # empty unless the job wants chirp (carod.sandbox.chirpdir)
             chain += ["--ro-bind", str(layers.chirp_root / box.name), chirpdir.MOUNT]
         chain += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent"]
-        if not layers.network:
+        if not layers.host_network:
             chain.append("--unshare-net")
         if seccomp_fd is not None:
             chain += ["--seccomp", str(seccomp_fd)]
@@ -358,7 +384,7 @@ def probe_problems(output: str, user: JobUser, layers: Layers) -> list[str]:
     if layers.bwrap:
         if fields.get("ns-pid") == os.readlink("/proc/self/ns/pid"):
             problems.append("it shares carod's PID namespace")
-        if not layers.network and fields.get("ns-net") == os.readlink("/proc/self/ns/net"):
+        if not layers.host_network and fields.get("ns-net") == os.readlink("/proc/self/ns/net"):
             problems.append("it shares carod's network namespace")
         if "root-writable" in fields:
             problems.append("it can write to /usr")

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carod.errors import JobHeld
-from carod.sandbox import isolation, runner
+from carod.sandbox import isolation, network, runner
 from carod.sandbox.cgroup import CgroupError, JobCgroup, Limits
 from carod.sandbox.isolation import Layers
 from carod.sandbox.users import JobUser
@@ -56,6 +56,8 @@ SEND_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 
 MakeBox = Callable[[JobUser], tuple[Path, int | None]]
+#: Attaches the network of a sandbox (network = outbound/services) to its chain's pid (blocking).
+AttachNet = Callable[[int], network.Attached]
 RemoveBox = Callable[[Path, int | None], None]
 
 
@@ -70,6 +72,8 @@ class Warm:
     popen: subprocess.Popen[bytes]
     #: the pipe's write end; -1 once the job was sent or the sandbox given up
     go_fd: int
+    #: its slirp4netns (network = outbound/services), ended with it
+    net: network.Attached | None = None
 
     def alive(self) -> bool:
         return self.go_fd >= 0 and self.popen.poll() is None
@@ -107,6 +111,12 @@ class Warm:
             self.popen.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             log.warning("the chain of an unused sandbox (pid %d) did not end after SIGKILL", self.popen.pid)
+        self.stop_network()
+
+    def stop_network(self) -> None:
+        """End its slirp4netns: its forwarded ports close (blocking, idempotent)."""
+        if self.net is not None:
+            self.net.stop()
 
 
 def fields(stdin: str, stdout: str, stderr: str, *, limits: list[tuple[int, int]], argv: list[str]) -> list[str]:
@@ -146,6 +156,7 @@ class WarmPool:
         make_box: MakeBox,
         remove_box: RemoveBox,
         refill_on_take: bool,
+        attach_net: AttachNet | None = None,
     ) -> None:
         self.layers = layers
         self.users = users
@@ -153,6 +164,7 @@ class WarmPool:
         self._make_box = make_box
         self._remove_box = remove_box
         self._refill_on_take = refill_on_take
+        self._attach_net = attach_net
         self._waiting: dict[int, collections.deque[asyncio.Task[Warm | None]]] = {
             u.uid: collections.deque() for u in users
         }
@@ -194,7 +206,11 @@ class WarmPool:
             task.add_done_callback(self._give_up_later)  # nobody takes it now
             raise
         if warm is not None and not warm.alive():
-            log.warning("a sandbox started ahead ended before its job came (pid %d); starting cold", warm.popen.pid)
+            log.warning(
+                "a sandbox started ahead ended before its job came (pid %d, rc %s); starting cold",
+                warm.popen.pid,
+                warm.popen.returncode,
+            )
             await self._give_up(warm)
             warm = None
         if warm is None:
@@ -203,6 +219,20 @@ class WarmPool:
             self.hits += 1
         else:
             self.waits += 1
+        return warm
+
+    async def prepare_now(self, user: JobUser) -> Warm | None:
+        """A sandbox made now for a job that found none ready (network = outbound/services start no other way)."""
+        if self.closed:
+            return None
+        task = asyncio.create_task(self._prepare(user))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            warm = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._give_up_later)
+            raise
         return warm
 
     def refill(self, user: JobUser) -> None:
@@ -259,7 +289,15 @@ class WarmPool:
             if made is not None:
                 await asyncio.to_thread(self._remove_box, *made)
             return None
-        return Warm(user, box, quota_group, group, popen, go_fd)
+        warm = Warm(user, box, quota_group, group, popen, go_fd)
+        if self._attach_net is not None:
+            try:
+                warm.net = await asyncio.to_thread(self._attach_net, popen.pid)
+            except OSError as exc:
+                log.warning("could not set up the network of a sandbox for %s: %s", user.name, exc)
+                await self._give_up(warm)
+                return None
+        return warm
 
     async def _give_up(self, warm: Warm) -> None:
         await asyncio.to_thread(warm.stop)

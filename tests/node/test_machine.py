@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import classad2
 import pytest
 
 from carod import config as configuration
@@ -49,3 +50,23 @@ def test_live_ad_shows_free_and_total() -> None:
     assert 0 <= ad.eval("ClockMin") < 1440 and 0 <= ad.eval("ClockDay") <= 6
     machine.update(ad, res, disk_available_kib=None, idle=True)
     assert (ad.eval("Cpus"), ad.eval("JobsRunning"), ad.eval("BigFree")) == (4, 0, True)
+
+
+@pytest.mark.parametrize("policy", ["none", "outbound", "services", "host"])
+def test_the_ad_says_the_network_policy_so_requirements_can_ask_for_it(policy: str) -> None:
+    cfg = configuration.parse(f"[sandbox]\nnetwork = {policy}\n", environ={})
+    ad = machine.detect(cfg)
+    assert ad.eval("NetworkPolicy") == policy
+    ad["WantsServices"] = classad2.ExprTree('NetworkPolicy == "services"')
+    assert ad.eval("WantsServices") is (policy == "services")
+
+
+def test_the_network_policy_is_what_jobs_really_get_unless_machine_sets_it() -> None:
+    cfg = configuration.parse("[sandbox]\nnetwork = none\n", environ={})
+    ad = machine.detect(cfg)
+    machine.set_network_policy(ad, cfg, "host")  # no bubblewrap: jobs share the host's namespace
+    assert ad.eval("NetworkPolicy") == "host"
+    cfg = configuration.parse('[sandbox]\nnetwork = none\n[machine]\nNetworkPolicy = "audited"\n', environ={})
+    ad = machine.detect(cfg)
+    machine.set_network_policy(ad, cfg, "host")
+    assert ad.eval("NetworkPolicy") == "audited"

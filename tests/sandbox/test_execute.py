@@ -34,7 +34,7 @@ async def test_what_zipfile_refuses_is_held_not_an_internal_error(
     """struct.error from zipfile was an internal error (requeue, then a wrong Held): now TRANSFER_OUTPUT_ERROR."""
     config = configuration.parse(config_text("q", tmp_path), source="test", environ={})
     user = JobUser("job", os.getuid(), os.getgid(), switch=False)
-    layers = Layers(bwrap=None, cgroups=None, network=False, tmp_bytes=0, hidden=(), setpriv="")
+    layers = Layers(bwrap=None, cgroups=None, network="none", tmp_bytes=0, hidden=(), setpriv="")
     executor = Executor(config, layers, UserPool([user], dedicated=False))
     run = Run(user, box=tmp_path / "box")
     executor.results_dir.mkdir(parents=True)

@@ -21,7 +21,7 @@ BOX = Path("/srv/carod/sandboxes/job.1234")
 # ---------------------------------------------------------------- the command chain
 
 
-def layers(*, bwrap: bool, network: bool = False) -> Layers:
+def layers(*, bwrap: bool, network: str = "none") -> Layers:
     return Layers(
         bwrap="/usr/bin/bwrap" if bwrap else None,
         cgroups=None,
@@ -56,9 +56,23 @@ def test_chain_with_bwrap_isolates_and_hides_carods_state() -> None:
     assert "--unshare-user" not in bwrap  # as root it would map the job to host root
 
 
-def test_chain_with_network_allowed_keeps_the_host_network() -> None:
-    argv = isolation.command(layers(bwrap=True, network=True), USER, BOX, ["/bin/true"], {})
+def test_chain_with_network_host_keeps_the_host_network() -> None:
+    argv = isolation.command(layers(bwrap=True, network="host"), USER, BOX, ["/bin/true"], {})
     assert "--unshare-net" not in argv and "/run" not in argv
+    assert layers(bwrap=True, network="host").network_policy == "host"
+
+
+@pytest.mark.parametrize("policy", ["none", "outbound", "services"])
+def test_chain_of_every_other_policy_has_a_network_namespace_of_its_own(policy: str) -> None:
+    """outbound and services get slirp4netns attached to that namespace (carod.sandbox.network), never the host's."""
+    argv = isolation.command(layers(bwrap=True, network=policy), USER, BOX, ["/bin/true"], {})
+    assert "--unshare-net" in argv
+    assert argv[argv.index("/run") - 1] == "--tmpfs"  # local services' unix sockets stay hidden
+    assert layers(bwrap=True, network=policy).network_policy == policy
+
+
+def test_without_bwrap_jobs_share_the_host_network_and_the_ad_says_so() -> None:
+    assert layers(bwrap=False, network="none").network_policy == "host"
 
 
 def test_chain_when_carod_is_the_job_user_only_sets_no_new_privs() -> None:
@@ -121,7 +135,7 @@ async def test_root_chain_runs_with_a_fixed_environment_in_root() -> None:
     layers = isolation.Layers(
         bwrap="/usr/bin/bwrap",
         cgroups=None,
-        network=False,
+        network="none",
         tmp_bytes=1024,
         hidden=(),
         setpriv="/usr/bin/setpriv",
