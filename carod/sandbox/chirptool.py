@@ -57,8 +57,11 @@ def request(fields: dict[str, str]) -> bytes:
     try:
         sock.settimeout(TIMEOUT_S)
         sock.connect(SOCKET)
-        sock.sendall(line.encode())
-        sock.shutdown(_socket.SHUT_WR)
+        try:
+            sock.sendall(line.encode())
+            sock.shutdown(_socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered without reading (e.g. busy) and closed: its answer is still to be read
         data = b""
         while len(data) <= MAX_LINE_BYTES:
             chunk = sock.recv(MAX_LINE_BYTES + 1)
