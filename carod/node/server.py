@@ -284,6 +284,13 @@ class Server:
         if config.sandbox.prestart:
             log.info("sandbox: %d sandbox(es) started ahead of their jobs", ahead)
         self.advertiser = Advertiser(config, self.node, self.broker, view)
+        if len(config.broker.urls) > 1 and config.broker.queue_type != "quorum":
+            log.warning(
+                "[broker] url lists %d brokers but queue_type = %s: such a queue lives on one broker node and "
+                "is unusable while that node is down (docs/operations.md, \"A broker cluster\")",
+                len(config.broker.urls),
+                config.broker.queue_type,
+            )
         try:
             await self.broker.connect()
             await self.broker.declare()
