@@ -310,6 +310,9 @@ async def test_two_nodes_on_a_three_node_cluster_survive_losing_their_broker_and
                 held.append({"message_id": mid, "reply": reply_summary(finals[0])})
             else:
                 violations.append(f"{mid}: unexpected final reply {reply_summary(finals[0])}")
+        for number, fault in enumerate(faults, 1):
+            for name in fault["carod_on_it"]:
+                fault[f"{name}_lost_to_reconnected_s"] = lost_to_reconnected(logs[name], number)
         executions = {mid: len(nodes) for mid, nodes in run_nodes.items()}
         duplicated = {mid: nodes for mid, nodes in run_nodes.items() if len(nodes) > 1}
         reconnected = {name: len(log_lines({name: logs[name]}, "reconnected to the broker at")) for name in NODES}
@@ -364,6 +367,25 @@ async def test_two_nodes_on_a_three_node_cluster_survive_losing_their_broker_and
                 await daemon.kill()
         if client is not None:
             await asyncio.wait_for(client.sub.connection.close(), 10)
+
+
+def lost_to_reconnected(log: Path, fault_number: int) -> float | None:
+    """From carod's ``lost the broker at`` line to its ``reconnected to the broker at`` line after a fault's
+    marker (carod's own timestamps): how long the node was without a broker."""
+    text = log.read_text(errors="replace").split("==== cluster test: ")
+    if len(text) <= fault_number:
+        return None
+    after = text[fault_number]
+
+    def stamp(needle: str) -> float | None:
+        for line in after.splitlines():
+            if needle in line:
+                when = time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")
+                return time.mktime(when) + int(line[20:23]) / 1000
+        return None
+
+    lost, back = stamp("lost the broker at"), stamp("reconnected to the broker at")
+    return None if lost is None or back is None else round(back - lost, 2)
 
 
 def _node_name(config: Path) -> str:
