@@ -87,13 +87,14 @@ class ClusterConnection(aio_pika.RobustConnection):
             self._first_attempt = False  # the URL connect() chose
         else:
             self.url = URL(self.rotation.next())
-            log.info("connecting to the broker at %s", redact_url(str(self.url)))
+            log.debug("connecting to the broker at %s", redact_url(str(self.url)))
         connect_transport = aio_pika.RobustConnection._RobustConnection__connect_transport  # type: ignore[attr-defined]
         await connect_transport(self)
 
     async def _on_connection_close(self, closing: Any) -> None:
         if not self.close_called and not self.is_closed:
-            log.warning("lost the broker at %s; trying the brokers in a new order", redact_url(str(self.url)))
+            others = "; trying the brokers in a new order" if len(self.rotation.urls) > 1 else ""
+            log.warning("lost the broker at %s%s", redact_url(str(self.url)), others)
             self.rotation.lost(str(self.url))
         await super()._on_connection_close(closing)
 
