@@ -287,7 +287,7 @@ class Server:
         if len(config.broker.urls) > 1 and config.broker.queue_type != "quorum":
             log.warning(
                 "[broker] url lists %d brokers but queue_type = %s: such a queue lives on one broker node and "
-                "is unusable while that node is down (docs/operations.md, \"A broker cluster\")",
+                'is unusable while that node is down (docs/operations.md, "A broker cluster")',
                 len(config.broker.urls),
                 config.broker.queue_type,
             )
