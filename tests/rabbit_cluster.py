@@ -223,12 +223,16 @@ class RabbitCluster:
             time.sleep(0.1)
 
     def stop_node(self, node: BrokerNode) -> None:
-        """Stop the node (its whole Erlang VM, as a crash or a shutdown would) and wait for it to be gone."""
+        """Stop the node's whole Erlang VM with SIGTERM (as systemd stops the service) and wait until it is gone.
+
+        The server script passes SIGTERM on to the VM, which shuts RabbitMQ down (connections closed,
+        the node leaves its quorums); a signal starts that at once, where ``rabbitmqctl stop`` would
+        first spend seconds starting a CLI VM.
+        """
         t0 = time.monotonic()
-        try:
-            self.ctl(node, "stop", timeout_s=60)
-        finally:
-            self._reap(node, timeout_s=30)
+        if node.proc is not None and node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGTERM)
+        self._reap(node, timeout_s=60)
         self.timings.setdefault("node_stop_s", round(time.monotonic() - t0, 1))
 
     def _reap(self, node: BrokerNode, timeout_s: float) -> None:
@@ -281,9 +285,8 @@ class RabbitCluster:
 
     def _stop_for_good(self, node: BrokerNode) -> None:
         if node.proc is not None and node.proc.poll() is None:
-            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # then killed
-                self.ctl(node, "stop", timeout_s=30)
-        self._reap(node, timeout_s=15)
+            node.proc.send_signal(signal.SIGTERM)
+        self._reap(node, timeout_s=30)  # then killed
 
     def processes(self) -> list[int]:
         """Processes of this cluster still alive: its nodes (by name), its epmd (by port), its CLI calls."""

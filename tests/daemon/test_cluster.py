@@ -250,7 +250,7 @@ async def test_two_nodes_on_a_three_node_cluster_survive_losing_their_broker_and
         down = rabbit.by_address(on["n1"])
         fault = note("stop the broker node of n1", down, carod_on_it=["n1"])
         stopping = asyncio.create_task(asyncio.to_thread(rabbit.stop_node, down))
-        on["n1"], fault["n1_failover_s"] = await moved_off(ports["n1"], down.address)  # from the stop command on
+        on["n1"], fault["n1_failover_s"] = await moved_off(ports["n1"], down.address)  # from the signal on
         await stopping
         fault["n1_moved_to"] = on["n1"]
         assert (await broker_of(ports["n2"]))[0] == on["n2"]  # n2 was not on it and stays where it was
@@ -259,11 +259,11 @@ async def test_two_nodes_on_a_three_node_cluster_survive_losing_their_broker_and
         fault["restarted_and_rejoined_s"] = round(time.monotonic() - t0 - fault["at_s"], 1)
 
         # ---- fault 2: the node that leads the job queue goes down while jobs run
-        second = await burst()
-        await answered(second, 10)
         leader = rabbit.by_name(
             (await asyncio.to_thread(rabbit.queue_members, rabbit.by_address(on["n2"]), queue))["leader"]
         )
+        second = await burst()
+        await answered(second, 10)
         carods_on_leader = [name for name in NODES if on[name] == leader.address]
         fault = note("stop the job queue's leader", leader, carod_on_it=carods_on_leader)
         stopping = asyncio.create_task(asyncio.to_thread(rabbit.stop_node, leader))
