@@ -114,6 +114,12 @@ class Broker:
         return self._connection is not None and not self._connection.is_closed
 
     @property
+    def up(self) -> bool:
+        """Connected now: False while the robust connection is trying brokers again (``connected`` stays True
+        then, as the connection is not closed for good). What carod_broker_connected and STATUS= show."""
+        return self.connected and self._connection is not None and self._connection.connected.is_set()
+
+    @property
     def address(self) -> str:
         """The broker the node is on, or tries next (no credentials; ``""`` before the first connection)."""
         return self._connection.address if self._connection is not None else ""

@@ -382,7 +382,7 @@ class Server:
         if self.node is None or self.broker is None:
             return "starting"
         running, waiting = self.node.counts()
-        broker = f"connected to {self.broker.address}" if self.broker.connected else "reconnecting to the broker"
+        broker = f"connected to {self.broker.address}" if self.broker.up else "reconnecting to the broker"
         text = f"{running} job(s) running on {self._slots} slot(s)"
         if waiting:
             text += f", {waiting} answer(s) waiting for a redelivery"
@@ -410,7 +410,7 @@ class Server:
             jobs_waiting=len(self.admission.waiting()),
             answers_waiting=waiting,
             outbox_depth=await self.journal.pending_count(),
-            broker_connected=self.broker.connected,
+            broker_connected=self.broker.up,
             broker_address=self.broker.address,
             draining=self.should_exit,
         )

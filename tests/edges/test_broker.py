@@ -186,3 +186,22 @@ async def test_a_node_whose_broker_goes_down_goes_on_on_another(
         assert await asyncio.wait_for(got.get(), 10) == b"after the failover"
     finally:
         await edge.close()
+
+
+async def test_while_no_broker_answers_the_edge_is_not_up(proxies: tuple[list[Proxy], list[str]]) -> None:
+    """carod_broker_connected and STATUS= read ``up``: 0 while the connection tries the brokers again."""
+    relays, urls = proxies
+    config = configuration.parse(f"[broker]\nurl = {', '.join(urls)}\nreconnect_interval_s = 0.2\n", environ={})
+    edge = Broker(config.broker, node_name="test", prefetch=1)
+    await edge.connect()
+    try:
+        assert edge.up
+        for relay in relays:
+            await relay.stop()
+        async with asyncio.timeout(10):
+            while edge.up:
+                await asyncio.sleep(0.02)
+        assert edge.connected  # not closed for good: still trying
+        assert edge.address in {broker_address(u) for u in urls}
+    finally:
+        await edge.close()
