@@ -13,7 +13,7 @@ and reported as tests/daemon/test_soak.py does, not asserted: at-least-once
 execution is the contract, exactly-once answering is. Afterwards nothing of
 the cluster may be left (processes, listeners, epmd names, folders).
 
-Run it alone: ``scripts/test -m cluster`` (about two minutes). Knobs:
+Run it alone: ``scripts/test -m cluster`` (two to four minutes). Knobs:
 ``CAROD_CLUSTER_JOBS`` (jobs per burst, default 150), ``CAROD_CLUSTER_REPORT``
 (a path for the JSON report).
 """
