@@ -51,6 +51,8 @@ DEFAULT_MAX_JOB_DURATION_S = 86400.0
 
 @dataclass(frozen=True)
 class BrokerConfig:
+    #: The broker, or the nodes of a broker cluster: several URLs separated by commas or spaces,
+    #: tried in a shuffled order at start and on every reconnection (docs/operations.md, "A broker cluster").
     url: str = "amqp://guest:guest@127.0.0.1:5672/"
     queue: str = "grid"
     queue_type: str = "quorum"
@@ -81,6 +83,16 @@ class BrokerConfig:
     #: again for at most this long; then an update is dropped, and a final reply stays in
     #: the journal and its job's message is requeued, to be answered on its next delivery.
     reply_retry_s: float = 300.0
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Each broker URL of ``url`` (one, or the nodes of a cluster), in the order written."""
+        return split_urls(self.url)
+
+
+def split_urls(text: str) -> tuple[str, ...]:
+    """``amqp://a/, amqp://b/`` -> both URLs (commas and white space separate; a URL has neither)."""
+    return tuple(part for part in text.replace(",", " ").split() if part)
 
 
 @dataclass(frozen=True)
@@ -309,8 +321,7 @@ def _section_values(cls: type, section: str, items: Mapping[str, str], environ: 
 
 def _check(config: Config) -> None:
     b, n = config.broker, config.node
-    if not b.url.startswith(("amqp://", "amqps://")):
-        raise ConfigError(f"[broker] url: must start with amqp:// or amqps://, got {b.url!r}")
+    _check_urls(b.url)
     if not b.queue:
         raise ConfigError("[broker] queue: must not be empty")
     if b.queue_type not in QUEUE_TYPES:
@@ -380,6 +391,22 @@ def _check(config: Config) -> None:
             classad2.ExprTree(text)
         except classad2.ClassAdException as exc:
             raise ConfigError(f"[machine] {name}: not a valid ClassAd expression: {text!r}") from exc
+
+
+def _check_urls(text: str) -> None:
+    urls = split_urls(text)
+    if not urls:
+        raise ConfigError("[broker] url: must name at least one broker (amqp://... or amqps://...)")
+    for number, url in enumerate(urls, 1):
+        if not url.startswith(("amqp://", "amqps://")):
+            # never the tail of a password split at a comma
+            shown = f"{redact_url(url)!r}" if "://" in url else f"URL {number} of {len(urls)}"
+            raise ConfigError(
+                f"[broker] url: must start with amqp:// or amqps://, got {shown} (several brokers are separated by "
+                "commas or spaces; write a comma or space in a password as %2C or %20)"
+            )
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"[broker] url: a broker is listed twice in {redact_urls(text)!r}")
 
 
 def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
@@ -504,7 +531,7 @@ def effective(config: Config) -> str:
         for f in dataclasses.fields(getattr(config, section)):
             value = getattr(getattr(config, section), f.name)
             if section == "broker" and f.name == "url":
-                value = redact_url(str(value))
+                value = redact_urls(str(value))
             elif isinstance(value, tuple):
                 value = ", ".join(value)
             lines.append(f"{f.name} = {value}")
@@ -515,12 +542,31 @@ def effective(config: Config) -> str:
 
 
 def url_user(url: str) -> str:
-    """The broker user an ``amqp://`` URL logs in as (aio-pika's default, ``guest``, when it names none)."""
+    """The broker user an ``amqp://`` URL logs in as (aio-pika's default, ``guest``, when it names none).
+
+    Of a list of URLs (a cluster), the first one's: list the same user in each.
+    """
+    urls = split_urls(url)
+    url = urls[0] if urls else url
     _scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return "guest"
     creds = rest.rpartition("@")[0]
     return urllib.parse.unquote(creds.split(":", 1)[0]) or "guest"
+
+
+def redact_urls(text: str) -> str:
+    """Every URL of ``[broker] url``, passwords hidden, comma-separated."""
+    return ", ".join(redact_url(url) for url in split_urls(text))
+
+
+def broker_address(url: str) -> str:
+    """Where a URL points, without its user and password: ``amqp://host:port/vhost``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    location = rest.rpartition("@")[2]
+    return f"{scheme}://{location.split('?', 1)[0]}"
 
 
 def redact_url(url: str) -> str:

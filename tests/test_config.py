@@ -429,3 +429,71 @@ def test_admins_are_broker_user_names_separated_by_commas_or_spaces() -> None:
     assert configuration.url_user("amqp://ops:secret@broker:5672/") == "ops"
     assert configuration.url_user("amqp://al%40ice:pw@broker/") == "al@ice"
     assert configuration.url_user("amqp://broker/") == "guest"  # as aio-pika logs in without one
+    assert configuration.url_user("amqp://ops:pw@a:5672/, amqp://ops:pw@b:5673/") == "ops"  # a cluster's list
+
+
+# ---------------------------------------------------------------- a broker cluster (issue 19)
+
+
+def test_one_broker_url_is_one_broker() -> None:
+    cfg = parse("[broker]\nurl = amqp://u:p@broker.example:5672/vh\n")
+    assert cfg.broker.urls == ("amqp://u:p@broker.example:5672/vh",)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "amqp://u:p@a:5672/, amqp://u:p@b:5673/, amqps://u:p@c:5671/",
+        "amqp://u:p@a:5672/ amqp://u:p@b:5673/  amqps://u:p@c:5671/",
+        "amqp://u:p@a:5672/,amqp://u:p@b:5673/,\n  amqps://u:p@c:5671/",
+    ],
+)
+def test_several_broker_urls_separated_by_commas_spaces_or_lines(value: str) -> None:
+    cfg = parse(f"[broker]\nurl = {value}\n")
+    assert cfg.broker.urls == ("amqp://u:p@a:5672/", "amqp://u:p@b:5673/", "amqps://u:p@c:5671/")
+
+
+def test_several_broker_urls_from_the_environment() -> None:
+    cfg = parse("[broker]\nurl = amqp://u:p@a/\n", {"CAROD_BROKER_URL": "amqp://u:p@b:1/,amqp://u:p@c:2/"})
+    assert cfg.broker.urls == ("amqp://u:p@b:1/", "amqp://u:p@c:2/")
+
+
+def test_a_broker_listed_twice_is_refused() -> None:
+    message = refused("[broker]\nurl = amqp://u:secret@a/, amqp://u:secret@a/\n")
+    assert "[broker] url" in message and "twice" in message
+    assert "secret" not in message
+
+
+@pytest.mark.parametrize("value", ["", " , ,", "amqp://u:p@a/, http://b/", "amqp://u:p@a/, b:5672"])
+def test_every_broker_url_must_be_amqp(value: str) -> None:
+    assert "[broker] url" in refused(f"[broker]\nurl = {value}\n")
+
+
+def test_a_password_with_a_comma_is_not_shown_when_refused() -> None:
+    """An unescaped comma splits the URL; the error must not print the password's tail."""
+    message = refused("[broker]\nurl = amqp://carod:pass,word-tail@a:5672/\n")
+    assert "[broker] url" in message and "%2C" in message
+    assert "word-tail" not in message and "pass" not in message.replace("password", "")
+
+
+def test_effective_hides_every_password_of_a_cluster() -> None:
+    cfg = parse("[broker]\nurl = amqp://carod:s3cr3t@a:5672/, amqp://carod:s3cr3t@b:5673/\n")
+    text = config.effective(cfg)
+    assert "s3cr3t" not in text
+    assert "url = amqp://carod:***@a:5672/, amqp://carod:***@b:5673/" in text
+    assert config.parse(text, source="again", environ=NO_ENV).broker.urls == (
+        "amqp://carod:***@a:5672/",
+        "amqp://carod:***@b:5673/",
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://u:pw@h:5672/vh", "amqp://h:5672/vh"),
+        ("amqps://u:p@ss@h/?heartbeat=5", "amqps://h/"),
+        ("amqp://h:5672/", "amqp://h:5672/"),
+    ],
+)
+def test_broker_address_has_no_credentials(url: str, expected: str) -> None:
+    assert config.broker_address(url) == expected

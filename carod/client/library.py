@@ -27,13 +27,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import aio_pika
 import aiormq
 import classad2
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from carod.config import url_user
+from carod.config import split_urls, url_user
 from carod.errors import CarodError, JobHeld
 from carod.units import MIB
 from carod.unzip import Owner, unpack_input
@@ -221,7 +222,7 @@ class Client:
 
     async def connect(self) -> None:
         try:
-            self._connection = await aio_pika.connect_robust(self.url, timeout=10)
+            self._connection = await first_broker(self.url, lambda one: aio_pika.connect_robust(one, timeout=10))
             self._channel = await self._connection.channel(publisher_confirms=True)
             self._reply_queue = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
             await self._reply_queue.consume(self._on_reply, no_ack=True)
@@ -450,6 +451,19 @@ async def remove(
 
 
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError)
+_C = TypeVar("_C")
+
+
+async def first_broker(url: str, connect: Callable[[str], Awaitable[_C]]) -> _C:
+    """Connect to the first broker of ``url`` that answers: one URL, or several separated by commas or
+    spaces (a cluster's nodes, as carod's ``[broker] url``). Raises the last one's error when none does."""
+    urls = split_urls(url) or (url,)
+    for one in urls[:-1]:
+        try:
+            return await connect(one)
+        except _BROKER_ERRORS:
+            continue
+    return await connect(urls[-1])
 
 
 @contextlib.asynccontextmanager
@@ -462,7 +476,7 @@ async def _pool_inbox(
 ) -> AsyncIterator[tuple[aio_pika.abc.AbstractExchange, aio_pika.abc.AbstractQueue]]:
     """A connection, the pool exchange and a private queue consumed by ``on_message`` (bound to ``listen``)."""
     try:
-        connection = await aio_pika.connect(url, timeout=10)
+        connection = await first_broker(url, lambda one: aio_pika.connect(one, timeout=10))
     except _BROKER_ERRORS as exc:
         raise ClientError(f"cannot connect to the broker: {exc}") from exc
     async with connection:

@@ -39,11 +39,11 @@ import aiormq
 from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustChannel,
-    AbstractRobustConnection,
     AbstractRobustQueue,
 )
 
 from carod.config import BrokerConfig, redact_url
+from carod.edges import cluster
 from carod.edges.amqp import (
     ENCODING_ERRORS,
     TRANSIENT,
@@ -75,7 +75,7 @@ class Broker:
         self.prefetch = prefetch
         self.unmatched_queue_name = f"{config.queue}.unmatched"
         self.dead_queue_name = f"{config.queue}.dead"
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: cluster.ClusterConnection | None = None
         self._consume_channel: AbstractRobustChannel | None = None
         self._publish_channel: AbstractRobustChannel | None = None
         self._queue: AbstractRobustQueue | None = None
@@ -92,16 +92,13 @@ class Broker:
     # ------------------------------------------------------------ lifecycle
 
     async def connect(self) -> None:
-        url = self.config.url
-        try:
-            self._connection = await aio_pika.connect_robust(
-                url,
-                timeout=self.config.connect_timeout_s,
-                reconnect_interval=self.config.reconnect_interval_s,
-                client_properties={"connection_name": f"carod@{self.node_name}"},
-            )
-        except (*TRANSIENT, ValueError) as exc:
-            raise BrokerError(f"cannot connect to the broker at {redact_url(url)}: {exc}") from exc
+        """Connect to one of ``[broker] url`` (shuffled; carod.edges.cluster) and open the channels."""
+        self._connection = await cluster.connect(
+            self.config.urls,
+            timeout_s=self.config.connect_timeout_s,
+            reconnect_interval=self.config.reconnect_interval_s,
+            client_properties={"connection_name": f"carod@{self.node_name}"},
+        )
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         try:
             # no confirms here: deliveries are settled in transactions on this channel
@@ -112,13 +109,29 @@ class Broker:
             raise BrokerError(f"cannot open channels on the broker: {exc}") from exc
 
     def _on_reconnect(self, *_: object) -> None:
-        log.warning("reconnected to the broker; consuming again")
+        log.warning("reconnected to the broker at %s; consuming again", self.url_redacted)
         if self.on_reconnect is not None:
             self.on_reconnect()
 
     @property
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed
+
+    @property
+    def up(self) -> bool:
+        """Connected now: False while the robust connection is trying brokers again (``connected`` stays True
+        then, as the connection is not closed for good). What carod_broker_connected and STATUS= show."""
+        return self.connected and self._connection is not None and self._connection.connected.is_set()
+
+    @property
+    def address(self) -> str:
+        """The broker the node is on, or tries next (no credentials; ``""`` before the first connection)."""
+        return self._connection.address if self._connection is not None else ""
+
+    @property
+    def url_redacted(self) -> str:
+        """The URL of the broker the node is on, for logs (the password hidden)."""
+        return redact_url(str(self._connection.url)) if self._connection is not None else ""
 
     async def declare(self) -> None:
         """Declare the job queue, its binding and the unmatched (delay) queue."""

@@ -59,6 +59,8 @@ class Snapshot:
     outbox_depth: int
     broker_connected: bool
     draining: bool
+    #: The broker (of ``[broker] url``) the node is on or tries next, without credentials.
+    broker_address: str = ""
 
 
 class Metrics:
@@ -252,3 +254,10 @@ class _LiveCollector(Collector):
         yield gauge("carod_outbox_depth", "Replies journaled but not yet confirmed by the broker", s.outbox_depth)
         yield gauge("carod_broker_connected", "1 when connected to the broker", int(s.broker_connected))
         yield gauge("carod_draining", "1 while the node drains (stopping)", int(s.draining))
+        broker = GaugeMetricFamily(
+            "carod_broker_info",
+            "The broker of [broker] url the node is on (or tries next: see carod_broker_connected); always 1",
+            labels=["address"],
+        )
+        broker.add_metric([s.broker_address], 1)
+        yield broker

@@ -80,6 +80,7 @@ class Advertiser:
 
     def advert(self) -> Advert:
         ad = self.node.live_ad(state=self.state)
+        ad["CarodBroker"] = self.broker.address  # which broker of [broker] url it is on (a cluster's node)
         return Advert(
             node=self.config.node_name,
             queue=self.config.broker.queue,

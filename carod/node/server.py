@@ -31,7 +31,7 @@ import classad2
 
 from carod import __version__
 from carod import config as configuration
-from carod.config import Config, redact_url
+from carod.config import Config
 from carod.edges import logs
 from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Settle
@@ -290,6 +290,13 @@ class Server:
         if config.sandbox.prestart:
             log.info("sandbox: %d sandbox(es) started ahead of their jobs", ahead)
         self.advertiser = Advertiser(config, self.node, self.broker, view)
+        if len(config.broker.urls) > 1 and config.broker.queue_type != "quorum":
+            log.warning(
+                "[broker] url lists %d brokers but queue_type = %s: such a queue lives on one broker node and "
+                'is unusable while that node is down (docs/operations.md, "A broker cluster")',
+                len(config.broker.urls),
+                config.broker.queue_type,
+            )
         try:
             await self.broker.connect()
             await self.broker.declare()
@@ -303,7 +310,7 @@ class Server:
             "carod %s ready: node=%s broker=%s queue=%s (%s) cpus=%g memory_mib=%g disk_kib=%g slots=%d prefetch=%d",
             __version__,
             config.node_name,
-            redact_url(config.broker.url),
+            self.broker.url_redacted,
             config.broker.queue,
             config.broker.queue_type,
             totals.cpus,
@@ -381,7 +388,7 @@ class Server:
         if self.node is None or self.broker is None:
             return "starting"
         running, waiting = self.node.counts()
-        broker = "connected" if self.broker.connected else "reconnecting to the broker"
+        broker = f"connected to {self.broker.address}" if self.broker.up else "reconnecting to the broker"
         text = f"{running} job(s) running on {self._slots} slot(s)"
         if waiting:
             text += f", {waiting} answer(s) waiting for a redelivery"
@@ -409,7 +416,8 @@ class Server:
             jobs_waiting=len(self.admission.waiting()),
             answers_waiting=waiting,
             outbox_depth=await self.journal.pending_count(),
-            broker_connected=self.broker.connected,
+            broker_connected=self.broker.up,
+            broker_address=self.broker.address,
             draining=self.should_exit,
         )
 

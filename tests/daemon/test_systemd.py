@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import NotifySocket, start_daemon, write_config
+from carod.config import broker_address
+from tests.helpers import BROKER_URL, NotifySocket, start_daemon, write_config
 
 UNIT = Path(__file__).parents[2] / "systemd" / "carod.service"
 
@@ -27,7 +28,7 @@ async def test_carod_notifies_ready_status_watchdog_and_stopping(
     try:
         ready = await notify_socket.wait_for("READY")
         assert ready["READY"] == "1"
-        assert ready["STATUS"] == "0 job(s) running on 2 slot(s); connected"
+        assert ready["STATUS"] == f"0 job(s) running on 2 slot(s); connected to {broker_address(BROKER_URL)}"
         await asyncio.sleep(1.0)
         beats = [t for t, fields in notify_socket.drain() if fields.get("WATCHDOG") == "1"]
         assert len(beats) >= 3  # every 0.2 s
