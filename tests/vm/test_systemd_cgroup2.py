@@ -69,6 +69,10 @@ def test_the_guest_runs_systemd_with_cgroup_v2_and_powers_itself_off(vm: machine
     assert env["pid1"] == "systemd"
     assert env["cgroup_fs"] == "cgroup2fs"
     assert {"memory", "pids", "cpu"} <= set(env["controllers"])
+    # The guest's only way out is the host's broker port.
+    reachable = env["reachable"]
+    assert reachable.pop(f"10.0.2.100:{vm.params['broker_port']}") is True
+    assert reachable == {"10.0.2.2:5672": False, "10.0.2.2:22": False, "1.1.1.1:443": False}
     # The repo's unit, with one drop-in: a longer start timeout for the emulated machine's slowness.
     assert env["dropins"] == "/etc/systemd/system/carod.service.d/emulated.conf", env
     assert vm.results.get("done", {}).get("ok") is True, vm.explain()

@@ -228,12 +228,26 @@ async def wait_for_procs(marker: str, timeout_s: float = 60, comm: str | None = 
     return []
 
 
+async def reachable(host: str, port: int) -> bool:
+    """Whether a TCP connection to host:port opens within a few seconds."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 async def environment() -> None:
     _, fs = await run("stat", "-fc", "%T", str(CGROOT))
     _, version = await run("systemctl", "--version")
+    # The forward to the host's broker, and what restrict=on must refuse: the host itself through
+    # QEMU's gateway (its broker and ssh ports), and anything beyond.
+    targets = [("10.0.2.100", int(PARAMS["broker_port"])), ("10.0.2.2", 5672), ("10.0.2.2", 22), ("1.1.1.1", 443)]
     # The boot is not finished (this runs in a unit of it): systemd-analyze cannot say yet.
     _, boot = await run("journalctl", "-b", "-o", "short-monotonic", "--no-pager", "-t", "systemd")
     (OUT / "boot.txt").write_text(boot)
+    opened = await asyncio.gather(*(reachable(host, port) for host, port in targets))
     record(
         "environment",
         cgroup_fs=fs.strip(),
@@ -242,6 +256,7 @@ async def environment() -> None:
         kernel=os.uname().release,
         pid1=read(Path("/proc/1/comm")),
         uptime_s=float((read(Path("/proc/uptime")) or "0").split()[0]),
+        reachable={f"{host}:{port}": ok for (host, port), ok in zip(targets, opened, strict=True)},
         dropins=(await show("DropInPaths"))["DropInPaths"],
     )
 
