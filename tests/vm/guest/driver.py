@@ -1,7 +1,7 @@
 """Runs INSIDE the test VM (tests/vm): carod's own unit under systemd 252 with cgroup v2.
 
-The guest's carod-vm-entry.service runs guest/run, which runs this with the share's copy of carod
-and its libraries on PYTHONPATH. It plays the submitter (jobs through the host's broker, the
+The guest's carod-vm-entry.service runs guest/run, which runs this with the copy of carod and its
+libraries (/opt/carod, a read-only disk) on PYTHONPATH. It plays the submitter (jobs through the host's broker, the
 guest's only way out) and the operator (systemctl start, reload, SIGSTOP, stop), and writes what
 it saw to out/results.json after every scenario; the host's tests (tests/vm/test_systemd_cgroup2.py)
 assert on that file. It asserts nothing itself: a scenario that goes wrong is recorded as it went.
