@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from carod.edges.records import JobRecord, OutboxEntry, entry, record
 from carod.errors import CarodError
 from carod.states import JOURNALED, JobState
 
@@ -102,70 +103,6 @@ _OUTBOX_COLUMNS = "id, message_id, exchange, routing_key, headers, body_path, fi
 
 class JournalError(CarodError):
     """The journal cannot be read or written (disk full, unwritable state_dir)."""
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    message_id: str
-    state: JobState
-    attempts: int
-    sequence: int
-    sandbox: str | None
-    pid: int | None
-    pid_start: str | None
-    #: the reply address of the first message with this id (None: recorded before carod kept it)
-    reply_to: str | None = None
-    #: when the row was made (the first message with this id arrived), seconds since the epoch
-    created: float | None = None
-    #: when the row last changed (for ``replied``: when the final reply was confirmed)
-    updated: float | None = None
-    #: the attributes the job chirped (name -> ClassAd text), kept across its runs (carod.node.chirp)
-    chirped: dict[str, str] | None = None
-
-
-def _record(row: tuple[Any, ...]) -> JobRecord:
-    message_id, state, attempts, sequence, sandbox, pid, pid_start, reply_to, created, updated, chirped = row
-    return JobRecord(
-        message_id,
-        JobState(state),
-        attempts,
-        sequence,
-        sandbox,
-        pid,
-        pid_start,
-        reply_to,
-        created,
-        updated,
-        _chirped(chirped),
-    )
-
-
-def _chirped(text: str | None) -> dict[str, str] | None:
-    """The stored chirped attributes; None when there are none or they are not a map of text (never fails)."""
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        return None
-    return value or None
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    id: int
-    message_id: str
-    exchange: str
-    routing_key: str
-    headers: dict[str, Any]
-    body_path: str | None
-    final: bool
-
-
-def _entry(row: tuple[Any, ...]) -> OutboxEntry:
-    return OutboxEntry(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5], bool(row[6]))
 
 
 @dataclass
@@ -378,7 +315,7 @@ class Journal:
 
     def _get(self, message_id: str) -> JobRecord | None:
         row = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE message_id = ?", (message_id,)).fetchone()  # noqa: S608
-        return _record(row) if row else None
+        return record(row) if row else None
 
     async def get(self, message_id: str) -> JobRecord | None:
         return await self._call(self._get, message_id, writes=False)
@@ -506,7 +443,7 @@ class Journal:
 
         def find() -> list[JobRecord]:
             rows = self._run(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = ?", (JobState.RUNNING,)).fetchall()  # noqa: S608
-            return [_record(row) for row in rows]
+            return [record(row) for row in rows]
 
         return await self._call(find, writes=False)
 
@@ -593,7 +530,7 @@ class Journal:
                 " WHERE message_id = ? AND final = 1 AND confirmed = 0 ORDER BY id DESC LIMIT 1",
                 (message_id,),
             ).fetchone()
-            return _entry(row) if row else None
+            return entry(row) if row else None
 
         return await self._call(find, writes=False)
 
@@ -606,7 +543,7 @@ class Journal:
                 " WHERE message_id = ? AND final = 1 ORDER BY id DESC LIMIT 1",
                 (message_id,),
             ).fetchone()
-            return _entry(row) if row else None
+            return entry(row) if row else None
 
         return await self._call(find, writes=False)
 

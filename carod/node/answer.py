@@ -44,8 +44,9 @@ from carod.config import Config
 from carod.edges.amqp import ReplyRefused, ReplyUndeliverable, ReplyUnroutable
 from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Settle
-from carod.edges.journal import JobRecord, Journal, OutboxEntry
+from carod.edges.journal import Journal
 from carod.edges.metrics import Metrics
+from carod.edges.records import JobRecord, OutboxEntry
 from carod.errors import BrokerError
 from carod.holdcodes import HoldCode
 from carod.node.job import Job, log_state

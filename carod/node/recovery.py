@@ -20,8 +20,9 @@ from pathlib import Path
 
 from carod.config import Config
 from carod.edges.delivery import Settle
-from carod.edges.journal import JobRecord, Journal
+from carod.edges.journal import Journal
 from carod.edges.metrics import Metrics
+from carod.edges.records import JobRecord
 from carod.errors import EXIT_SOFTWARE, JobHeld, StartupError
 from carod.holdcodes import HoldCode
 from carod.node.answer import Answerer

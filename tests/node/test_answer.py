@@ -21,8 +21,9 @@ from carod import config as configuration
 from carod.edges.amqp import ReplyRefused, ReplyUndeliverable, ReplyUnroutable
 from carod.edges.broker import Broker
 from carod.edges.delivery import Delivery, Parking, Settle
-from carod.edges.journal import JobRecord, Journal, OutboxEntry
+from carod.edges.journal import Journal
 from carod.edges.metrics import Metrics
+from carod.edges.records import JobRecord, OutboxEntry
 from carod.errors import BrokerError, JobHeld
 from carod.holdcodes import HoldCode
 from carod.node.admission import Admission
