@@ -356,7 +356,10 @@ async def test_a_reused_id_never_gets_the_victims_stored_answer(
     thief = await aio_pika.connect(BROKER_URL)
     try:
         secret = f"victim-secret-{uuid.uuid4().hex}"
-        mid = await submitter.send(victim_job(3, secret))
+        # rabbitmqctl takes seconds on a busy machine: find carod's connection before the job starts,
+        # and give the job long enough that closing the connection comes while it runs.
+        (pid,) = await connections(node.name)
+        mid = await submitter.send(victim_job(8, secret))
         assert mid is not None
         await submitter.wait_running(mid)
         # Another consumer takes the victim's message when carod's connection drops.
@@ -370,7 +373,6 @@ async def test_a_reused_id_never_gets_the_victims_stored_answer(
 
         job_queue = await channel.declare_queue(queue, passive=True)
         tag = await job_queue.consume(take)
-        (pid,) = await connections(node.name)
         await asyncio.to_thread(rabbitmqctl, "close_connection", pid, "carod reused-id test")
         victim_delivery = await asyncio.wait_for(taken, 30)
         assert victim_delivery.message_id == mid
