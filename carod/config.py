@@ -45,6 +45,17 @@ _NETWORK_BOOLS = {
     "off": "none",
     "0": "none",
 }
+AUTH_MECHANISMS = ("plain", "external")
+#: TLS settings aiormq would read from an amqps:// URL's query; carod takes them as [broker] keys instead.
+_URL_TLS_OPTIONS = {
+    "cafile": "ca_file",
+    "capath": "ca_file",
+    "cadata": "ca_file",
+    "certfile": "cert_file",
+    "keyfile": "key_file",
+    "no_verify_ssl": "verify_hostname",
+    "auth": "auth",
+}
 #: The default wall-clock limit of a job (s): one day, so a forgotten job frees its slot by itself.
 DEFAULT_MAX_JOB_DURATION_S = 86400.0
 
@@ -81,6 +92,22 @@ class BrokerConfig:
     #: again for at most this long; then an update is dropped, and a final reply stays in
     #: the journal and its job's message is requeued, to be answered on its next delivery.
     reply_retry_s: float = 300.0
+    #: amqps:// only (docs/operations.md, "TLS"): the CA certificate(s) (PEM) the broker's certificate must chain
+    #: to; empty = the system's trusted CAs.
+    ca_file: str = ""
+    #: This node's client certificate (PEM, with the chain after it) and its private key (PEM; empty = in cert_file).
+    cert_file: str = ""
+    key_file: str = ""
+    #: The broker's certificate must name the host of [broker] url (DNS name or IP address).
+    verify_hostname: bool = True
+    #: plain = the user and password in the URL; external = the user is the client certificate's
+    #: (RabbitMQ's EXTERNAL mechanism, plugin rabbitmq_auth_mechanism_ssl); needs cert_file.
+    auth: str = "plain"
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Each broker URL of ``url``."""
+        return (self.url,)
 
 
 @dataclass(frozen=True)
@@ -311,6 +338,7 @@ def _check(config: Config) -> None:
     b, n = config.broker, config.node
     if not b.url.startswith(("amqp://", "amqps://")):
         raise ConfigError(f"[broker] url: must start with amqp:// or amqps://, got {b.url!r}")
+    _check_tls(b)
     if not b.queue:
         raise ConfigError("[broker] queue: must not be empty")
     if b.queue_type not in QUEUE_TYPES:
@@ -380,6 +408,45 @@ def _check(config: Config) -> None:
             classad2.ExprTree(text)
         except classad2.ClassAdException as exc:
             raise ConfigError(f"[machine] {name}: not a valid ClassAd expression: {text!r}") from exc
+
+
+def _check_tls(b: BrokerConfig) -> None:
+    """[broker] ca_file, cert_file, key_file, auth: consistent with the URL(s), and the files readable now."""
+    if b.auth not in AUTH_MECHANISMS:
+        raise ConfigError(f"[broker] auth: must be one of {', '.join(AUTH_MECHANISMS)}, got {b.auth!r}")
+    tls_keys = [key for key in ("ca_file", "cert_file", "key_file") if getattr(b, key)]
+    if b.auth == "external":
+        tls_keys.append("auth")
+        if not b.cert_file:
+            raise ConfigError("[broker] auth: external takes the user from the client certificate; set cert_file")
+    for url in b.urls:
+        scheme, _, rest = url.partition("://")
+        if scheme != "amqps" and tls_keys:
+            raise ConfigError(
+                f"[broker] {tls_keys[0]}: only for amqps:// URLs, and [broker] url is {redact_url(url)!r}"
+            )
+        query = rest.partition("?")[2]
+        for option in query.split("&") if query else ():
+            name = option.partition("=")[0]
+            if name in _URL_TLS_OPTIONS:
+                raise ConfigError(
+                    f"[broker] url: {name}= is not read from the URL; set [broker] {_URL_TLS_OPTIONS[name]}"
+                )
+    if b.key_file and not b.cert_file:
+        raise ConfigError("[broker] key_file: set only with cert_file (the certificate it is the key of)")
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(b, key)
+        if not path:
+            continue
+        if not os.path.isabs(path):
+            raise ConfigError(f"[broker] {key}: must be an absolute path, got {path!r}")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"[broker] {key}: cannot read {path}: {exc.strerror}") from exc
+        if not os.path.isfile(path):
+            raise ConfigError(f"[broker] {key}: {path} is not a file")
 
 
 def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:

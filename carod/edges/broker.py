@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
@@ -43,7 +44,7 @@ from aio_pika.abc import (
     AbstractRobustQueue,
 )
 
-from carod.config import BrokerConfig, redact_url
+from carod.config import BrokerConfig
 from carod.edges.amqp import (
     ENCODING_ERRORS,
     TRANSIENT,
@@ -53,7 +54,8 @@ from carod.edges.amqp import (
     reply_properties,
 )
 from carod.edges.delivery import CLOSE_TIMEOUT_S, Delivery, PoolMessage
-from carod.errors import BrokerError
+from carod.edges.tls import connect_arguments, connect_failure
+from carod.errors import BrokerError, BrokerRefused
 from carod.wire.adverts import ADVERT_KEY_PREFIX, QUERY_KEY
 from carod.wire.classads import Scalar
 from carod.wire.control import CONTROL_KEY
@@ -93,15 +95,17 @@ class Broker:
 
     async def connect(self) -> None:
         url = self.config.url
+        arguments = connect_arguments(url, self.config)  # ConfigError: a certificate or key that does not load
         try:
             self._connection = await aio_pika.connect_robust(
-                url,
+                arguments.url,
                 timeout=self.config.connect_timeout_s,
                 reconnect_interval=self.config.reconnect_interval_s,
                 client_properties={"connection_name": f"carod@{self.node_name}"},
+                **arguments.kwargs(),
             )
         except (*TRANSIENT, ValueError) as exc:
-            raise BrokerError(f"cannot connect to the broker at {redact_url(url)}: {exc}") from exc
+            raise connect_failure(exc, url) from exc
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         try:
             # no confirms here: deliveries are settled in transactions on this channel
@@ -138,6 +142,8 @@ class Broker:
             ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise BrokerError(f"[broker] exchange: {cfg.exchange!r} does not exist on the broker ({exc})") from exc
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused(exc) from exc
         except TRANSIENT as exc:
             raise BrokerError(f"cannot declare the job queue {cfg.queue!r}: {exc}") from exc
         self._queue = queue
@@ -157,6 +163,8 @@ class Broker:
             await dead_channel.set_qos(prefetch_count=1)
             self._dead_queue = await dead_channel.declare_queue(self.dead_queue_name, passive=True)
             self._dead_tag = await self._dead_queue.consume(deliver, no_ack=False)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused(exc) from exc
         except TRANSIENT as exc:
             raise BrokerError(f"cannot consume from {self.dead_queue_name!r}: {exc!r}") from exc
         self._consumer = deliver
@@ -218,7 +226,7 @@ class Broker:
             self._pool_exchange = await self._pool_channel.declare_exchange(
                 exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
-            queue = await self._pool_channel.declare_queue(exclusive=True, auto_delete=True)
+            queue = await self._pool_channel.declare_queue(pool_queue_name(exchange), exclusive=True, auto_delete=True)
             for key in (f"{ADVERT_KEY_PREFIX}#", QUERY_KEY, CONTROL_KEY):
                 await queue.bind(self._pool_exchange, routing_key=key)
             await queue.consume(heard, no_ack=True)
@@ -226,6 +234,8 @@ class Broker:
             raise BrokerError(
                 f"[pool] exchange: {exchange!r} exists and is not a durable topic exchange ({exc})"
             ) from exc
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused(exc) from exc
         except TRANSIENT as exc:
             raise BrokerError(f"cannot open the pool exchange {exchange!r}: {exc!r}") from exc
         return queue.name
@@ -445,6 +455,20 @@ class Broker:
 def held_queue_name(queue: str, message_id: str) -> str:
     """The durable queue a held job's message waits in: named after the job queue and the job's message_id."""
     return f"{queue}.held.{hashlib.sha256(message_id.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
+
+
+def pool_queue_name(exchange: str) -> str:
+    """The node's private queue on the pool exchange: named under it, so that one permission regex covers it
+    (docs/operations.md, "The node's broker user"); unique, and the same after a reconnection."""
+    return f"{exchange}.node.{uuid.uuid4().hex}"
+
+
+def refused(exc: BaseException) -> BrokerRefused:
+    """The broker refused the node's user an operation it needs (docs/operations.md lists the permissions)."""
+    return BrokerRefused(
+        f"the broker refused an operation the node needs ({exc}); give its user the permissions "
+        'docs/operations.md lists ("The node\'s broker user")'
+    )
 
 
 def job_queue_arguments(cfg: BrokerConfig) -> dict[str, object]:
