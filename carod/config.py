@@ -421,6 +421,12 @@ def _check_tls(b: BrokerConfig) -> None:
             raise ConfigError("[broker] auth: external takes the user from the client certificate; set cert_file")
     for url in b.urls:
         scheme, _, rest = url.partition("://")
+        authority = rest.partition("/")[0]
+        if b.auth == "external" and not authority.rpartition("@")[0].partition(":")[0]:
+            raise ConfigError(
+                f"[broker] url: with auth = external, name the client certificate's broker user in the URL "
+                f"(amqps://USER@host/, no password; it is not sent), got {redact_url(url)!r}"
+            )
         if scheme != "amqps" and tls_keys:
             raise ConfigError(
                 f"[broker] {tls_keys[0]}: only for amqps:// URLs, and [broker] url is {redact_url(url)!r}"

@@ -445,7 +445,7 @@ def test_tls_keys_parse(scratch: Path) -> None:
     for name in ("ca.pem", "node.pem", "node.key"):
         (scratch / name).write_text("x")
     b = parse(
-        f"[broker]\nurl = amqps://broker.example/\nca_file = {scratch}/ca.pem\ncert_file = {scratch}/node.pem\n"
+        f"[broker]\nurl = amqps://node-1@broker.example/\nca_file = {scratch}/ca.pem\ncert_file = {scratch}/node.pem\n"
         f"key_file = {scratch}/node.key\nverify_hostname = no\nauth = external\n"
     ).broker
     assert (b.ca_file, b.cert_file, b.key_file) == (f"{scratch}/ca.pem", f"{scratch}/node.pem", f"{scratch}/node.key")
@@ -467,6 +467,16 @@ def test_tls_keys_parse(scratch: Path) -> None:
 )
 def test_bad_tls_keys_name_the_key(lines: str, message: str) -> None:
     assert message in refused(f"[broker]\nurl = {TLS_URL}\n{lines}\n")
+
+
+@pytest.mark.parametrize("url", ["amqps://broker.example/", "amqps://:pw@broker.example/", "amqps://b/x@y"])
+def test_external_needs_the_certificates_user_in_the_url(url: str) -> None:
+    said = refused(f"[broker]\nurl = {url}\ncert_file = /etc/hostname\nauth = external\n")
+    assert said.startswith("[broker] url: with auth = external, name the client certificate's broker user")
+    assert parse("[broker]\nurl = amqps://node-1@b/\ncert_file = /etc/hostname\nauth = external\n").broker.auth == (
+        "external"
+    )
+    assert configuration.url_user("amqps://node-1@b/") == "node-1"
 
 
 def test_tls_keys_need_an_amqps_url() -> None:

@@ -296,6 +296,34 @@ class Broker:
         properties = reply_properties(correlation_id, headers, has_body=bool(body), message_type=message_type)
         await self._publish(address.exchange, address.routing_key, body, properties)
 
+    async def check_user(self, user: str) -> None:
+        """Is ``user`` the broker user this connection logged in as? (With ``auth = external`` the broker
+        takes it from the certificate, and carod only knows it from the URL.) A publish with that user_id
+        in a transaction that is rolled back: the broker refuses a user_id that is not the connection's.
+        Raises BrokerRefused when it is not, BrokerError when the broker is away."""
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            raise BrokerError("not connected to the broker")
+        channel: aiormq.abc.AbstractChannel | None = None
+        try:
+            async with asyncio.timeout(self.config.confirm_timeout_s):
+                channel = await transport.connection.channel(publisher_confirms=False)
+                await channel.tx_select()
+                properties = aiormq.spec.Basic.Properties(user_id=user)
+                await channel.basic_publish(b"", exchange="", routing_key="carod.check-user", properties=properties)
+                await channel.tx_rollback()
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise BrokerRefused(
+                f"[broker] url: the broker did not log carod in as {user!r}, the user the URL names ({exc}); with "
+                "auth = external write the client certificate's user, as the broker names it, in the URL"
+            ) from exc
+        except TRANSIENT as exc:
+            raise BrokerError(f"cannot check the broker user: {exc!r}") from exc
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), self.config.confirm_timeout_s)
+
     async def check_address(self, address: ReplyAddress, headers: Mapping[str, Scalar]) -> None:
         """Would the broker take a reply with these headers for ``address``? Nothing is delivered.
 

@@ -295,6 +295,8 @@ class Server:
         self.advertiser = Advertiser(config, self.node, self.broker, view)
         try:
             await self.broker.connect()
+            if config.broker.auth == "external":  # the user the node puts in user_id (carod.node.holding)
+                await self.broker.check_user(configuration.url_user(config.broker.url))
             await self.broker.declare()
             await self.advertiser.start()
             consumer = await self.broker.consume(self._on_message)

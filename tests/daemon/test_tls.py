@@ -117,7 +117,8 @@ async def test_a_client_certificate_as_the_nodes_own_least_privileged_user(
         node = await start_node(
             queue,
             base,
-            broker={**tls_broker(rabbit, **keys), "url": f"amqps://localhost:{rabbit.tls_port}/", "result_part_mib": 1},
+            broker={**tls_broker(rabbit, **keys), "url": f"amqps://{NODE_USER}@localhost:{rabbit.tls_port}/"}
+            | {"result_part_mib": 1},
             pool={"exchange": pool},
             node={"max_result_mib": 5},
         )
@@ -141,6 +142,23 @@ async def test_a_client_certificate_as_the_nodes_own_least_privileged_user(
         finally:
             await node.stop()
             await submitter.close()
+    finally:
+        rabbit.ctl("delete_user", NODE_USER)
+
+
+async def test_external_with_another_user_in_the_url_cannot_start(
+    rabbit: PrivateBroker, names: tuple[str, str], base: Path
+) -> None:
+    """The URL names the node's user (the user_id of what it republishes): it must be the certificate's."""
+    queue, pool = names
+    rabbit.ctl("add_user", NODE_USER, unique("unused-password"))
+    try:
+        rabbit.ctl("set_permissions", NODE_USER, ".*", ".*", ".*")
+        keys = {"cert_file": rabbit.pki.client.cert, "key_file": rabbit.pki.client.key, "auth": "external"}
+        config = write_config(base, queue, broker=tls_broker(rabbit, **keys), pool={"exchange": pool})
+        code, said = await start_failure(config, f"amqps://guest@localhost:{rabbit.tls_port}/")
+        assert code == EXIT_NOPERM, said
+        assert "the broker did not log carod in as 'guest', the user the URL names" in said, said
     finally:
         rabbit.ctl("delete_user", NODE_USER)
 
