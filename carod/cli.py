@@ -70,7 +70,7 @@ def _client_config(path: str | None) -> configuration.Config:
 
 #: What a client command's option is called -> where its value is in the node's config, when the flag is not given.
 CLIENT_SETTINGS: dict[str, Callable[[configuration.Config], str]] = {
-    "url": lambda config: config.broker.url,
+    "url": lambda config: configuration.client_urls(config.broker),
     "queue": lambda config: config.broker.queue,
     "pool_exchange": lambda config: config.pool.exchange,
 }

@@ -45,6 +45,17 @@ _NETWORK_BOOLS = {
     "off": "none",
     "0": "none",
 }
+AUTH_MECHANISMS = ("plain", "external")
+#: TLS settings aiormq would read from an amqps:// URL's query; carod takes them as [broker] keys instead.
+_URL_TLS_OPTIONS = {
+    "cafile": "ca_file",
+    "capath": "ca_file",
+    "cadata": "ca_file",
+    "certfile": "cert_file",
+    "keyfile": "key_file",
+    "no_verify_ssl": "verify_hostname",
+    "auth": "auth",
+}
 #: The default wall-clock limit of a job (s): one day, so a forgotten job frees its slot by itself.
 DEFAULT_MAX_JOB_DURATION_S = 86400.0
 
@@ -83,6 +94,17 @@ class BrokerConfig:
     #: again for at most this long; then an update is dropped, and a final reply stays in
     #: the journal and its job's message is requeued, to be answered on its next delivery.
     reply_retry_s: float = 300.0
+    #: amqps:// only (docs/operations.md, "TLS"): the CA certificate(s) (PEM) the broker's certificate must chain
+    #: to; empty = the system's trusted CAs.
+    ca_file: str = ""
+    #: This node's client certificate (PEM, with the chain after it) and its private key (PEM; empty = in cert_file).
+    cert_file: str = ""
+    key_file: str = ""
+    #: The broker's certificate must name the host of [broker] url (DNS name or IP address).
+    verify_hostname: bool = True
+    #: plain = the user and password in the URL; external = the user is the client certificate's
+    #: (RabbitMQ's EXTERNAL mechanism, plugin rabbitmq_auth_mechanism_ssl); needs cert_file.
+    auth: str = "plain"
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -322,6 +344,7 @@ def _section_values(cls: type, section: str, items: Mapping[str, str], environ: 
 def _check(config: Config) -> None:
     b, n = config.broker, config.node
     _check_urls(b.url)
+    _check_tls(b)
     if not b.queue:
         raise ConfigError("[broker] queue: must not be empty")
     if b.queue_type not in QUEUE_TYPES:
@@ -407,6 +430,51 @@ def _check_urls(text: str) -> None:
             )
     if len(set(urls)) != len(urls):
         raise ConfigError(f"[broker] url: a broker is listed twice in {redact_urls(text)!r}")
+
+
+def _check_tls(b: BrokerConfig) -> None:
+    """[broker] ca_file, cert_file, key_file, auth: consistent with the URL(s), and the files readable now."""
+    if b.auth not in AUTH_MECHANISMS:
+        raise ConfigError(f"[broker] auth: must be one of {', '.join(AUTH_MECHANISMS)}, got {b.auth!r}")
+    tls_keys = [key for key in ("ca_file", "cert_file", "key_file") if getattr(b, key)]
+    if b.auth == "external":
+        tls_keys.append("auth")
+        if not b.cert_file:
+            raise ConfigError("[broker] auth: external takes the user from the client certificate; set cert_file")
+    for url in b.urls:
+        scheme, _, rest = url.partition("://")
+        authority = rest.partition("/")[0]
+        if b.auth == "external" and not authority.rpartition("@")[0].partition(":")[0]:
+            raise ConfigError(
+                f"[broker] url: with auth = external, name the client certificate's broker user in the URL "
+                f"(amqps://USER@host/, no password; it is not sent), got {redact_url(url)!r}"
+            )
+        if scheme != "amqps" and tls_keys:
+            raise ConfigError(
+                f"[broker] {tls_keys[0]}: only for amqps:// URLs, and [broker] url is {redact_url(url)!r}"
+            )
+        query = rest.partition("?")[2]
+        for option in query.split("&") if query else ():
+            name = option.partition("=")[0]
+            if name in _URL_TLS_OPTIONS:
+                raise ConfigError(
+                    f"[broker] url: {name}= is not read from the URL; set [broker] {_URL_TLS_OPTIONS[name]}"
+                )
+    if b.key_file and not b.cert_file:
+        raise ConfigError("[broker] key_file: set only with cert_file (the certificate it is the key of)")
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(b, key)
+        if not path:
+            continue
+        if not os.path.isabs(path):
+            raise ConfigError(f"[broker] {key}: must be an absolute path, got {path!r}")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"[broker] {key}: cannot read {path}: {exc.strerror}") from exc
+        if not os.path.isfile(path):
+            raise ConfigError(f"[broker] {key}: {path} is not a file")
 
 
 def _check_sandbox(s: SandboxConfig, n: NodeConfig) -> None:
@@ -539,6 +607,25 @@ def effective(config: Config) -> str:
     lines.append("[machine]")
     lines.extend(f"{name} = {text}" for name, text in config.machine)
     return "\n".join(lines) + "\n"
+
+
+def client_urls(b: BrokerConfig) -> str:
+    """``[broker] url`` for the client tools (aiormq's URL form): each amqps:// URL with the node's TLS keys.
+
+    The client commands connect through aio-pika's URL alone, which reads ``cafile``, ``certfile``,
+    ``keyfile`` and ``auth`` from its query. ``verify_hostname = no`` has no URL form: the tools
+    always check the host name.
+    """
+    query = {"cafile": b.ca_file, "certfile": b.cert_file, "keyfile": b.key_file}
+    params = {name: path for name, path in query.items() if path}
+    if b.auth == "external":
+        params["auth"] = "EXTERNAL"
+    if not params:
+        return b.url
+    extra = urllib.parse.urlencode(params)
+    return ", ".join(
+        url + ("&" if "?" in url else "?") + extra if url.startswith("amqps://") else url for url in split_urls(b.url)
+    )
 
 
 def url_user(url: str) -> str:

@@ -16,6 +16,7 @@ EXIT_NOUSER = 67
 EXIT_UNAVAILABLE = 69
 EXIT_SOFTWARE = 70
 EXIT_CANTCREAT = 73
+EXIT_PROTOCOL = 76
 EXIT_NOPERM = 77
 EXIT_CONFIG = 78
 
@@ -38,6 +39,15 @@ class StartupError(CarodError):
 
 class BrokerError(CarodError):
     """The broker refused or dropped something carod needed."""
+
+
+class BrokerTLSError(BrokerError):
+    """TLS with the broker failed: its certificate was not trusted (unknown CA, expired, another host's), or it
+    refused ours. Trying again does not help until a certificate or the configuration changes."""
+
+
+class BrokerRefused(BrokerError):
+    """The broker refused the login (user, password, certificate user) or an operation the node's user may not do."""
 
 
 class JobHeld(CarodError):

@@ -101,14 +101,12 @@ class Submitter:
     durable: bool = False
 
     @classmethod
-    async def open(cls, job_queue: str, *, durable: bool = False) -> Submitter:
+    async def open(cls, job_queue: str, *, durable: bool = False, url: str = BROKER_URL) -> Submitter:
         """``durable``: a robust connection and a durable reply queue that survive broker faults."""
         if durable:
-            connection: aio_pika.abc.AbstractConnection = await aio_pika.connect_robust(
-                BROKER_URL, reconnect_interval=0.5
-            )
+            connection: aio_pika.abc.AbstractConnection = await aio_pika.connect_robust(url, reconnect_interval=0.5)
         else:
-            connection = await aio_pika.connect(BROKER_URL)
+            connection = await aio_pika.connect(url)
         channel = await connection.channel(publisher_confirms=True)
         reply_queue = await channel.declare_queue(
             unique("replies"), durable=durable, exclusive=not durable, auto_delete=not durable

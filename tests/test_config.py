@@ -497,3 +497,86 @@ def test_effective_hides_every_password_of_a_cluster() -> None:
 )
 def test_broker_address_has_no_credentials(url: str, expected: str) -> None:
     assert config.broker_address(url) == expected
+
+
+# ---------------------------------------------------------------- TLS keys (docs/operations.md, "TLS")
+
+TLS_URL = "amqps://node:pw@broker.example:5671/"
+
+
+def test_tls_keys_default_to_none_and_hostname_verification_on() -> None:
+    b = parse("").broker
+    assert (b.ca_file, b.cert_file, b.key_file, b.verify_hostname, b.auth) == ("", "", "", True, "plain")
+
+
+def test_tls_keys_parse(scratch: Path) -> None:
+    for name in ("ca.pem", "node.pem", "node.key"):
+        (scratch / name).write_text("x")
+    b = parse(
+        f"[broker]\nurl = amqps://node-1@broker.example/\nca_file = {scratch}/ca.pem\ncert_file = {scratch}/node.pem\n"
+        f"key_file = {scratch}/node.key\nverify_hostname = no\nauth = external\n"
+    ).broker
+    assert (b.ca_file, b.cert_file, b.key_file) == (f"{scratch}/ca.pem", f"{scratch}/node.pem", f"{scratch}/node.key")
+    assert b.verify_hostname is False and b.auth == "external"
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("ca_file = /nonexistent/ca.pem", "[broker] ca_file: cannot read /nonexistent/ca.pem: No such file"),
+        ("cert_file = /nonexistent/c.pem", "[broker] cert_file: cannot read /nonexistent/c.pem"),
+        ("ca_file = ca.pem", "[broker] ca_file: must be an absolute path"),
+        ("ca_file = /tmp", "[broker] ca_file: cannot read /tmp: Is a directory"),
+        ("key_file = /etc/hostname", "[broker] key_file: set only with cert_file"),
+        ("auth = external", "[broker] auth: external takes the user from the client certificate; set cert_file"),
+        ("auth = kerberos", "[broker] auth: must be one of plain, external"),
+        ("verify_hostname = maybe", "[broker] verify_hostname: expected yes or no"),
+    ],
+)
+def test_bad_tls_keys_name_the_key(lines: str, message: str) -> None:
+    assert message in refused(f"[broker]\nurl = {TLS_URL}\n{lines}\n")
+
+
+@pytest.mark.parametrize("url", ["amqps://broker.example/", "amqps://:pw@broker.example/", "amqps://b/x@y"])
+def test_external_needs_the_certificates_user_in_the_url(url: str) -> None:
+    said = refused(f"[broker]\nurl = {url}\ncert_file = /etc/hostname\nauth = external\n")
+    assert said.startswith("[broker] url: with auth = external, name the client certificate's broker user")
+    assert parse("[broker]\nurl = amqps://node-1@b/\ncert_file = /etc/hostname\nauth = external\n").broker.auth == (
+        "external"
+    )
+    assert configuration.url_user("amqps://node-1@b/") == "node-1"
+
+
+def test_tls_keys_need_an_amqps_url() -> None:
+    said = refused("[broker]\nurl = amqp://node:pw@broker.example/\nca_file = /etc/hostname\n")
+    assert said == "[broker] ca_file: only for amqps:// URLs, and [broker] url is 'amqp://node:***@broker.example/'"
+
+
+@pytest.mark.parametrize(
+    ("query", "key"),
+    [
+        ("cafile=/x", "ca_file"),
+        ("certfile=/x", "cert_file"),
+        ("no_verify_ssl=1", "verify_hostname"),
+        ("auth=EXTERNAL", "auth"),
+    ],
+)
+def test_tls_options_in_the_url_are_refused(query: str, key: str) -> None:
+    name = query.partition("=")[0]
+    said = refused(f"[broker]\nurl = {TLS_URL}?heartbeat=30&{query}\n")
+    assert said == f"[broker] url: {name}= is not read from the URL; set [broker] {key}"
+
+
+def test_tls_keys_come_from_the_environment_too() -> None:
+    env = {"CAROD_BROKER_URL": TLS_URL, "CAROD_BROKER_CA_FILE": "/etc/hostname"}
+    assert parse("", env).broker.ca_file == "/etc/hostname"
+
+
+def test_the_client_tools_get_the_nodes_tls_keys_in_their_url() -> None:
+    b = configuration.BrokerConfig(
+        url="amqps://node1@a:5671/, amqp://u:p@b/", ca_file="/etc/ca.pem", cert_file="/etc/c.pem", auth="external"
+    )
+    assert configuration.client_urls(b) == (
+        "amqps://node1@a:5671/?cafile=%2Fetc%2Fca.pem&certfile=%2Fetc%2Fc.pem&auth=EXTERNAL, amqp://u:p@b/"
+    )
+    assert configuration.client_urls(configuration.BrokerConfig(url="amqp://u:p@h/")) == "amqp://u:p@h/"

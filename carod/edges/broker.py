@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
@@ -53,7 +54,8 @@ from carod.edges.amqp import (
     reply_properties,
 )
 from carod.edges.delivery import CLOSE_TIMEOUT_S, Delivery, PoolMessage
-from carod.errors import BrokerError
+from carod.edges.tls import connect_arguments, connect_failure
+from carod.errors import BrokerError, BrokerRefused
 from carod.wire.adverts import ADVERT_KEY_PREFIX, QUERY_KEY
 from carod.wire.classads import Scalar
 from carod.wire.control import CONTROL_KEY
@@ -92,12 +94,20 @@ class Broker:
     # ------------------------------------------------------------ lifecycle
 
     async def connect(self) -> None:
-        """Connect to one of ``[broker] url`` (shuffled; carod.edges.cluster) and open the channels."""
+        """Connect to one of ``[broker] url`` (shuffled; carod.edges.cluster) and open the channels.
+
+        Each URL with its TLS settings (carod.edges.tls); a ConfigError for a certificate or key that
+        does not load; a failure to connect in carod's error tree (BrokerTLSError, BrokerRefused, ...).
+        """
+        targets = [connect_arguments(url, self.config) for url in self.config.urls]
+        tls_kwargs = next((t.kwargs() for t in targets if t.ssl_context is not None), {})
         self._connection = await cluster.connect(
-            self.config.urls,
+            [t.url for t in targets],
             timeout_s=self.config.connect_timeout_s,
+            failure=connect_failure,
             reconnect_interval=self.config.reconnect_interval_s,
             client_properties={"connection_name": f"carod@{self.node_name}"},
+            **tls_kwargs,
         )
         self._connection.reconnect_callbacks.add(self._on_reconnect)
         try:
@@ -151,6 +161,8 @@ class Broker:
             ) from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise BrokerError(f"[broker] exchange: {cfg.exchange!r} does not exist on the broker ({exc})") from exc
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused(exc) from exc
         except TRANSIENT as exc:
             raise BrokerError(f"cannot declare the job queue {cfg.queue!r}: {exc}") from exc
         self._queue = queue
@@ -170,6 +182,8 @@ class Broker:
             await dead_channel.set_qos(prefetch_count=1)
             self._dead_queue = await dead_channel.declare_queue(self.dead_queue_name, passive=True)
             self._dead_tag = await self._dead_queue.consume(deliver, no_ack=False)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused(exc) from exc
         except TRANSIENT as exc:
             raise BrokerError(f"cannot consume from {self.dead_queue_name!r}: {exc!r}") from exc
         self._consumer = deliver
@@ -231,7 +245,7 @@ class Broker:
             self._pool_exchange = await self._pool_channel.declare_exchange(
                 exchange, aio_pika.ExchangeType.TOPIC, durable=True
             )
-            queue = await self._pool_channel.declare_queue(exclusive=True, auto_delete=True)
+            queue = await self._pool_channel.declare_queue(pool_queue_name(exchange), exclusive=True, auto_delete=True)
             for key in (f"{ADVERT_KEY_PREFIX}#", QUERY_KEY, CONTROL_KEY):
                 await queue.bind(self._pool_exchange, routing_key=key)
             await queue.consume(heard, no_ack=True)
@@ -239,6 +253,8 @@ class Broker:
             raise BrokerError(
                 f"[pool] exchange: {exchange!r} exists and is not a durable topic exchange ({exc})"
             ) from exc
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise refused(exc) from exc
         except TRANSIENT as exc:
             raise BrokerError(f"cannot open the pool exchange {exchange!r}: {exc!r}") from exc
         return queue.name
@@ -298,6 +314,34 @@ class Broker:
         """Publish one persistent reply and wait for the broker's confirm."""
         properties = reply_properties(correlation_id, headers, has_body=bool(body), message_type=message_type)
         await self._publish(address.exchange, address.routing_key, body, properties)
+
+    async def check_user(self, user: str) -> None:
+        """Is ``user`` the broker user this connection logged in as? (With ``auth = external`` the broker
+        takes it from the certificate, and carod only knows it from the URL.) A publish with that user_id
+        in a transaction that is rolled back: the broker refuses a user_id that is not the connection's.
+        Raises BrokerRefused when it is not, BrokerError when the broker is away."""
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            raise BrokerError("not connected to the broker")
+        channel: aiormq.abc.AbstractChannel | None = None
+        try:
+            async with asyncio.timeout(self.config.confirm_timeout_s):
+                channel = await transport.connection.channel(publisher_confirms=False)
+                await channel.tx_select()
+                properties = aiormq.spec.Basic.Properties(user_id=user)
+                await channel.basic_publish(b"", exchange="", routing_key="carod.check-user", properties=properties)
+                await channel.tx_rollback()
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise BrokerRefused(
+                f"[broker] url: the broker did not log carod in as {user!r}, the user the URL names ({exc}); with "
+                "auth = external write the client certificate's user, as the broker names it, in the URL"
+            ) from exc
+        except TRANSIENT as exc:
+            raise BrokerError(f"cannot check the broker user: {exc!r}") from exc
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(channel.close(), self.config.confirm_timeout_s)
 
     async def check_address(self, address: ReplyAddress, headers: Mapping[str, Scalar]) -> None:
         """Would the broker take a reply with these headers for ``address``? Nothing is delivered.
@@ -458,6 +502,20 @@ class Broker:
 def held_queue_name(queue: str, message_id: str) -> str:
     """The durable queue a held job's message waits in: named after the job queue and the job's message_id."""
     return f"{queue}.held.{hashlib.sha256(message_id.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
+
+
+def pool_queue_name(exchange: str) -> str:
+    """The node's private queue on the pool exchange: named under it, so that one permission regex covers it
+    (docs/operations.md, "The node's broker user"); unique, and the same after a reconnection."""
+    return f"{exchange}.node.{uuid.uuid4().hex}"
+
+
+def refused(exc: BaseException) -> BrokerRefused:
+    """The broker refused the node's user an operation it needs (docs/operations.md lists the permissions)."""
+    return BrokerRefused(
+        f"the broker refused an operation the node needs ({exc}); give its user the permissions "
+        'docs/operations.md lists ("The node\'s broker user")'
+    )
 
 
 def job_queue_arguments(cfg: BrokerConfig) -> dict[str, object]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -100,24 +100,35 @@ class ClusterConnection(aio_pika.RobustConnection):
 
 
 async def connect(
-    urls: Sequence[str], *, timeout_s: float, rng: random.Random | None = None, **kwargs: Any
+    urls: Sequence[str],
+    *,
+    timeout_s: float,
+    failure: Callable[[BaseException, str], BrokerError] | None = None,
+    rng: random.Random | None = None,
+    **kwargs: Any,
 ) -> ClusterConnection:
-    """Connect to the first broker of a shuffled ``urls`` that answers; BrokerError when none does.
+    """Connect to the first broker of a shuffled ``urls`` that answers; a BrokerError when none does.
 
-    ``kwargs`` go to aio-pika's connection (reconnect_interval, client_properties, ...).
+    ``failure`` turns one broker's exception into carod's error tree (carod.edges.tls.connect_failure:
+    a TLS or login refusal keeps its kind, and its exit code, when every broker failed the same way).
+    ``kwargs`` go to aio-pika's connection (reconnect_interval, client_properties, ssl_context, ...).
     """
     rotation = Rotation(urls, rng)
-    failures: list[str] = []
+    failures: list[tuple[BrokerError, BaseException]] = []
     for _ in rotation.urls:
         url = rotation.next()
         connection = ClusterConnection(URL(url), rotation=rotation, **kwargs)
         try:
             await connection.connect(timeout=timeout_s)
         except (*TRANSIENT, ValueError) as exc:
-            failures.append(f"{redact_url(url)}: {exc}")
+            error = failure(exc, url) if failure is not None else None
+            failures.append((error or BrokerError(f"cannot connect to the broker at {redact_url(url)}: {exc}"), exc))
             await connection.close()
             continue
         return connection
     if len(failures) == 1:
-        raise BrokerError(f"cannot connect to the broker at {failures[0]}")
-    raise BrokerError(f"cannot connect to any of the {len(failures)} brokers: " + "; ".join(failures))
+        raise failures[0][0] from failures[0][1]
+    kinds = {type(error) for error, _ in failures}
+    kind = kinds.pop() if len(kinds) == 1 else BrokerError
+    text = "; ".join(str(error) for error, _ in failures)
+    raise kind(f"cannot connect to any of the {len(failures)} brokers: {text}") from failures[-1][1]

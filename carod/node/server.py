@@ -42,9 +42,12 @@ from carod.errors import (
     EXIT_CANTCREAT,
     EXIT_CONFIG,
     EXIT_NOPERM,
+    EXIT_PROTOCOL,
     EXIT_SOFTWARE,
     EXIT_UNAVAILABLE,
     BrokerError,
+    BrokerRefused,
+    BrokerTLSError,
     ConfigError,
     JobHeld,
     StartupError,
@@ -299,9 +302,17 @@ class Server:
             )
         try:
             await self.broker.connect()
+            if config.broker.auth == "external":  # the user the node puts in user_id (carod.node.holding)
+                await self.broker.check_user(configuration.url_user(config.broker.url))
             await self.broker.declare()
             await self.advertiser.start()
             consumer = await self.broker.consume(self._on_message)
+        except ConfigError as exc:  # a certificate or key file that does not load
+            raise StartupError(f"config error: {exc}", EXIT_CONFIG) from exc
+        except BrokerTLSError as exc:
+            raise StartupError(str(exc), EXIT_PROTOCOL) from exc
+        except BrokerRefused as exc:
+            raise StartupError(str(exc), EXIT_NOPERM) from exc
         except BrokerError as exc:
             raise StartupError(str(exc), EXIT_UNAVAILABLE) from exc
         self.broker.on_reconnect = self._on_reconnect
