@@ -201,7 +201,7 @@ class Holding:
             SEQUENCE_HEADER: held.sequence,
             OWNER_HEADER: held.owner or "",
         }
-        if not await self.broker.release_held(held.queue, headers, user_id=self.node_user):
+        if not await self.broker.release_held(held.queue, headers, user_id=self.node_user, message_id=held.message_id):
             log.warning("job=%s its held queue %s had no message: released before", held.message_id, held.queue)
         await self.finish_release(held.message_id)
 

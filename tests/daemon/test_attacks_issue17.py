@@ -1,0 +1,241 @@
+"""Attacks on issue 17's ownership and held jobs, by another broker user (eve) against alice's jobs.
+
+The node logs in as guest (the nodes' own broker user) and lists no admins; alice
+and eve are broker users of the test's own (created and deleted with rabbitmqctl),
+each allowed everything on the vhost, as a pool that does not restrict queue
+names would. What each attack tries and what a user sees: docs/security.md,
+"Attacks tried".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+
+from carod.client.library import Client, Submission, control_jobs, pool_status
+from carod.edges.broker import held_queue_name
+from carod.wire import control
+from carod.wire.adverts import JobInfo
+from carod.wire.message import OWNER_HEADER, RUNS_HEADER, SEQUENCE_HEADER
+from tests.helpers import BROKER_URL, RunningNode, needs_ctl, q, queue_depth, rabbitmqctl, start_node
+
+pytestmark = needs_ctl
+
+SLEEP = {"Cmd": q("/bin/sleep"), "Arguments": q("300")}
+
+
+@dataclass(frozen=True)
+class Users:
+    alice: str
+    eve: str
+
+
+def url_of(user: str) -> str:
+    return BROKER_URL.replace("guest:guest@", f"{user}:pw-{user}@")
+
+
+@pytest.fixture
+def users() -> Iterator[Users]:
+    tag = uuid.uuid4().hex[:8]
+    made = Users(f"test-alice-{tag}", f"test-eve-{tag}")
+    created = []
+    try:
+        for name in (made.alice, made.eve):
+            rabbitmqctl("add_user", name, f"pw-{name}")
+            created.append(name)
+            rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+        yield made
+    finally:
+        for name in created:
+            rabbitmqctl("delete_user", name)
+
+
+@pytest.fixture
+async def node(queue: str, base: Path, exchange: str) -> AsyncIterator[RunningNode]:
+    running = await start_node(queue, base, pool={"exchange": exchange})
+    yield running
+    await running.stop()
+
+
+@dataclass
+class Eve:
+    """A broker user publishing raw messages as herself, with a reply queue of her own."""
+
+    user: str
+    connection: AbstractConnection
+    channel: AbstractChannel
+    inbox: AbstractQueue
+    replies: list[AbstractIncomingMessage] = field(default_factory=list)
+
+    async def publish(
+        self, routing_key: str, headers: dict[str, Any], *, message_id: str, reply_to: str | None = None
+    ) -> None:
+        message = aio_pika.Message(
+            b"",
+            headers=headers,
+            message_id=message_id,
+            reply_to=reply_to or self.inbox.name,
+            user_id=self.user,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self.channel.default_exchange.publish(message, routing_key)
+
+    async def reply(self, status: int, timeout_s: float = 20) -> AbstractIncomingMessage:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await self.inbox.get(fail=False)
+                if message is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                self.replies.append(message)
+                if (message.headers or {}).get("JobStatus") == status:
+                    return message
+
+
+@pytest.fixture
+async def eve(users: Users) -> AsyncIterator[Eve]:
+    connection = await aio_pika.connect(url_of(users.eve))
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        inbox = await channel.declare_queue("", exclusive=True)
+        yield Eve(users.eve, connection, channel, inbox)
+
+
+async def ask(url: str, exchange: str, action: str, *ids: str) -> dict[str, list[control.Answer]]:
+    return await control_jobs(url, action, ids, exchange=exchange, wait_s=10)
+
+
+async def next_status(job: Submission, status: int, timeout_s: float = 20) -> dict[str, object]:
+    """The job's next reply with this JobStatus (replies consumed on the way)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            reply = await job._queue.get()
+            job.history.append(reply)
+            if reply.status == status:
+                return dict(reply.headers)
+
+
+async def advertised(exchange: str, queue: str, mid: str) -> JobInfo | None:
+    status = await pool_status(BROKER_URL, exchange=exchange, queue=queue, wait_s=2)
+    return next((job for advert in status.adverts.values() for job in advert.jobs if job.message_id == mid), None)
+
+
+def descendants_argv(pid: int) -> set[tuple[bytes, ...]]:
+    """The argv of every process under ``pid``."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found = set()
+    for child in parents:
+        up = child
+        while up in parents and up != pid:
+            up = parents[up]
+        if up == pid and child != pid:
+            try:
+                found.add(tuple((Path("/proc") / str(child) / "cmdline").read_bytes().split(b"\0")[:-1]))
+            except OSError:
+                continue
+    return found
+
+
+async def test_forged_node_headers_from_another_user_give_neither_ownership_nor_runs(
+    node: RunningNode, users: Users, eve: Eve, queue: str, exchange: str
+) -> None:
+    """eve sends a job saying a node republished it for alice, with 7 runs and Sequence 50: none of it counts."""
+    mid = str(uuid.uuid4())
+    forged = {**SLEEP, OWNER_HEADER: users.alice, RUNS_HEADER: 7, SEQUENCE_HEADER: 50, "Owner": q(users.alice)}
+    await eve.publish(queue, forged, message_id=mid)
+    running = (await eve.reply(2)).headers or {}
+    assert running["JobRunCount"] == 1 and running["Sequence"] == 1, running
+    info = await advertised(exchange, queue, mid)
+    assert info is not None and info.owner == users.eve and info.attrs["OwnerVerified"] == "true"
+    [answer] = (await ask(url_of(users.alice), exchange, control.RM, mid))[mid]
+    assert not answer.ok and f"belongs to {users.eve}" in answer.reason
+    assert (await ask(url_of(users.eve), exchange, control.RM, mid))[mid][0].ok
+    assert ((await eve.reply(3)).headers or {})["JobRunCount"] == 1
+
+
+async def test_a_message_put_into_a_held_queue_by_another_user_is_not_released_as_the_owners(
+    node: RunningNode, users: Users, eve: Eve, queue: str, exchange: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """eve takes alice's held copy out of its queue and puts her own job there, saying it is alice's.
+
+    Before the fix the release republished eve's message with alice as its verified owner. Now only
+    a copy whose user_id (validated by the broker) is the node's is released; eve's is dropped, logged.
+    """
+    alice = url_of(users.alice)
+    async with Client(alice, queue=queue) as client:
+        job = await client.submit("/bin/sleep", ["300"])
+        mid = job.message_id
+        await next_status(job, 2)
+        assert (await ask(alice, exchange, control.HOLD, mid))[mid][0].ok
+        await next_status(job, 5)
+        held = held_queue_name(queue, mid)
+        assert await queue_depth(held) == 1
+
+        stolen = await (await eve.channel.get_queue(held, ensure=False)).get(fail=True)
+        assert stolen is not None
+        await stolen.ack()
+        forged = {**SLEEP, OWNER_HEADER: users.alice, RUNS_HEADER: 1}
+        await eve.publish(held, forged, message_id=mid)
+        assert await queue_depth(held) == 1
+
+        with caplog.at_level(logging.WARNING, logger="carod.broker"):
+            [answer] = (await ask(alice, exchange, control.RELEASE, mid))[mid]
+        assert answer.ok, answer
+        assert "had a message not kept by a node" in caplog.text and users.eve in caplog.text
+        assert await queue_depth(queue) == 0, "eve's message was not put in the job queue"
+        assert await advertised(exchange, queue, mid) is None, "nothing runs as alice's job"
+    assert eve.replies == [] and await eve.inbox.get(fail=False) is None
+
+
+async def test_a_reused_id_from_another_user_is_not_kept_as_the_held_jobs_copy(
+    node: RunningNode, users: Users, eve: Eve, queue: str, exchange: str
+) -> None:
+    """eve sends a job with the id of alice's held job (from her own reply queue, then from alice's).
+
+    Neither copy goes into alice's held queue; alice's release runs alice's job, still hers.
+    """
+    alice = url_of(users.alice)
+    async with Client(alice, queue=queue) as client:
+        job = await client.submit("/bin/sleep", ["300"])
+        mid = job.message_id
+        await next_status(job, 2)
+        assert (await ask(alice, exchange, control.HOLD, mid))[mid][0].ok
+        await next_status(job, 5)
+        held = held_queue_name(queue, mid)
+
+        await eve.publish(queue, {**SLEEP, "Arguments": q("301")}, message_id=mid)
+        refused = (await eve.reply(5)).headers or {}
+        assert "already used by another job" in str(refused["HoldReason"]) and refused["JobRunCount"] == 0
+
+        assert client._reply_queue is not None
+        await eve.publish(queue, {**SLEEP, "Arguments": q("302")}, message_id=mid, reply_to=client._reply_queue.name)
+        refused = await next_status(job, 5)
+        assert "already used by another job" in str(refused["HoldReason"]) and refused["JobRunCount"] == 0
+        assert refused["Sequence"] == 1, "a reply of its own, below alice's job's Sequence"
+        assert await queue_depth(held) == 1, "only alice's copy is kept"
+
+        assert (await ask(alice, exchange, control.RELEASE, mid))[mid][0].ok
+        await next_status(job, 1)
+        running = await next_status(job, 2)
+        assert running["JobRunCount"] == 2
+        assert descendants_argv(int(str(running["JobPid"]))) >= {(b"/bin/sleep", b"300")}, "alice's own job runs"
+        info = await advertised(exchange, queue, mid)
+        assert info is not None and info.owner == users.alice and info.cmd == "/bin/sleep"
+        assert (await ask(alice, exchange, control.RM, mid))[mid][0].ok
+        await next_status(job, 3)
+    assert await queue_depth(queue) == 0
