@@ -224,9 +224,9 @@ async def test_a_reused_id_from_another_user_is_not_kept_as_the_held_jobs_copy(
 
         assert client._reply_queue is not None
         await eve.publish(queue, {**SLEEP, "Arguments": q("302")}, message_id=mid, reply_to=client._reply_queue.name)
-        refused = await next_status(job, 5)
-        assert "already used by another job" in str(refused["HoldReason"]) and refused["JobRunCount"] == 0
-        assert refused["Sequence"] == 1, "a reply of its own, below alice's job's Sequence"
+        spoof = await next_status(job, 5)
+        assert "already used by another job" in str(spoof["HoldReason"]) and spoof["JobRunCount"] == 0
+        assert spoof["Sequence"] == 1, "a reply of its own, below alice's job's Sequence"
         assert await queue_depth(held) == 1, "only alice's copy is kept"
 
         assert (await ask(alice, exchange, control.RELEASE, mid))[mid][0].ok
