@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +30,17 @@ from carod.edges.broker import held_queue_name
 from carod.wire import control
 from carod.wire.adverts import JobInfo
 from carod.wire.message import OWNER_HEADER, RUNS_HEADER, SEQUENCE_HEADER
-from tests.helpers import BROKER_URL, RunningNode, needs_ctl, q, queue_depth, rabbitmqctl, start_node
+from tests.helpers import (
+    BROKER_URL,
+    RunningNode,
+    Submitter,
+    needs_ctl,
+    q,
+    queue_depth,
+    rabbitmqctl,
+    raw_zip,
+    start_node,
+)
 
 pytestmark = needs_ctl
 
@@ -239,3 +253,97 @@ async def test_a_reused_id_from_another_user_is_not_kept_as_the_held_jobs_copy(
         assert (await ask(alice, exchange, control.RM, mid))[mid][0].ok
         await next_status(job, 3)
     assert await queue_depth(queue) == 0
+
+
+#: A job that connects to its chirp socket as fast as it can from 16 threads for 4 s, sending nothing.
+FLOOD = b"""import socket, threading, time, collections
+counts = collections.Counter()
+end = time.monotonic() + 4
+def hammer():
+    while time.monotonic() < end:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect("/usr/libexec/condor/carod-chirp.sock")
+            s.settimeout(0.2)
+            counts[s.recv(40)[:8]] += 1
+        except OSError as exc:
+            counts[exc.errno] += 1
+        finally:
+            s.close()
+threads = [threading.Thread(target=hammer) for _ in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(dict(counts), sum(counts.values()), flush=True)
+"""
+
+
+async def test_a_flood_of_chirp_connections_does_not_stall_the_node(node: RunningNode, submitter: Submitter) -> None:
+    """16 threads connecting to the job's chirp socket for 4 s: carod's event loop (the test's) keeps ticking."""
+    headers = {
+        "Cmd": q("/bin/bash"),
+        "Arguments": q("-c '/usr/bin/python3 -I -S flood.py; condor_chirp set_job_attr After 1; echo rc=$?'"),
+        "Out": q("out"),
+        "Err": q("err"),
+        "WantIOProxy": "TRUE",
+    }
+    lags: list[float] = []
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        while not done.is_set():
+            t0 = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - t0 - 0.01)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        final = (await submitter.run(headers, body=raw_zip(("flood.py", FLOOD, 0o100644)), timeout_s=60))[-1]
+    finally:
+        done.set()
+        await ticker
+    out = final.zip_read("out").decode()
+    # 11,285 connections in 4 s here, each answered EBUSY at once (the first ones hold every slot for 5 s):
+    # the job only hurts its own chirp; the loop's worst tick was 0.14 s late.
+    assert "b'error 16'" in out and "rc=0" in out, out
+    assert final.headers["After"] == "1", "the job's chirp works once its own flood ends"
+    assert max(lags) < 1.0, f"carod's loop stalled {max(lags):.2f} s"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="slirp4netns runs as root")
+async def test_outbound_does_not_reach_the_nodes_loopback_by_any_other_address(
+    queue: str, base: Path, submitter: Submitter
+) -> None:
+    """An outbound job tries the broker (127.0.0.1:5672 on the node) at every address that might lead there."""
+    from tests.daemon.test_network import IP, PROBE, no_slirp_left, policy_node
+
+    shown = subprocess.run([IP, "-4", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    node_addresses = sorted({line.split()[3].split("/")[0] for line in shown.splitlines()} - {"127.0.0.1"})
+    assert node_addresses, shown
+    targets = {
+        "own-loopback": "127.0.0.1:5672",
+        "gateway": "10.0.2.2:5672",
+        "gateway-epmd": "10.0.2.2:4369",
+        "dns-alias": "10.0.2.3:5672",
+        "loopback-2": "127.0.0.2:5672",
+        **{f"node-{address}": f"{address}:5672" for address in node_addresses},
+    }
+    # The control: a service of the node's on 0.0.0.0 is reached at the node's address (docs/security.md says so).
+    public = socket.create_server(("0.0.0.0", 0))  # noqa: S104 - the point of the control
+    public_port = public.getsockname()[1]
+    node = await policy_node(queue, base, "outbound")
+    try:
+        args = f"public={node_addresses[0]}:{public_port} " + " ".join(
+            f"{name}={where}" for name, where in targets.items()
+        )
+        headers = {"Cmd": q("/usr/bin/python3"), "Arguments": q(f"probe.py {args}"), "Out": q("out")}
+        final = (await submitter.run(headers, body=raw_zip(("probe.py", PROBE, 0o100644)), timeout_s=60))[-1]
+    finally:
+        await node.stop()
+        public.close()
+    no_slirp_left()
+    assert final.status == 4, final.headers
+    seen = dict(line.split(maxsplit=1) for line in final.zip_read("out").decode().splitlines())
+    assert seen.pop("public").startswith("ok"), seen
+    assert set(seen) == set(targets), seen
+    for name, said in seen.items():
+        assert said.startswith("failed:") and ("refused" in said or "unreachable" in said), (name, said)
