@@ -420,17 +420,15 @@ class Node:
     # ------------------------------------------------------------ holding (carod hold)
 
     def _pending(self, job: Job) -> Pending | None:
-        """A carod rm or hold that came before the job, when its requester may act on the job."""
-        pending = self.removals.pending(job.message_id, time.monotonic())
-        if pending is None:
-            return None
-        refused = None  # the node's own (a hold it could not finish): not checked
-        if pending.requester is not None:
-            refused = control.refusal(pending.requester, job.envelope.owner, self.config.node.admins)
-        if refused is not None:
+        """A carod rm or hold that came before the job (the newest) whose requester may act on the job."""
+        for pending in self.removals.pendings(job.message_id, time.monotonic()):
+            refused = None  # the node's own (a hold it could not finish): not checked
+            if pending.requester is not None:
+                refused = control.refusal(pending.requester, job.envelope.owner, self.config.node.admins)
+            if refused is None:
+                return pending
             log.warning("job=%s carod %s before it came here refused: %s", job.envelope.label, pending.action, refused)
-            return None
-        return pending
+        return None
 
     async def _hold_now(self, job: Job, outcome: Held | None = None) -> None:
         """carod hold: the job's message kept by the broker, then the Held reply and the ack (carod.node.holding)."""

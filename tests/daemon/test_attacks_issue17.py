@@ -347,3 +347,31 @@ async def test_outbound_does_not_reach_the_nodes_loopback_by_any_other_address(
     assert set(seen) == set(targets), seen
     for name, said in seen.items():
         assert said.startswith("failed:") and ("refused" in said or "unreachable" in said), (name, said)
+
+
+async def test_another_users_requests_neither_undo_nor_replace_a_hold_waiting_for_the_job(
+    node: RunningNode, users: Users, queue: str, exchange: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """alice holds her job before it reaches the node; eve releases it, then asks to rm it, before it comes.
+
+    Before the fix eve's release forgot alice's hold (no owner is known before the job comes) and the
+    job ran; her rm replaced alice's hold, and was then refused. Now each requester's is kept and undone
+    only by them (or an admin).
+    """
+    alice, eve = url_of(users.alice), url_of(users.eve)
+    mid = "early-" + uuid.uuid4().hex
+    assert await control_jobs(alice, control.HOLD, [mid], reason="alice's hold", exchange=exchange, wait_s=2) == {
+        mid: []
+    }
+    for action in (control.RELEASE, control.RM):
+        assert await control_jobs(eve, action, [mid], exchange=exchange, wait_s=2) == {mid: []}
+    async with Client(alice, queue=queue) as client:
+        with caplog.at_level(logging.WARNING, logger="carod.job"):
+            job = await client.submit("/bin/echo", ["never"], message_id=mid)
+            held = await next_status(job, 5)
+        assert [reply.status for reply in job.history] == [5], "held on arrival: never Running"
+        assert "alice's hold" in str(held["HoldReason"])
+        assert f"carod rm before it came here refused: the job belongs to {users.alice}" in caplog.text
+        assert await queue_depth(held_queue_name(queue, mid)) == 1
+        assert (await ask(alice, exchange, control.RM, mid))[mid][0].ok
+        await next_status(job, 3)
