@@ -375,3 +375,39 @@ async def test_another_users_requests_neither_undo_nor_replace_a_hold_waiting_fo
         assert await queue_depth(held_queue_name(queue, mid)) == 1
         assert (await ask(alice, exchange, control.RM, mid))[mid][0].ok
         await next_status(job, 3)
+
+
+async def test_a_held_queue_declared_ahead_by_another_user_does_not_make_the_hold_loop(
+    node: RunningNode, users: Users, eve: Eve, queue: str, exchange: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """eve declares the held queue alice's running job's id names, with other arguments (x-max-length 0).
+
+    Before the fix every hold failed (PRECONDITION_FAILED), the job went back to the queue and came
+    straight back to be held again: every ~3 ms, an ERROR each time, alice never answered. Now the
+    copy goes into a queue of a random name, journaled; release and rm find it there.
+    """
+    alice = url_of(users.alice)
+    async with Client(alice, queue=queue) as client:
+        job = await client.submit("/bin/sleep", ["300"])
+        mid = job.message_id
+        await next_status(job, 2)
+        taken = held_queue_name(queue, mid)
+        await eve.channel.declare_queue(taken, durable=True, arguments={"x-max-length": 0})
+        try:
+            with caplog.at_level(logging.INFO, logger="carod.job"):
+                assert (await ask(alice, exchange, control.HOLD, mid))[mid][0].ok
+                held = await next_status(job, 5)
+            assert "held by" in str(held["HoldReason"]) and held["HoldReasonCode"] == 1
+            assert "kept in a queue of a random name instead" in caplog.text
+            assert caplog.text.count("could not be held") == 0
+            assert await queue_depth(taken) == 0
+            info = await advertised(exchange, queue, mid)
+            assert info is not None and info.status == 5
+            assert (await ask(alice, exchange, control.RELEASE, mid))[mid][0].ok
+            await next_status(job, 1)
+            assert (await next_status(job, 2))["JobRunCount"] == 2
+            assert (await ask(alice, exchange, control.RM, mid))[mid][0].ok
+            await next_status(job, 3)
+        finally:
+            await eve.channel.queue_delete(taken)
+    assert await queue_depth(queue) == 0
