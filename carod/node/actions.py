@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import classad2
 
 from carod.errors import BrokerError
+from carod.node import removals
 from carod.node.arrival import Node
 from carod.node.holding import HeldJob
 from carod.node.job import Ending, Job
@@ -42,8 +43,11 @@ async def act(node: Node, request: Request, requester: str | None) -> list[Answe
     if request.constraint is None:
         target = _named(node, request.message_id)
         if target is None:
-            if request.action == control.RELEASE:
-                node.removals.discard(request.message_id)  # a hold still waiting for the job: undone
+            if request.action == control.RELEASE and requester:
+                # A hold still waiting for the job: undone, the requester's own (an admin's: every one).
+                # Whose job it is is not known yet: another user's release must not undo the owner's hold.
+                mine = removals.EVERYONE if requester in node.config.node.admins else requester
+                node.removals.discard(request.message_id, mine)
             elif requester:
                 why, now = request.why(requester), time.monotonic()
                 node.removals.add(request.message_id, why, now, action=request.action, requester=requester)

@@ -161,15 +161,15 @@ class Answerer:
     async def refuse_reused(self, job: Job, record: JobRecord | None) -> None:
         """Answer ``job``'s message Held: its message_id belongs to another job (``record``: its row, if any)."""
         log.warning(
-            "job=%s state=%s: this message_id was first used with another reply_to; this message "
-            "(reply_to %s) is not run and is answered Held",
+            "job=%s state=%s: this message_id was first used with another reply_to or by another broker user; "
+            "this message (reply_to %s) is not run and is answered Held",
             job.envelope.label,
             JobState.REUSED_ID.value,
             job.envelope.reply_to,
         )
         self.metrics.reused_ids.inc()
         reason = (
-            f"this message_id was already used by another job (with another reply_to){_when(record)}; "
+            f"this message_id was already used by another job (with another reply_to or owner){_when(record)}; "
             f"this message was not run. {self._unique_rule()}"
         )
         job.sequence, job.run_count = 0, 0  # a job of its own: nothing of the first one's

@@ -135,7 +135,8 @@ class Node:
         if live is not None and envelope.reply_to_problem is not None:
             live = None  # nobody can be told: handled as any unusable reply_to, never as this job's
             mid = None
-        if mid is not None and live is not None and live.envelope.reply_to == envelope.reply_to:
+        same_sender = live is not None and live.envelope.owner == envelope.owner
+        if mid is not None and live is not None and live.envelope.reply_to == envelope.reply_to and same_sender:
             if live.delivery.live():
                 # A second message with the same message_id and reply_to while the first is
                 # still held: the running job answers that address (docs/protocol.md).
@@ -419,17 +420,15 @@ class Node:
     # ------------------------------------------------------------ holding (carod hold)
 
     def _pending(self, job: Job) -> Pending | None:
-        """A carod rm or hold that came before the job, when its requester may act on the job."""
-        pending = self.removals.pending(job.message_id, time.monotonic())
-        if pending is None:
-            return None
-        refused = None  # the node's own (a hold it could not finish): not checked
-        if pending.requester is not None:
-            refused = control.refusal(pending.requester, job.envelope.owner, self.config.node.admins)
-        if refused is not None:
+        """A carod rm or hold that came before the job (the newest) whose requester may act on the job."""
+        for pending in self.removals.pendings(job.message_id, time.monotonic()):
+            refused = None  # the node's own (a hold it could not finish): not checked
+            if pending.requester is not None:
+                refused = control.refusal(pending.requester, job.envelope.owner, self.config.node.admins)
+            if refused is None:
+                return pending
             log.warning("job=%s carod %s before it came here refused: %s", job.envelope.label, pending.action, refused)
-            return None
-        return pending
+        return None
 
     async def _hold_now(self, job: Job, outcome: Held | None = None) -> None:
         """carod hold: the job's message kept by the broker, then the Held reply and the ack (carod.node.holding)."""
@@ -447,7 +446,9 @@ class Node:
 
     async def _held_again(self, job: Job, held: HeldJob) -> None:
         """A message of a job held here: never run; its copy kept again, answered as the journal says."""
-        if held.reply_to != str(job.envelope.reply_to):
+        if held.reply_to != str(job.envelope.reply_to) or held.owner != job.envelope.owner:
+            # Another job's message (another reply_to, or another broker user's): its copy would go into
+            # this job's held queue as this job's, and run as its owner's when released.
             await self.answer.refuse_reused(job, None)
             return
         try:

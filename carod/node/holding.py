@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -37,7 +38,7 @@ import classad2
 
 from carod.config import Config, url_user
 from carod.edges.amqp import ReplyUndeliverable
-from carod.edges.broker import Broker, held_queue_name
+from carod.edges.broker import Broker, HeldQueueTaken, held_queue_name
 from carod.edges.journal import Journal
 from carod.errors import BrokerError
 from carod.holdcodes import HoldCode
@@ -161,7 +162,17 @@ class Holding:
         await self._save(held)
         self.held[held.message_id] = held
         try:
-            await self.keep_copy(job, held)
+            try:
+                await self.keep_copy(job, held)
+            except HeldQueueTaken as exc:
+                # Someone declared the queue the job's id names (it is predictable) with other arguments, so
+                # that every hold fails and the job loops between the queue and the node: a name of its own,
+                # nobody can guess, journaled (release and rm use the journaled name).
+                log.warning("job=%s %s; kept in a queue of a random name instead", job.envelope.label, exc)
+                held = replace(held, queue=f"{held.queue}.{secrets.token_hex(8)}")
+                await self._save(held)
+                self.held[held.message_id] = held
+                await self.keep_copy(job, held)
         except BrokerError:
             await self._drop(held.message_id)
             raise
@@ -201,7 +212,7 @@ class Holding:
             SEQUENCE_HEADER: held.sequence,
             OWNER_HEADER: held.owner or "",
         }
-        if not await self.broker.release_held(held.queue, headers, user_id=self.node_user):
+        if not await self.broker.release_held(held.queue, headers, user_id=self.node_user, message_id=held.message_id):
             log.warning("job=%s its held queue %s had no message: released before", held.message_id, held.queue)
         await self.finish_release(held.message_id)
 
