@@ -43,7 +43,7 @@ from carod.edges.journal import Journal
 from carod.errors import BrokerError
 from carod.holdcodes import HoldCode
 from carod.node.job import Job
-from carod.wire import adverts, classads, replies
+from carod.wire import adcost, adverts, classads, replies
 from carod.wire.adverts import JobInfo
 from carod.wire.classads import Scalar
 from carod.wire.message import (
@@ -313,6 +313,8 @@ def _header_text(value: object) -> str:
         value = value.decode("utf-8", "replace")
     if not isinstance(value, str) or len(value) > 4096:
         return ""
+    if not adcost.is_literal(value):  # hostile text: only a literal is evaluated here (sprintf could cost GBs)
+        return value
     try:
         result = classad2.ExprTree(value).eval()
     except (classad2.ClassAdException, ValueError):
