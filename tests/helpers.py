@@ -7,6 +7,7 @@ carod.client, so tests see exactly what a third-party client would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -22,7 +23,7 @@ import uuid
 import warnings
 import zipfile
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -594,3 +595,33 @@ def plain_spec(
         transfer_output=transfer_output,
         kill_sig=15,
     )
+
+
+@dataclass(frozen=True)
+class Users:
+    """Two broker users of a test's own (the ``users`` fixture of tests/daemon/conftest.py)."""
+
+    alice: str
+    eve: str
+
+
+def url_of(user: str) -> str:
+    """BROKER_URL as ``user`` (whose password is ``pw-<user>``)."""
+    return BROKER_URL.replace("guest:guest@", f"{user}:pw-{user}@")
+
+
+@contextlib.contextmanager
+def broker_users() -> Iterator[Users]:
+    """Two broker users with every permission on /, created with rabbitmqctl and deleted after."""
+    tag = uuid.uuid4().hex[:8]
+    made = Users(f"test-alice-{tag}", f"test-eve-{tag}")
+    created = []
+    try:
+        for name in (made.alice, made.eve):
+            rabbitmqctl("add_user", name, f"pw-{name}")
+            created.append(name)
+            rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
+        yield made
+    finally:
+        for name in created:
+            rabbitmqctl("delete_user", name)

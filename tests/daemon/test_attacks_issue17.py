@@ -16,7 +16,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,43 +34,18 @@ from tests.helpers import (
     BROKER_URL,
     RunningNode,
     Submitter,
+    Users,
     needs_ctl,
     q,
     queue_depth,
-    rabbitmqctl,
     raw_zip,
     start_node,
+    url_of,
 )
 
 pytestmark = needs_ctl
 
 SLEEP = {"Cmd": q("/bin/sleep"), "Arguments": q("300")}
-
-
-@dataclass(frozen=True)
-class Users:
-    alice: str
-    eve: str
-
-
-def url_of(user: str) -> str:
-    return BROKER_URL.replace("guest:guest@", f"{user}:pw-{user}@")
-
-
-@pytest.fixture
-def users() -> Iterator[Users]:
-    tag = uuid.uuid4().hex[:8]
-    made = Users(f"test-alice-{tag}", f"test-eve-{tag}")
-    created = []
-    try:
-        for name in (made.alice, made.eve):
-            rabbitmqctl("add_user", name, f"pw-{name}")
-            created.append(name)
-            rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
-        yield made
-    finally:
-        for name in created:
-            rabbitmqctl("delete_user", name)
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aio_pika
@@ -21,37 +19,21 @@ from carod.client.library import Client, Submission, control_jobs, pool_status
 from carod.edges.broker import held_queue_name
 from carod.wire import control
 from carod.wire.adverts import JobInfo
-from tests.helpers import BROKER_URL, RunningNode, Submitter, needs_ctl, q, queue_depth, rabbitmqctl, start_node
+from tests.helpers import (
+    BROKER_URL,
+    RunningNode,
+    Submitter,
+    Users,
+    needs_ctl,
+    q,
+    queue_depth,
+    start_node,
+    url_of,
+)
 
 pytestmark = needs_ctl
 
 SLEEP = {"Cmd": '"/bin/sleep"', "Arguments": '"300"'}
-
-
-@dataclass(frozen=True)
-class Users:
-    alice: str
-    eve: str
-
-
-def url_of(user: str) -> str:
-    return BROKER_URL.replace("guest:guest@", f"{user}:pw-{user}@")
-
-
-@pytest.fixture
-def users() -> Iterator[Users]:
-    tag = uuid.uuid4().hex[:8]
-    made = Users(f"test-alice-{tag}", f"test-eve-{tag}")
-    created = []
-    try:
-        for name in (made.alice, made.eve):
-            rabbitmqctl("add_user", name, f"pw-{name}")
-            created.append(name)
-            rabbitmqctl("set_permissions", "-p", "/", name, ".*", ".*", ".*")
-        yield made
-    finally:
-        for name in created:
-            rabbitmqctl("delete_user", name)
 
 
 @pytest.fixture
