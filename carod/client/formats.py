@@ -37,6 +37,7 @@ from typing import Any
 import classad2
 
 from carod.errors import CarodError
+from carod.wire import classads
 
 #: Widest field or precision a -format conversion may ask for.
 MAX_FORMAT_WIDTH = 1024
@@ -101,7 +102,7 @@ class Selection:
 
     def wants(self, ad: classad2.ClassAd) -> bool:
         """Every constraint is true for this job (HTCondor's EvalBool: true or a non-zero number)."""
-        return all(_is_true(_evaluate(expr, ad)) for expr in self.constraints)
+        return all(classads.is_true(_evaluate(expr, ad)) for expr in self.constraints)
 
     def line(self, ad: classad2.ClassAd) -> str:
         """The job's output: ``-af`` values and a newline, or the ``-format`` pieces as they are."""
@@ -155,14 +156,6 @@ def _python(value: object) -> Any:
     if isinstance(value, classad2.Value):
         return ERROR if value == classad2.Value.Error else UNDEFINED
     return value
-
-
-def _is_true(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int | float):
-        return value != 0
-    return False
 
 
 def value_text(value: object, *, quote: bool = False) -> str:
